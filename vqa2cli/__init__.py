@@ -1,0 +1,52 @@
+"""vqa2: video quality assessment with the VQA² model (arXiv 2411.03795).
+
+    >>> import vqa2cli
+    >>> sample = vqa2cli.load_video("clip.mp4")
+    >>> model = vqa2cli.load_model("vqa2-tiny")
+    >>> model.score(sample).score
+
+Heavy libraries (torch, transformers) load on first use of a name below, so `import vqa2cli` and
+`vqa2 --help` stay instant.
+"""
+
+from importlib import import_module
+
+from vqa2cli.errors import (
+    CheckpointError,
+    DataError,
+    InputError,
+    ModelNotFoundError,
+    SetupError,
+    Vqa2Error,
+)
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "load_video": "vqa2cli.video",
+    "VideoSample": "vqa2cli.video",
+    "VideoError": "vqa2cli.video",
+    "load_model": "vqa2cli.pipeline",
+}
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vqa2cli' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "__version__",
+    "Vqa2Error",
+    "InputError",
+    "SetupError",
+    "ModelNotFoundError",
+    "CheckpointError",
+    "DataError",
+    *_LAZY,
+]

@@ -1,0 +1,3 @@
+from vqa2cli.cli import main
+
+main()

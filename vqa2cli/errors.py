@@ -1,0 +1,31 @@
+"""Errors vqa2 reports to users.
+
+Every message is one line that names the thing at fault (a file, a model) and the reason, so the CLI
+can print it as is, without a traceback. The class decides the exit code: input errors (a bad video,
+a bad dataset record) fail one item of a batch (exit 1); setup errors (no weights, bad options, a
+broken checkpoint) stop the command (exit 2).
+"""
+
+
+class Vqa2Error(Exception):
+    """Base class: `str(error)` is a one-line message for the user."""
+
+
+class InputError(Vqa2Error):
+    """One input (a video, a dataset record) cannot be used; the rest of a batch goes on."""
+
+
+class SetupError(Vqa2Error):
+    """The command cannot run at all: missing weights, a broken checkpoint, an unusable device."""
+
+
+class ModelNotFoundError(SetupError):
+    """The named model is neither known nor on disk, or its weights cannot be fetched offline."""
+
+
+class CheckpointError(SetupError):
+    """A checkpoint does not match the architecture (missing/unexpected keys, wrong shapes)."""
+
+
+class DataError(SetupError):
+    """A fine-tuning dataset is unusable as a whole (bad file, invalid records without --skip-invalid)."""
