@@ -1,0 +1,134 @@
+import io
+import os
+import threading
+import time
+
+import pytest
+
+from vqa2cli.batch import Prefetcher, ScoreRecord, error_message, expand_paths
+from vqa2cli.errors import InputError
+
+
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return str(path)
+
+
+def test_expand_directory_filters_by_extension_and_sorts(tmp_path):
+    b = _touch(tmp_path / "b.MP4")
+    a = _touch(tmp_path / "a.webm")
+    _touch(tmp_path / "notes.txt")
+    _touch(tmp_path / ".hidden.mp4")
+    _touch(tmp_path / "sub" / "c.mkv")
+    notes = []
+    assert list(expand_paths([str(tmp_path)], warn=notes.append)) == [a, b]
+    assert notes == [f"{tmp_path}: 1 subdirectory skipped (use --recursive)"]
+
+
+def test_expand_recursive_skips_hidden_dirs(tmp_path):
+    a = _touch(tmp_path / "a.mp4")
+    c = _touch(tmp_path / "sub" / "deeper" / "c.mov")
+    _touch(tmp_path / ".git" / "x.mp4")
+    assert list(expand_paths([str(tmp_path)], recursive=True)) == [a, c]
+
+
+def test_expand_explicit_files_always_tried_and_order_kept(tmp_path):
+    txt = _touch(tmp_path / "notes.txt")
+    missing = str(tmp_path / "missing.mp4")
+    assert list(expand_paths([missing, txt])) == [missing, txt]
+
+
+def test_expand_empty_directory_warns(tmp_path):
+    notes = []
+    assert list(expand_paths([str(tmp_path)], warn=notes.append)) == []
+    assert len(notes) == 1 and "no video files found" in notes[0]
+
+
+def test_expand_stdin_lines_including_directories(tmp_path):
+    a = _touch(tmp_path / "d" / "a.mp4")
+    stdin = io.StringIO(f"x y.mp4\n\n{tmp_path / 'd'}\r\n")
+    assert list(expand_paths(["first.mp4", "-"], stdin=stdin)) == ["first.mp4", "x y.mp4", a]
+
+
+def test_expand_stdin_is_lazy():
+    consumed = []
+
+    def lines():
+        for line in ("a.mp4\n", "b.mp4\n"):
+            consumed.append(line)
+            yield line
+
+    paths = expand_paths(["-"], stdin=lines())
+    assert next(paths) == "a.mp4" and consumed == ["a.mp4\n"]
+
+
+def test_error_message_is_one_line_naming_the_file():
+    assert error_message("a.mp4", InputError("a.mp4: not a video")) == "a.mp4: not a video"
+    assert error_message("a.mp4", RuntimeError("out of\nmemory")) == "a.mp4: RuntimeError: out of memory"
+    assert error_message("a.mp4", MemoryError()) == "a.mp4: MemoryError"
+
+
+def test_prefetcher_keeps_order_and_turns_errors_into_items():
+    def decode(path):
+        if path == "bad":
+            raise InputError("bad: broken")
+        if path == "bug":
+            raise ZeroDivisionError("division by zero")
+        return path.upper()
+
+    with Prefetcher(["a", "bad", "b", "bug", "c"], decode) as prefetcher:
+        items = [(path, sample, error) for path, sample, error, _ in prefetcher]
+    assert items == [
+        ("a", "A", None),
+        ("bad", None, "bad: broken"),
+        ("b", "B", None),
+        ("bug", None, "bug: ZeroDivisionError: division by zero"),
+        ("c", "C", None),
+    ]
+
+
+def test_prefetcher_decodes_while_consumer_works():
+    second_started = threading.Event()
+
+    def decode(path):
+        if path == 2:
+            second_started.set()
+        return path
+
+    with Prefetcher([1, 2, 3], decode, depth=1) as prefetcher:
+        for path, *_ in prefetcher:
+            if path == 1:
+                # the consumer is busy with video 1: video 2 must be decoding meanwhile
+                assert second_started.wait(timeout=5)
+
+
+def test_prefetcher_is_bounded_and_close_stops_it():
+    started = []
+    with Prefetcher(range(100), lambda path: started.append(path) or path, depth=2) as prefetcher:
+        iterator = iter(prefetcher)
+        next(iterator)
+        time.sleep(0.3)
+        # one consumed + two queued + one finished, waiting for room
+        assert len(started) == 4
+    thread = prefetcher._thread
+    thread.join(timeout=2)
+    assert not thread.is_alive() and len(started) == 4
+
+
+def test_prefetcher_reraises_errors_reading_paths():
+    def paths():
+        yield "a"
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    with Prefetcher(paths(), lambda path: path) as prefetcher:
+        iterator = iter(prefetcher)
+        assert next(iterator)[0] == "a"
+        with pytest.raises(UnicodeDecodeError):
+            next(iterator)
+
+
+def test_score_record_fields():
+    assert list(ScoreRecord(path="a").to_dict()) == [
+        "path", "score", "level", "probs", "model", "duration_s", "keyframes", "motion_frames", "seconds", "error",
+    ]

@@ -1,0 +1,117 @@
+import csv
+import io
+import json
+
+import pytest
+
+from vqa2cli.output import (
+    Column,
+    CsvWriter,
+    JsonArrayWriter,
+    JsonLinesWriter,
+    TableWriter,
+    default_format,
+    fmt_float,
+    lookup,
+    make_writer,
+)
+
+RECORDS = [
+    {"path": "a.mp4", "score": 0.75, "probs": {"high": 0.5, "low": 0.5}, "error": None},
+    {"path": "b, \"quoted\".mp4", "score": None, "probs": None, "error": "b.mp4: not a video"},
+]
+COLUMNS = [
+    Column("path", "Path"),
+    Column("score", "Score", fmt_float(2), "right"),
+    Column("probs.high", "high", fmt_float(2)),
+    Column("probs.low", "low", fmt_float(2)),
+]
+
+
+class Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_lookup_dotted_and_missing():
+    assert lookup(RECORDS[0], "probs.high") == 0.5
+    assert lookup(RECORDS[1], "probs.high") is None
+    assert lookup(RECORDS[0], "nope") is None
+
+
+def test_json_array_streams_and_stays_valid_at_every_close():
+    stream = io.StringIO()
+    writer = JsonArrayWriter(stream)
+    writer.write(RECORDS[0])
+    # what a consumer sees mid-run parses once the writer closes the array
+    assert json.loads(stream.getvalue() + "\n]") == [RECORDS[0]]
+    writer.write(RECORDS[1])
+    writer.close()
+    writer.close()  # idempotent: a finally after a normal close must not add a second ']'
+    assert json.loads(stream.getvalue()) == RECORDS
+
+
+def test_json_array_empty():
+    stream = io.StringIO()
+    with JsonArrayWriter(stream):
+        pass
+    assert json.loads(stream.getvalue()) == []
+
+
+def test_json_array_closed_by_with_on_exception():
+    stream = io.StringIO()
+    with pytest.raises(KeyboardInterrupt):
+        with JsonArrayWriter(stream) as writer:
+            writer.write(RECORDS[0])
+            raise KeyboardInterrupt
+    assert json.loads(stream.getvalue()) == [RECORDS[0]]
+
+
+def test_json_non_finite_floats_become_null():
+    stream = io.StringIO()
+    with JsonLinesWriter(stream) as writer:
+        writer.write({"score": float("nan"), "probs": {"high": float("inf")}})
+    assert json.loads(stream.getvalue()) == {"score": None, "probs": {"high": None}}
+
+
+def test_jsonl_one_object_per_line():
+    stream = io.StringIO()
+    with JsonLinesWriter(stream) as writer:
+        for record in RECORDS:
+            writer.write(record)
+    lines = stream.getvalue().splitlines()
+    assert [json.loads(line) for line in lines] == RECORDS
+
+
+def test_csv_header_flattening_quoting_and_empty_cells():
+    stream = io.StringIO()
+    with CsvWriter(stream, COLUMNS) as writer:
+        for record in RECORDS:
+            writer.write(record)
+    rows = list(csv.DictReader(io.StringIO(stream.getvalue())))
+    assert list(rows[0]) == ["path", "score", "probs.high", "probs.low"]
+    assert rows[0] == {"path": "a.mp4", "score": "0.75", "probs.high": "0.5", "probs.low": "0.5"}
+    assert rows[1] == {"path": 'b, "quoted".mp4', "score": "", "probs.high": "", "probs.low": ""}
+
+
+def test_table_shows_rows_and_errors_column_only_when_needed():
+    stream = io.StringIO()
+    with TableWriter(stream, COLUMNS, title="scores") as writer:
+        writer.write(RECORDS[0])
+    text = stream.getvalue()
+    assert "a.mp4" in text and "0.75" in text and "Error" not in text
+
+    stream = io.StringIO()
+    with TableWriter(stream, COLUMNS) as writer:
+        for record in RECORDS:
+            writer.write(record)
+    assert "Error" in stream.getvalue() and "not a video" in stream.getvalue()
+
+
+def test_default_format_and_make_writer():
+    assert default_format(Tty()) == "table"
+    assert default_format(io.StringIO()) == "jsonl"
+    assert isinstance(make_writer("json", io.StringIO(), COLUMNS), JsonArrayWriter)
+    assert isinstance(make_writer("csv", io.StringIO(), COLUMNS), CsvWriter)
+    with pytest.raises(ValueError):
+        make_writer("xml", io.StringIO(), COLUMNS)

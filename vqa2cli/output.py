@@ -1,0 +1,196 @@
+"""Writers for records (plain dicts): a rich table, a JSON array, JSON Lines, CSV.
+
+Every writer has `write(record)` and `close()` and is a context manager. The streaming formats write
+and flush each record as it arrives, so a consumer sees results as they finish and an interrupted
+run keeps everything written so far; `JsonArrayWriter.close()` ends the array, so a `finally:` (or
+`with`) keeps `--json` output valid after Ctrl-C. Records go to the stream given (stdout); nothing
+else is ever written there.
+
+Commands describe their records once with `Column`s (used by the table and CSV; JSON formats dump the
+whole record) and pick a writer with `make_writer`:
+
+    columns = [Column("path", "Path"), Column("score", "Score", fmt_float(3), "right")]
+    with make_writer(fmt or default_format(sys.stdout), sys.stdout, columns) as writer:
+        for record in records:
+            writer.write(record)
+"""
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+FORMATS = ("table", "json", "jsonl", "csv")
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the table/CSV views of a record.
+
+    `key` may be dotted ("probs.high") to reach into a nested dict; it is also the CSV header.
+    """
+
+    key: str
+    header: str
+    fmt: Callable[[Any], str] = str  # table cell text for a value that is not None
+    justify: str = "left"
+
+
+def lookup(record: dict, key: str):
+    """The value at a dotted key, or None where any part is missing (an error record has no probs)."""
+    value = record
+    for part in key.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _json_safe(value):
+    # NaN/inf are not JSON; a parser downstream must never choke on our output.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def to_json(record: dict, indent=None) -> str:
+    return json.dumps(_json_safe(record), ensure_ascii=False, indent=indent)
+
+
+class _Writer:
+    def __init__(self, stream):
+        self.stream = stream
+        self.count = 0
+
+    def write(self, record: dict):
+        self._write(record)
+        self.count += 1
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+        return False
+
+
+class JsonLinesWriter(_Writer):
+    """One JSON object per line, flushed as each record arrives."""
+
+    def _write(self, record):
+        self.stream.write(to_json(record) + "\n")
+        self.stream.flush()
+
+
+class JsonArrayWriter(_Writer):
+    """A single JSON array, streamed: `[`, then records one per line, `]` on close.
+
+    The array is valid after `close()` however many records were written (zero gives `[]`).
+    """
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._closed = False
+
+    def _write(self, record):
+        self.stream.write(("[\n" if self.count == 0 else ",\n") + to_json(record))
+        self.stream.flush()
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        self.stream.write("[]\n" if self.count == 0 else "\n]\n")
+        self.stream.flush()
+
+
+class CsvWriter(_Writer):
+    """CSV with a header row of column keys; None becomes an empty cell; flushed per record."""
+
+    def __init__(self, stream, columns):
+        super().__init__(stream)
+        self.columns = list(columns)
+        self._csv = csv.writer(stream, lineterminator="\n")
+        self._csv.writerow([column.key for column in self.columns])
+        stream.flush()
+
+    def _write(self, record):
+        row = []
+        for column in self.columns:
+            value = lookup(record, column.key)
+            row.append("" if value is None else value)
+        self._csv.writerow(row)
+        self.stream.flush()
+
+
+class TableWriter(_Writer):
+    """A rich table, printed on close (also after Ctrl-C) to a terminal.
+
+    Rows whose record has an `error` show it in an Error column (added only when some row failed).
+    """
+
+    def __init__(self, stream, columns, title=None):
+        super().__init__(stream)
+        self.columns = list(columns)
+        self.title = title
+        self.rows = []
+        self._closed = False
+
+    def _write(self, record):
+        self.rows.append(record)
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=self.title, title_justify="left")
+        for column in self.columns:
+            table.add_column(column.header, justify=column.justify, overflow="fold")
+        with_errors = any(record.get("error") for record in self.rows)
+        if with_errors:
+            table.add_column("Error", style="red", overflow="fold")
+        for record in self.rows:
+            cells = []
+            for column in self.columns:
+                value = lookup(record, column.key)
+                cells.append("" if value is None else column.fmt(value))
+            if with_errors:
+                cells.append(record.get("error") or "")
+            table.add_row(*cells)
+        Console(file=self.stream, highlight=False).print(table)
+        self.stream.flush()
+
+
+def default_format(stream) -> str:
+    """A table for people, JSON Lines when stdout is a pipe or file: parseable and streamed."""
+    isatty = getattr(stream, "isatty", None)
+    return "table" if isatty is not None and isatty() else "jsonl"
+
+
+def make_writer(fmt: str, stream, columns, title=None):
+    """A writer for `fmt` (one of FORMATS) on `stream`."""
+    if fmt == "json":
+        return JsonArrayWriter(stream)
+    if fmt == "jsonl":
+        return JsonLinesWriter(stream)
+    if fmt == "csv":
+        return CsvWriter(stream, columns)
+    if fmt == "table":
+        return TableWriter(stream, columns, title=title)
+    raise ValueError(f"unknown output format {fmt!r} (choose from {', '.join(FORMATS)})")
+
+
+def fmt_float(digits=3):
+    """A cell formatter for floats with a fixed number of decimals."""
+    return lambda value: f"{value:.{digits}f}"
