@@ -1,0 +1,363 @@
+"""Fine-tuning datasets: reading the supported formats, validating every record, keeping paths inside the data folder.
+
+Formats (DATA is the file, or a folder holding exactly one ``*.json``/``*.jsonl``/``*.csv``):
+
+* LLaVA-style JSON (an array) or JSONL (one object a line), as in the VQA² release:
+  ``{"id", "image": "<video path>", "conversations": [{"from": "human"|"gpt", "value": ...}], "gt_score"?}``
+  (``"video"`` is accepted for ``"image"``, ``role``/``content`` with ``user``/``assistant`` for ``from``/``value``).
+  The first human turn either holds the two ``<image>`` slots (keyframes, then motion) exactly as the release's
+  data does, or none, and then it is a bare question wrapped at training time in the same prompt ``vqa2 ask`` uses.
+* CSV with a header; per stage: 1 ``video,distortion[,kind]``, 2 ``video,mos`` (needs ``mos_range``),
+  3 ``video,question,answer``. Extra columns are ignored.
+
+Video paths are relative to the data folder and may not leave it, through ``..`` or through a symlink.
+
+Validation is cheap on purpose: each distinct video file is opened and its first frame decoded (a few ms a
+file), not decoded in full; a file that breaks later in the stream is reported when training reaches it.
+Every problem is reported with its place: ``CSV line``, ``JSONL line``, or JSON array index (and line).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from vqa2cli.errors import DataError
+
+DATA_SUFFIXES = (".json", ".jsonl", ".csv")
+IMAGE_SLOT = "<image>"
+# Same wording as the UGC scorer's user turn (reference, "Prompts"), so a stage-2 model is trained on the
+# prompt `vqa2 score` sends.
+SCORE_QUESTION = (
+    "The key frames of this video are:\n<image>. And the motion feature of the video is\n<image>. "
+    "How would you rate the quality of this video?"
+)
+KINDS = ("spatial", "motion")
+CSV_COLUMNS = {1: ("video", "distortion"), 2: ("video", "mos"), 3: ("video", "question", "answer")}
+ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
+# Reference level bands on a 0-100 scale, lowest first: [0,20) low ... [80,100] high.
+LEVELS_LOW_TO_HIGH = ("low", "poor", "fair", "good", "high")
+
+
+@dataclass
+class Record:
+    """One training conversation about one video."""
+
+    where: str  # "train.csv line 7", "data.json [3] (line 12)": where the user finds it
+    video: Path  # resolved path, inside the data folder
+    turns: list[tuple[str, str]]  # ("human", text), ("gpt", text), ... alternating, human first, gpt last
+    kind: str | None = None  # stage 1: "spatial" or "motion" distortion; None when not known
+
+    @property
+    def wrapped(self) -> bool:
+        """True when the first human turn is a bare question that gets the `ask` prompt around it."""
+        return IMAGE_SLOT not in self.turns[0][1]
+
+
+@dataclass
+class Problem:
+    where: str
+    message: str
+
+    def __str__(self):
+        return f"{self.where}: {self.message}"
+
+
+@dataclass
+class Dataset:
+    path: Path  # the data file
+    root: Path  # the data folder; video paths are relative to it
+    records: list[Record]  # valid records, file order
+    problems: list[Problem]  # invalid records, file order
+    total: int  # records in the file, valid or not
+
+
+def find_data_file(path: str | os.PathLike) -> Path:
+    """DATA may be the file itself or a folder holding exactly one data file."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix.lower() not in DATA_SUFFIXES:
+            raise DataError(f"{path}: unknown data format (expected {', '.join(DATA_SUFFIXES)})")
+        return path
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise DataError(f"{path}: no .json, .jsonl or .csv data file in this folder")
+        names = ", ".join(p.name for p in found)
+        raise DataError(f"{path}: several data files ({names}); name the one to use")
+    raise DataError(f"{path}: no such file or folder")
+
+
+def resolve_video_path(root: Path, value: str) -> Path:
+    """The file `value` names, relative to `root`; ValueError when it is absolute or leaves `root`."""
+    if not value:
+        raise ValueError("empty video path")
+    if os.path.isabs(value) or value.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", value):
+        raise ValueError(f"video path '{value}' is absolute; paths must be relative to the data folder")
+    normal = os.path.normpath(value)
+    if normal == ".." or normal.startswith(".." + os.sep):
+        raise ValueError(f"video path '{value}' leaves the data folder")
+    resolved = (root / normal).resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise ValueError(f"video path '{value}' leads outside the data folder (through a symbolic link)")
+    return resolved
+
+
+def probe_video(path: Path) -> str | None:
+    """None if the file opens and its first video frame decodes, else the reason it does not."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                return "no video stream"
+            for _ in container.decode(container.streams.video[0]):
+                return None
+            return "no frame could be decoded"
+    except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as error:
+        return f"cannot be decoded ({error})"
+
+
+def mos_to_level(mos: float, lo: float, hi: float) -> str:
+    """Level word of a MOS on [lo, hi]: rescaled to 0-100, then the reference's 20-point bands."""
+    scaled = (mos - lo) / (hi - lo) * 100.0
+    return LEVELS_LOW_TO_HIGH[min(int(scaled // 20), 4)]
+
+
+def score_answer(level: str) -> str:
+    return f"The quality of this video is {level}."
+
+
+def distortion_question(kind: str) -> str:
+    return f"What is the main {kind} distortion in this video?"
+
+
+def distortion_answer(distortion: str) -> str:
+    return f"It is {distortion.strip().rstrip('.')}."
+
+
+def load_dataset(
+    path: str | os.PathLike,
+    stage: int,
+    mos_range: tuple[float, float] | None = None,
+    check_videos: bool = True,
+) -> Dataset:
+    """Read and validate every record; raises DataError only when the file as a whole is unusable."""
+    if stage not in (1, 2, 3):
+        raise DataError(f"unknown stage {stage} (1, 2 or 3)")
+    file = find_data_file(path)
+    root = file.parent.resolve()
+    suffix = file.suffix.lower()
+    if suffix == ".csv":
+        entries = _read_csv(file, root, stage, mos_range)
+    else:
+        items = _read_jsonl(file) if suffix == ".jsonl" else _read_json_array(file)
+        entries = [(where, _json_record(where, item, root, stage)) if not isinstance(item, Problem) else
+                   (where, item) for where, item in items]
+    if check_videos:
+        _check_videos(entries, root)
+    records = [entry for _, entry in entries if isinstance(entry, Record)]
+    problems = [entry for _, entry in entries if isinstance(entry, Problem)]
+    return Dataset(path=file, root=root, records=records, problems=problems, total=len(entries))
+
+
+def format_problems(dataset: Dataset, limit: int = 20) -> list[str]:
+    """Report lines: a summary, then up to `limit` problems in file order."""
+    lines = [f"{dataset.path.name}: {len(dataset.problems)} of {dataset.total} records are invalid:"]
+    lines += [f"  {problem}" for problem in dataset.problems[:limit]]
+    if len(dataset.problems) > limit:
+        lines.append(f"  ... and {len(dataset.problems) - limit} more")
+    return lines
+
+
+# --- CSV -----------------------------------------------------------------------------------------
+
+def _read_csv(file: Path, root: Path, stage: int, mos_range) -> list[tuple[str, Record | Problem]]:
+    if stage == 2 and mos_range is None:
+        raise DataError(f"{file}: a stage-2 CSV needs --mos-range LO HI (the scale of its mos column, e.g. 1 5)")
+    name = file.name
+    try:
+        # utf-8-sig: spreadsheets often write a byte-order mark before the header
+        with open(file, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            try:
+                header = next(reader)
+            except StopIteration:
+                raise DataError(f"{file}: empty CSV (a header line is needed)") from None
+            columns = [column.strip().lower() for column in header]
+            missing = [column for column in CSV_COLUMNS[stage] if column not in columns]
+            if missing:
+                expected = ",".join(CSV_COLUMNS[stage]) + (",kind" if stage == 1 else "")
+                raise DataError(f"{file}: header lacks {', '.join(missing)}; stage {stage} expects {expected}")
+            entries = []
+            line = reader.line_num + 1
+            for row in reader:
+                where = f"{name} line {line}"
+                line = reader.line_num + 1  # a quoted field may span lines: the next record starts after them
+                if not any(cell.strip() for cell in row):
+                    continue
+                if len(row) != len(columns):
+                    entries.append((where, Problem(where, f"{len(row)} fields, the header has {len(columns)}")))
+                    continue
+                fields = {column: cell.strip() for column, cell in zip(columns, row)}
+                entries.append((where, _csv_record(where, fields, root, stage, mos_range)))
+    except UnicodeDecodeError as error:
+        raise DataError(f"{file}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except csv.Error as error:
+        raise DataError(f"{file}: malformed CSV ({error})") from None
+    return entries
+
+
+def _csv_record(where, fields, root, stage, mos_range) -> Record | Problem:
+    try:
+        video = resolve_video_path(root, fields["video"])
+    except ValueError as error:
+        return Problem(where, str(error))
+    if stage == 1:
+        distortion = fields["distortion"]
+        kind = (fields.get("kind") or "spatial").lower()
+        if not distortion:
+            return Problem(where, "empty distortion")
+        if kind not in KINDS:
+            return Problem(where, f"kind '{fields['kind']}' is neither spatial nor motion")
+        turns = [("human", distortion_question(kind)), ("gpt", distortion_answer(distortion))]
+        return Record(where, video, turns, kind)
+    if stage == 2:
+        lo, hi = mos_range
+        try:
+            mos = float(fields["mos"])
+        except ValueError:
+            return Problem(where, f"mos '{fields['mos']}' is not a number")
+        if not lo <= mos <= hi:  # also rejects nan
+            return Problem(where, f"mos {fields['mos']} is outside --mos-range {lo:g} {hi:g}")
+        return Record(where, video, [("human", SCORE_QUESTION), ("gpt", score_answer(mos_to_level(mos, lo, hi)))])
+    question, answer = fields["question"], fields["answer"]
+    if not question or not answer:
+        return Problem(where, "empty question" if not question else "empty answer")
+    if IMAGE_SLOT in question:
+        return Problem(where, f"the question may not contain {IMAGE_SLOT}")
+    return Record(where, video, [("human", question), ("gpt", answer)])
+
+
+# --- JSON / JSONL -------------------------------------------------------------------------------
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{file}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def _read_jsonl(file: Path) -> list[tuple[str, object]]:
+    items = []
+    for number, line in enumerate(_read_text(file).splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{file.name} line {number}"
+        try:
+            items.append((where, json.loads(line)))
+        except json.JSONDecodeError as error:
+            items.append((where, Problem(where, f"not valid JSON ({error.msg} at column {error.colno})")))
+    return items
+
+
+def _read_json_array(file: Path) -> list[tuple[str, object]]:
+    """Decode a top-level array element by element, so each record knows its index and line."""
+    text = _read_text(file)
+    decoder = json.JSONDecoder()
+    space = re.compile(r"\s*")
+    position = space.match(text).end()
+    if not text.startswith("[", position):
+        raise DataError(f"{file}: expected a JSON array of records")
+    position = space.match(text, position + 1).end()
+    items = []
+    if text.startswith("]", position):
+        return items
+    while True:
+        try:
+            item, end = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{file}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno})") \
+                from None
+        line = text.count("\n", 0, position) + 1
+        items.append((f"{file.name} [{len(items)}] (line {line})", item))
+        position = space.match(text, end).end()
+        if text.startswith(",", position):
+            position = space.match(text, position + 1).end()
+        elif text.startswith("]", position):
+            if text[space.match(text, position + 1).end():]:
+                raise DataError(f"{file}: unexpected text after the JSON array")
+            return items
+        else:
+            line = text.count("\n", 0, position) + 1
+            raise DataError(f"{file}: not valid JSON (expected ',' or ']' at line {line})")
+
+
+def _json_record(where: str, item, root: Path, stage: int) -> Record | Problem:
+    if not isinstance(item, dict):
+        return Problem(where, "a record must be a JSON object")
+    value = item.get("video", item.get("image"))
+    if value is None:
+        return Problem(where, "no 'image' (or 'video') field naming the video")
+    if not isinstance(value, str):
+        return Problem(where, "'image' must be one video path (lists of images are not supported)")
+    try:
+        video = resolve_video_path(root, value.strip())
+    except ValueError as error:
+        return Problem(where, str(error))
+    conversations = item.get("conversations")
+    if not isinstance(conversations, list) or len(conversations) < 2:
+        return Problem(where, "'conversations' must be a list of at least two turns")
+    turns = []
+    for number, turn in enumerate(conversations):
+        if not isinstance(turn, dict):
+            return Problem(where, f"turn {number} is not an object")
+        role = ROLE_ALIASES.get(str(turn.get("from", turn.get("role", ""))).lower())
+        text = turn.get("value", turn.get("content"))
+        expected = "human" if number % 2 == 0 else "gpt"
+        if role != expected:
+            return Problem(where, f"turn {number} must be from {expected} (turns alternate, human first)")
+        if not isinstance(text, str) or not text.strip():
+            return Problem(where, f"turn {number} has no text")
+        if number > 0 and IMAGE_SLOT in text:
+            return Problem(where, f"only the first turn may hold {IMAGE_SLOT} slots (turn {number} does)")
+        turns.append((role, text))
+    if turns[-1][0] != "gpt":
+        return Problem(where, "the last turn must be from gpt (an answer to learn)")
+    slots = turns[0][1].count(IMAGE_SLOT)
+    if slots not in (0, 2):
+        return Problem(where, f"the first turn holds {slots} {IMAGE_SLOT} slots; expected 2 (keyframes, motion) or 0")
+    kind = None
+    if stage == 1:
+        match = re.search(r"\b(spatial|motion)\s+distortion", turns[0][1], re.IGNORECASE)
+        kind = match.group(1).lower() if match else None
+    return Record(where, video, turns, kind)
+
+
+# --- videos -------------------------------------------------------------------------------------
+
+def _check_videos(entries: list[tuple[str, Record | Problem]], root: Path) -> None:
+    """Replace records whose video is missing or undecodable by problems; each distinct file is probed once."""
+    videos = sorted({entry.video for _, entry in entries if isinstance(entry, Record)})
+
+    def check(video: Path) -> str | None:
+        if not video.exists():
+            return "file not found"
+        if not video.is_file():
+            return "not a file"
+        return probe_video(video)
+
+    # decoding a first frame is mostly I/O and FFmpeg, which runs without the GIL
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
+        verdicts = dict(zip(videos, pool.map(check, videos)))
+    for index, (where, entry) in enumerate(entries):
+        if isinstance(entry, Record) and verdicts[entry.video]:
+            shown = entry.video.relative_to(root)
+            entries[index] = (where, Problem(where, f"video '{shown}': {verdicts[entry.video]}"))
