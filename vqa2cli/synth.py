@@ -1,0 +1,790 @@
+"""Synthetic training data: clean clips + graded, labelled distortions -> data for all three stages.
+
+A dataset is planned first (every label is decided from the seed before a single frame is made), then
+each clip is rendered as a stream: source frame -> distortions -> x264 encoder, one frame at a time, so
+memory does not grow with clip length. Sources are the user's clean clips (`clips_dir`) or procedural
+content (moving textures, gradients, shapes, zooms) whose variety is set by `ContentSettings`.
+
+Label semantics (documented in the README):
+- every distortion has a severity in [1, 4] and an extent: the whole clip, its first half or its second half;
+- impairment(s) = 0.8 * (s / 4) ** 1.3 (0.13 at s=1 ... 0.80 at s=4); a distortion on half the clip
+  counts 0.7 of that;
+- MOS = 90 * prod(1 - impairment_i) on 0-100 (clean clips: 90; one distortion: about 80 down to 18).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from vqa2cli.errors import InputError, SetupError
+
+CLEAN_MOS = 90.0
+MAX_IMPAIRMENT = 0.8
+IMPAIRMENT_EXPONENT = 1.3
+PARTIAL_WEIGHT = 0.7
+SEVERITY_RANGE = (1.0, 4.0)
+EXTENTS = ("whole", "first half", "second half")
+EXTENT_PROBS = (0.6, 0.2, 0.2)
+# Share of clean clips and of clips with two distortions (one spatial + one motion); equal shares keep
+# the yes/no questions balanced (see _questions).
+CLEAN_SHARE = 0.15
+DOUBLE_SHARE = 0.15
+CONTENT_KINDS = ("texture", "gradient", "shapes", "zoom")
+VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".y4m"}
+FORMAT_VERSION = 1
+
+SCORE_QUESTION = "How would you rate the quality of this video?"
+STAGE1_QUESTION = "What is the main {kind} distortion in this video?"
+LEVELS = ((20.0, "low"), (40.0, "poor"), (60.0, "fair"), (80.0, "good"), (math.inf, "high"))
+
+
+@dataclass(frozen=True)
+class DistortionType:
+    name: str  # identifier in the manifest
+    kind: str  # spatial | motion
+    phrase: str  # how labels and questions name it ("Is there <phrase> in this video?")
+
+
+DISTORTIONS = {
+    d.name: d
+    for d in (
+        DistortionType("blur", "spatial", "blur"),
+        DistortionType("noise", "spatial", "noise"),
+        DistortionType("blocking", "spatial", "compression blocking"),
+        DistortionType("overexposure", "spatial", "over-exposure"),
+        DistortionType("underexposure", "spatial", "under-exposure"),
+        DistortionType("stutter", "motion", "stutter"),
+        DistortionType("flicker", "motion", "flicker"),
+        DistortionType("shake", "motion", "camera shake"),
+    )
+}
+
+
+def impairment(severity: float, extent: str = "whole") -> float:
+    """Fraction of quality a distortion takes away (0..0.8): grows with severity, less when partial."""
+    value = MAX_IMPAIRMENT * (severity / 4.0) ** IMPAIRMENT_EXPONENT
+    return value * (1.0 if extent == "whole" else PARTIAL_WEIGHT)
+
+
+def mos_for(applied) -> float:
+    """MOS (0-100) of a clip given its (severity, extent) pairs; impairments combine multiplicatively."""
+    quality = CLEAN_MOS
+    for severity, extent in applied:
+        quality *= 1.0 - impairment(severity, extent)
+    return quality
+
+
+def level_for(mos: float) -> str:
+    return next(word for bound, word in LEVELS if mos < bound)
+
+
+def severity_word(severity: float) -> str:
+    return "slight" if severity < 1.75 else "moderate" if severity < 2.5 else "strong" if severity < 3.25 else "severe"
+
+
+# ---------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class ContentSettings:
+    """Variety of procedural clips; a held-out set should use other values (and another seed)."""
+
+    kinds: tuple = CONTENT_KINDS
+    speed: tuple = (0.5, 3.0)  # camera/object speed, pixels per frame at 128 px (scaled with frame size)
+    detail: tuple = (0.9, 1.5)  # spectral slope of textures: 1 is natural-image-like, higher is smoother
+    objects: tuple = (2, 6)  # moving shapes in 'shapes' clips
+
+    def validate(self):
+        unknown = [k for k in self.kinds if k not in CONTENT_KINDS]
+        if not self.kinds or unknown:
+            raise SetupError(f"unknown content kind(s) {unknown or '(none given)'}; choose from {', '.join(CONTENT_KINDS)}")
+        for name in ("speed", "detail", "objects"):
+            lo, hi = getattr(self, name)
+            if not (0 <= lo <= hi):
+                raise SetupError(f"content {name} range must be 0 <= LO <= HI, got {lo},{hi}")
+
+
+@dataclass
+class AppliedDistortion:
+    name: str
+    severity: float
+    extent: str
+
+    @property
+    def type(self) -> DistortionType:
+        return DISTORTIONS[self.name]
+
+
+@dataclass
+class ClipPlan:
+    index: int
+    video: str  # path relative to the dataset folder
+    source: str  # "procedural:<kind>" or the user clip's path relative to clips_dir
+    start: float  # seconds into a user clip
+    fps: float
+    n_frames: int
+    distortions: list = field(default_factory=list)
+
+    @property
+    def mos(self) -> float:
+        return round(mos_for([(d.severity, d.extent) for d in self.distortions]), 2)
+
+
+def _clip_rng(seed: int, index: int, purpose: int) -> np.random.Generator:
+    # One independent stream per clip and purpose: any clip can be re-rendered alone, identically.
+    return np.random.default_rng([seed, index, purpose])
+
+
+def plan_dataset(settings, sources=None) -> list:
+    """Decide every clip's source, length and distortions from the seed.
+
+    `sources`: [(name, duration_s, fps)] of readable user clips; None for procedural content."""
+    rng = np.random.default_rng([settings.seed, 0xD157])
+    count, kinds = settings.count, settings.content.kinds
+    n_clean = round(CLEAN_SHARE * count)
+    n_double = min(round(DOUBLE_SHARE * count), count - n_clean)
+    categories = ["clean"] * n_clean + ["double"] * n_double + ["single"] * (count - n_clean - n_double)
+    rng.shuffle(categories)
+    names = list(DISTORTIONS)
+    spatial = [n for n in names if DISTORTIONS[n].kind == "spatial"]
+    motion = [n for n in names if DISTORTIONS[n].kind == "motion"]
+    # Single-distortion clips cycle through shuffled rounds of all types, so counts stay balanced.
+    singles = []
+    plans = []
+    for index, category in enumerate(categories):
+        if category == "single":
+            if not singles:
+                singles = list(rng.permutation(names))
+            chosen = [singles.pop()]
+        elif category == "double":
+            chosen = [rng.choice(spatial), rng.choice(motion)]
+        else:
+            chosen = []
+        distortions = [
+            AppliedDistortion(
+                str(name),
+                round(float(rng.uniform(*SEVERITY_RANGE)), 2),
+                EXTENTS[rng.choice(len(EXTENTS), p=EXTENT_PROBS)],
+            )
+            for name in chosen
+        ]
+        offset = float(rng.uniform())  # drawn for every clip so plans do not depend on the source kind
+        n_frames, fps = max(4, round(settings.seconds * settings.fps)), settings.fps
+        if sources:
+            source, duration, source_fps = sources[index % len(sources)]
+            # Never faster than the source: a higher rate would repeat frames (unlabelled stutter).
+            fps = min(settings.fps, source_fps) if source_fps > 0 else settings.fps
+            # One frame of margin: container durations are often a frame longer than what decodes.
+            available = math.floor(duration * fps) - 1
+            n_frames = max(1, min(round(settings.seconds * fps), available))
+            start = round(offset * max(0.0, duration - (n_frames + 1) / fps), 3)
+        else:
+            source, start = f"procedural:{kinds[rng.integers(len(kinds))]}", 0.0
+        plans.append(ClipPlan(index, f"videos/clip_{index:05d}.mp4", source, start, fps, n_frames, distortions))
+    return plans
+
+
+# ---------------------------------------------------------------- procedural content
+
+
+def _noise_field(rng, height, width, slope):
+    """Periodic 1/f^slope noise (zero mean, unit std): tiles seamlessly, so a camera can pan forever."""
+    fy = np.fft.fftfreq(height)[:, None]
+    fx = np.fft.rfftfreq(width)[None, :]
+    freq = np.sqrt(fx**2 + fy**2)
+    freq[0, 0] = 1.0
+    amplitude = freq**-slope
+    amplitude[0, 0] = 0.0
+    phase = rng.uniform(0.0, 2 * np.pi, amplitude.shape)
+    field_ = np.fft.irfft2(amplitude * np.exp(1j * phase), s=(height, width))
+    return ((field_ - field_.mean()) / (field_.std() + 1e-12)).astype(np.float32)
+
+
+def _canvas(rng, kind, height, width, settings):
+    """A periodic RGB canvas in [0, 1], float32 [H, W, 3]."""
+    slope = rng.uniform(*settings.detail)
+    lum = _noise_field(rng, height, width, slope)
+    chroma_a = _noise_field(rng, height, width, slope + 1.0)
+    chroma_b = _noise_field(rng, height, width, slope + 1.0)
+    color_a, color_b = rng.uniform(0.15, 0.85, (2, 3)).astype(np.float32)
+    tint = rng.uniform(-0.12, 0.12, 3).astype(np.float32)
+    if kind == "gradient":
+        # Smooth colour ramps plus a sharp periodic pattern (stripes or checks) and faint texture.
+        ramp = np.clip(0.5 + 0.35 * _noise_field(rng, height, width, 3.0), 0, 1)[..., None]
+        yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+        ky, kx = rng.integers(2, 9, 2) * rng.choice([-1, 1], 2)
+        wave = np.sin(2 * np.pi * (kx * xx / width + ky * yy / height))
+        if rng.random() < 0.5:
+            wave = np.sign(wave) * np.sign(np.sin(2 * np.pi * (-ky * xx / width + kx * yy / height)))
+        detail = 0.12 * wave + 0.05 * lum
+        rgb = color_a + (color_b - color_a) * ramp + detail[..., None]
+    else:
+        contrast = 0.1 if kind == "shapes" else 0.17  # shapes sit on a calmer background
+        mix = np.clip(0.5 + 0.3 * chroma_a, 0, 1)[..., None]
+        rgb = color_a + (color_b - color_a) * mix + contrast * lum[..., None] + tint * chroma_b[..., None]
+    # Clean content is neither over- nor under-exposed: exposure distortions must be the only ones.
+    rgb = rgb - rgb.mean() + rng.uniform(0.4, 0.6)
+    return np.clip(rgb, 0.03, 0.97).astype(np.float32)
+
+
+class ProceduralClip:
+    """Frames of one procedural clip, made on demand: a periodic canvas seen by a moving camera
+    (pan; for 'zoom', zoom and a slow rotation) and, for 'shapes', anti-aliased shapes moving on top."""
+
+    def __init__(self, kind, rng, width, height, n_frames, settings):
+        from scipy import ndimage
+
+        self._ndimage = ndimage
+        self.width, self.height, self.n_frames = width, height, n_frames
+        scale = min(width, height) / 128.0
+        self.canvas = _canvas(rng, kind, 2 * height, 2 * width, settings)
+        speed = rng.uniform(*settings.speed) * scale
+        if kind == "shapes":
+            speed *= 0.3  # mostly steady camera; the shapes carry the motion
+        angle = rng.uniform(0, 2 * np.pi)
+        self.velocity = speed * np.array([np.sin(angle), np.cos(angle)])
+        self.origin = rng.uniform(0, 1, 2) * np.array([2 * height, 2 * width])
+        self.zoom = rng.uniform(0.2, 0.5) * rng.choice([-1, 1]) if kind == "zoom" else 0.0
+        self.rotation = rng.uniform(-0.15, 0.15) if kind == "zoom" else 0.0
+        self.shapes = []
+        if kind == "shapes":
+            for _ in range(int(rng.integers(settings.objects[0], settings.objects[1] + 1))):
+                radius = rng.uniform(0.08, 0.2) * min(width, height)
+                shape_speed = rng.uniform(*settings.speed) * scale
+                direction = rng.uniform(0, 2 * np.pi)
+                self.shapes.append(
+                    dict(
+                        type=rng.choice(["disk", "square", "ring"]),
+                        center=rng.uniform(0, 1, 2) * np.array([height, width]),
+                        velocity=shape_speed * np.array([np.sin(direction), np.cos(direction)]),
+                        radius=radius,
+                        color=rng.uniform(0.05, 0.95, 3).astype(np.float32),
+                        stripes=rng.uniform(0.15, 0.6) / scale,
+                        spin=rng.uniform(0, np.pi),
+                    )
+                )
+        yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+        self._grid = (yy - height / 2.0, xx - width / 2.0)
+
+    def frame(self, i):
+        """Frame i as float32 [H, W, 3] in 0..255."""
+        t = i / max(self.n_frames - 1, 1)
+        zoom = math.exp(self.zoom * t)
+        cos, sin = math.cos(self.rotation * t) / zoom, math.sin(self.rotation * t) / zoom
+        gy, gx = self._grid
+        center = self.origin + self.velocity * i
+        coords = [center[0] + cos * gy + sin * gx, center[1] - sin * gy + cos * gx]
+        rgb = np.stack(
+            [self._ndimage.map_coordinates(self.canvas[..., c], coords, order=1, mode="grid-wrap") for c in range(3)],
+            axis=-1,
+        )
+        for shape in self.shapes:
+            rgb = self._draw(rgb, shape, i)
+        return np.clip(rgb * 255.0, 0, 255).astype(np.float32)
+
+    def _draw(self, rgb, shape, i):
+        # Bounce inside the frame: a triangle wave of the straight-line position.
+        span = np.array([self.height, self.width], dtype=np.float64)
+        pos = (shape["center"] + shape["velocity"] * i) % (2 * span)
+        pos = np.where(pos > span, 2 * span - pos, pos)
+        dy = self._grid[0] + self.height / 2.0 - pos[0]
+        dx = self._grid[1] + self.width / 2.0 - pos[1]
+        r = shape["radius"]
+        if shape["type"] == "square":
+            c, s = math.cos(shape["spin"]), math.sin(shape["spin"])
+            dist = np.maximum(np.abs(c * dx + s * dy), np.abs(-s * dx + c * dy)) - r
+        elif shape["type"] == "ring":
+            dist = np.abs(np.hypot(dx, dy) - 0.7 * r) - 0.3 * r
+        else:
+            dist = np.hypot(dx, dy) - r
+        coverage = np.clip(0.5 - dist, 0.0, 1.0)[..., None]  # one-pixel anti-aliased edge
+        fill = shape["color"] * (1.0 + 0.25 * np.sin(shape["stripes"] * (dx + dy)))[..., None]
+        return rgb * (1.0 - coverage) + np.clip(fill, 0, 1) * coverage
+
+
+# ---------------------------------------------------------------- user clips
+
+
+def probe_clip(path):
+    """(duration_s, fps) of a user clip, or InputError naming it."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 0)
+            if stream.duration is not None and stream.time_base is not None:
+                duration = float(stream.duration * stream.time_base)
+            elif container.duration is not None:
+                duration = container.duration / 1_000_000
+            else:
+                duration = 0.0
+    except (av.FFmpegError, IndexError, OSError) as error:
+        reason = "no video stream" if isinstance(error, IndexError) else str(error).splitlines()[0]
+        raise InputError(f"{path}: cannot read video ({reason})") from None
+    return duration, fps
+
+
+def _fit(image, width, height):
+    """Centre-crop a uint8 RGB frame to the target aspect ratio, then resize (area filter)."""
+    import av
+
+    h, w = image.shape[:2]
+    if w * height > h * width:
+        new_w = max(1, round(h * width / height))
+        x0 = (w - new_w) // 2
+        image = image[:, x0 : x0 + new_w]
+    else:
+        new_h = max(1, round(w * height / width))
+        y0 = (h - new_h) // 2
+        image = image[y0 : y0 + new_h]
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+    return frame.reformat(width=width, height=height, interpolation="AREA").to_ndarray(format="rgb24")
+
+
+def user_clip_frames(path, width, height, fps, start, n_frames):
+    """Frames of a user clip from `start` seconds, resampled to `fps` by taking the latest frame at each
+    output time (never faster than the source, so no frame repeats are introduced), cropped and resized.
+    Yields float32 [H, W, 3]; decodes as a stream."""
+    import av
+
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError) as error:
+        raise InputError(f"{path}: cannot read video ({str(error).splitlines()[0]})") from None
+    with container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        emitted = 0
+        latest = None
+        try:
+            if start > 2.0 and stream.time_base:
+                # Jump near the start (to the keyframe before it) instead of decoding everything before it.
+                container.seek(int((start - 1.0) / stream.time_base), stream=stream, backward=True)
+            for frame in container.decode(stream):
+                if frame.time is None:
+                    continue
+                # Output frame k shows the latest source frame at time start + k / fps.
+                while emitted < n_frames and latest is not None and start + emitted / fps < frame.time:
+                    yield _fit(latest.to_ndarray(format="rgb24"), width, height).astype(np.float32)
+                    emitted += 1
+                if emitted >= n_frames:
+                    return
+                latest = frame
+        except av.FFmpegError as error:
+            raise InputError(f"{path}: decoding failed ({str(error).splitlines()[0]})") from None
+        if latest is not None and emitted < n_frames:
+            yield _fit(latest.to_ndarray(format="rgb24"), width, height).astype(np.float32)
+
+
+# ---------------------------------------------------------------- distortions
+
+
+def _dct_matrix(n=8):
+    k = np.arange(n)[:, None]
+    i = np.arange(n)[None, :]
+    m = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+    m[0] /= math.sqrt(2.0)
+    return m.astype(np.float32)
+
+
+_JPEG_LUMA = np.array(
+    [
+        [16, 11, 10, 16, 24, 40, 51, 61],
+        [12, 12, 14, 19, 26, 58, 60, 55],
+        [14, 13, 16, 24, 40, 57, 69, 56],
+        [14, 17, 22, 29, 51, 87, 80, 62],
+        [18, 22, 37, 56, 68, 109, 103, 77],
+        [24, 35, 55, 64, 81, 104, 113, 92],
+        [49, 64, 78, 87, 103, 121, 120, 101],
+        [72, 92, 95, 98, 112, 100, 103, 99],
+    ],
+    dtype=np.float32,
+)
+_JPEG_CHROMA = np.full((8, 8), 99.0, dtype=np.float32)
+_JPEG_CHROMA[:4, :4] = [[17, 18, 24, 47], [18, 21, 26, 66], [24, 26, 56, 99], [47, 66, 99, 99]]
+
+
+def _block_quantize(frame, quality):
+    """JPEG-style 8x8 DCT quantisation at `quality` (1-100): the blocking of a starved codec."""
+    h, w = frame.shape[:2]
+    ph, pw = -h % 8, -w % 8
+    padded = np.pad(frame, ((0, ph), (0, pw), (0, 0)), mode="edge")
+    r, g, b = padded[..., 0], padded[..., 1], padded[..., 2]
+    ycc = [
+        0.299 * r + 0.587 * g + 0.114 * b - 128.0,
+        -0.168736 * r - 0.331264 * g + 0.5 * b,
+        0.5 * r - 0.418688 * g - 0.081312 * b,
+    ]
+    scale = (5000.0 / quality if quality < 50 else 200.0 - 2 * quality) / 100.0
+    m = _dct_matrix()
+    out = []
+    for channel, table in zip(ycc, (_JPEG_LUMA, _JPEG_CHROMA, _JPEG_CHROMA)):
+        H, W = channel.shape
+        blocks = channel.reshape(H // 8, 8, W // 8, 8).transpose(0, 2, 1, 3)
+        coeffs = m @ blocks @ m.T
+        step = np.maximum(table * scale, 1.0)
+        coeffs = np.round(coeffs / step) * step
+        out.append((m.T @ coeffs @ m).transpose(0, 2, 1, 3).reshape(H, W))
+    y, cb, cr = out[0] + 128.0, out[1], out[2]
+    rgb = np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], axis=-1)
+    return rgb[:h, :w]
+
+
+def _exposure(frame, ev):
+    """Change exposure by `ev` stops in linear light (gamma 2.2), clipping what saturates."""
+    linear = (np.clip(frame, 0, 255) / 255.0) ** 2.2 * (2.0**ev)
+    return 255.0 * np.clip(linear, 0.0, 1.0) ** (1 / 2.2)
+
+
+class DistortionRenderer:
+    """Applies one planned distortion to a frame stream: `__call__(frame, i)` -> frame (float32 0..255).
+
+    Parameters per severity s in [1, 4] (sizes scale with the frame's short side, relative to 128 px):
+    blur: Gaussian sigma = s px; noise: Gaussian sigma = 6 s grey levels per channel; blocking: JPEG
+    quality 60 * 0.42^s (25 ... 2) on 8x8 blocks; over-exposure: +(0.5 s + 0.2) EV; under-exposure:
+    -(0.7 s + 0.3) EV; stutter: freezes of round(fps (0.1 + 0.1 s)) frames (at least 2) separated by
+    about fps (1.2 - 0.2 s) frames of motion, the source running on underneath (frames dropped);
+    flicker: luminance offset of 0.035 s * 255 * sin(2 pi f t) with f in [2, 4] Hz (below Nyquist) and
+    10% per-frame jitter; shake: independent per-frame translation of up to 0.02 s * short side px.
+    """
+
+    def __init__(self, distortion: AppliedDistortion, rng, width, height, fps, n_frames):
+        from scipy import ndimage
+
+        self._ndimage = ndimage
+        self.name, s = distortion.name, distortion.severity
+        half = n_frames // 2
+        self.active = {"whole": (0, n_frames), "first half": (0, half), "second half": (half, n_frames)}[
+            distortion.extent
+        ]
+        scale = min(width, height) / 128.0
+        self.rng = rng
+        if self.name == "blur":
+            self.sigma = s * scale
+        elif self.name == "noise":
+            self.sigma = 6.0 * s
+        elif self.name == "blocking":
+            self.quality = max(1.0, 60.0 * 0.42**s)
+        elif self.name == "overexposure":
+            self.ev = 0.5 * s + 0.2
+        elif self.name == "underexposure":
+            self.ev = -(0.7 * s + 0.3)
+        elif self.name == "stutter":
+            self.holds = self._freeze_schedule(s, fps)
+            self.held = None
+        elif self.name == "flicker":
+            freq = rng.uniform(2.0, min(4.0, 0.45 * fps))
+            phase = rng.uniform(0, 2 * np.pi)
+            amp = 0.035 * s * 255.0
+            t = np.arange(n_frames) / fps
+            self.offsets = amp * (np.sin(2 * np.pi * freq * t + phase) + rng.normal(0, 0.1, n_frames))
+        elif self.name == "shake":
+            self.max_shift = max(1, round(0.02 * s * min(width, height)))
+            self.shifts = rng.integers(-self.max_shift, self.max_shift + 1, (n_frames, 2))
+        else:
+            raise ValueError(f"unknown distortion {self.name}")
+
+    def _freeze_schedule(self, s, fps):
+        length = max(2, round(fps * (0.1 + 0.1 * s)))
+        gap = max(2.0, fps * (1.2 - 0.2 * s))
+        lo, hi = self.active
+        frozen = {}  # output frame -> first frame of its freeze
+        i = lo + int(self.rng.integers(1, max(2, round(gap))))
+        while i < hi:
+            for j in range(i, min(i + length, hi)):
+                frozen[j] = i
+            i += length + max(1, round(self.rng.uniform(0.6, 1.4) * gap))
+        return frozen
+
+    def __call__(self, frame, i):
+        lo, hi = self.active
+        if self.name == "stutter":
+            # Needs the previous output even outside the active span, so it runs before the span check.
+            start = self.holds.get(i)
+            if start is None:
+                self.held = None
+                return frame
+            if self.held is None:
+                self.held = frame
+            return self.held
+        if not lo <= i < hi:
+            return frame
+        if self.name == "blur":
+            return self._ndimage.gaussian_filter(frame, sigma=(self.sigma, self.sigma, 0), mode="reflect")
+        if self.name == "noise":
+            return frame + self.rng.normal(0.0, self.sigma, frame.shape).astype(np.float32)
+        if self.name == "blocking":
+            return _block_quantize(frame, self.quality)
+        if self.name in ("overexposure", "underexposure"):
+            return _exposure(frame, self.ev)
+        if self.name == "flicker":
+            return frame + np.float32(self.offsets[i])
+        # shake: translate with reflected borders so no black edges appear
+        dy, dx = self.shifts[i]
+        m = self.max_shift
+        padded = np.pad(frame, ((m, m), (m, m), (0, 0)), mode="reflect")
+        h, w = frame.shape[:2]
+        return padded[m + dy : m + dy + h, m + dx : m + dx + w]
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def encode_clip(path, frames, width, height, fps, crf=12):
+    """Encode float/uint8 RGB frames to H.264 yuv420p at near-lossless `crf`, single-threaded so the
+    bitstream is reproducible. Returns the number of frames written."""
+    import av
+
+    tmp = Path(str(path) + ".part")
+    written = 0
+    with av.open(str(tmp), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "medium", "threads": "1"}
+        for frame in frames:
+            image = np.clip(np.rint(frame), 0, 255).astype(np.uint8)
+            video_frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            for packet in stream.encode(video_frame):
+                container.mux(packet)
+            written += 1
+        for packet in stream.encode():
+            container.mux(packet)
+    os.replace(tmp, path)
+    return written
+
+
+# ---------------------------------------------------------------- labels
+
+
+def _when(extent):
+    return {"whole": "throughout the video", "first half": "in the first half of the video",
+            "second half": "in the second half of the video"}[extent]
+
+
+def _questions(plan: ClipPlan, rng) -> list:
+    """Stage-3 (question, answer) pairs for one clip.
+
+    Yes/no: a 'yes' for each distortion present and one 'no' about an absent one, so clean clips give one
+    'no' and two-distortion clips two 'yes': with equal shares of both the yes/no split is even. Open
+    questions: what is wrong (with severity and when), when each distortion occurs, how severe it is.
+    """
+    present = {d.name for d in plan.distortions}
+    pairs = [(f"Is there {d.type.phrase} in this video?", "Yes.") for d in plan.distortions]
+    absent = [n for n in DISTORTIONS if n not in present]
+    pairs.append((f"Is there {DISTORTIONS[absent[rng.integers(len(absent))]].phrase} in this video?", "No."))
+    level = level_for(plan.mos)
+    if plan.distortions:
+        problems = " and ".join(f"{severity_word(d.severity)} {d.type.phrase} {_when(d.extent)}" for d in plan.distortions)
+        summary = f"The video has {problems}. Overall, the quality is {level}."
+    else:
+        summary = f"The video has no visible distortion. Overall, the quality is {level}."
+    pairs.append(("What quality problems does this video have?", summary))
+    for d in plan.distortions:
+        when = _when(d.extent)
+        pairs.append((f"When does the {d.type.phrase} occur?", when[0].upper() + when[1:] + "."))
+        pairs.append((f"How severe is the {d.type.phrase} in this video?", f"It is {severity_word(d.severity)}."))
+    return pairs
+
+
+def _csv_text(header, rows):
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _write_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def label_files(plans, seed) -> dict:
+    """File name -> text of every label file for the given (rendered) clips."""
+    stage1, stage2, stage3, labels, manifest = [], [], [], [], []
+    json2, json3 = [], []
+    for plan in plans:
+        mos = plan.mos
+        labels.append((plan.video, f"{mos:.2f}"))
+        stage2.append((plan.video, f"{mos:.2f}"))
+        json2.append(
+            {
+                "id": f"clip_{plan.index:05d}_score",
+                "image": plan.video,
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{SCORE_QUESTION}"},
+                    {"from": "gpt", "value": f"The quality of this video is {level_for(mos)}."},
+                ],
+                "gt_score": mos,
+            }
+        )
+        for kind in ("spatial", "motion"):
+            # The strongest distortion of each kind is "the main" one (plans hold at most one per kind).
+            of_kind = sorted((d for d in plan.distortions if d.type.kind == kind), key=lambda d: -d.severity)
+            if of_kind:
+                stage1.append((plan.video, of_kind[0].type.phrase, kind))
+        for n, (question, answer) in enumerate(_questions(plan, _clip_rng(seed, plan.index, 3))):
+            stage3.append((plan.video, question, answer))
+            json3.append(
+                {
+                    "id": f"clip_{plan.index:05d}_q{n}",
+                    "image": plan.video,
+                    "conversations": [
+                        {"from": "human", "value": f"<image>\n{question}"},
+                        {"from": "gpt", "value": answer},
+                    ],
+                }
+            )
+        manifest.append(
+            (
+                plan.video,
+                plan.source,
+                f"{plan.start:.3f}",
+                ";".join(f"{d.name}:{d.severity:.2f}:{d.extent}" for d in plan.distortions) or "none",
+                f"{mos:.2f}",
+                level_for(mos),
+            )
+        )
+    dump = lambda records: json.dumps(records, indent=1, ensure_ascii=False) + "\n"  # noqa: E731
+    return {
+        "labels.csv": _csv_text(("path", "mos"), labels),
+        "stage1.csv": _csv_text(("video", "distortion", "kind"), stage1),
+        "stage2.csv": _csv_text(("video", "mos"), stage2),
+        "stage3.csv": _csv_text(("video", "question", "answer"), stage3),
+        "stage2.json": dump(json2),
+        "stage3.json": dump(json3),
+        "manifest.csv": _csv_text(("video", "source", "start", "distortions", "mos", "level"), manifest),
+    }
+
+
+# ---------------------------------------------------------------- the whole dataset
+
+
+@dataclass
+class SynthSettings:
+    count: int = 200
+    seed: int = 0
+    width: int = 128
+    height: int = 128
+    fps: float = 12.0
+    seconds: float = 4.0
+    crf: int = 12
+    content: ContentSettings = field(default_factory=ContentSettings)
+
+    def validate(self):
+        if self.count < 1:
+            raise SetupError(f"--count must be at least 1, got {self.count}")
+        if self.width < 16 or self.height < 16 or self.width % 2 or self.height % 2:
+            raise SetupError(f"--size must be even and at least 16x16, got {self.width}x{self.height}")
+        if not 1 <= self.fps <= 120:
+            raise SetupError(f"--fps must be in [1, 120], got {self.fps}")
+        if self.seconds * self.fps < 4:
+            raise SetupError(f"clips need at least 4 frames: --seconds {self.seconds} at --fps {self.fps} is too short")
+        if not 0 <= self.crf <= 51:
+            raise SetupError(f"--crf must be in [0, 51], got {self.crf}")
+        self.content.validate()
+
+
+def find_clips(clips_dir) -> list:
+    root = Path(clips_dir)
+    if not root.is_dir():
+        raise SetupError(f"{clips_dir}: not a folder of clips")
+    clips = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+    if not clips:
+        raise SetupError(f"{clips_dir}: no video files ({', '.join(sorted(VIDEO_EXTENSIONS))})")
+    return clips
+
+
+def generate_dataset(out, settings: SynthSettings, clips_dir=None, overwrite=False, on_clip=None) -> dict:
+    """Write videos/ and the label files into `out`. `on_clip(plan, error_or_None)` reports progress.
+    Returns a summary dict. Unreadable user clips are skipped (named in the summary)."""
+    settings.validate()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SetupError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise SetupError(f"{out}: folder is not empty (use --overwrite to replace its dataset)")
+    sources, skipped = None, []
+    if clips_dir is not None:
+        sources = []
+        root = Path(clips_dir)
+        for clip in find_clips(clips_dir):
+            try:
+                duration, fps = probe_clip(clip)
+            except InputError as error:
+                skipped.append(str(error))
+                continue
+            sources.append((clip.relative_to(root).as_posix(), duration, fps))
+        if not sources:
+            raise SetupError(f"{clips_dir}: none of the clips could be read ({skipped[0]})")
+    plans = plan_dataset(settings, sources)
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    done, failed = [], []
+    for plan in plans:
+        try:
+            _render(out, plan, settings, clips_dir)
+        except InputError as error:
+            failed.append(str(error))
+            if on_clip:
+                on_clip(plan, error)
+            continue
+        done.append(plan)
+        if on_clip:
+            on_clip(plan, None)
+    if not done:
+        raise SetupError(f"no clip could be made ({failed[0]})")
+    for name, text in label_files(done, settings.seed).items():
+        _write_atomic(out / name, text)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "settings": {**asdict(settings), "content": asdict(settings.content)},
+        "clips_dir": str(clips_dir) if clips_dir is not None else None,
+        "clips": len(done),
+        "failed": failed,
+        "skipped_sources": skipped,
+        "mos": {"clean": CLEAN_MOS, "max_impairment": MAX_IMPAIRMENT, "exponent": IMPAIRMENT_EXPONENT,
+                "partial_weight": PARTIAL_WEIGHT},
+    }
+    _write_atomic(out / "synth.json", json.dumps(meta, indent=1, default=list) + "\n")
+    return meta
+
+
+def clean_frames(plan: ClipPlan, settings: SynthSettings, clips_dir=None):
+    """The undistorted frames of a planned clip (a generator of float32 [H, W, 3])."""
+    if plan.source.startswith("procedural:"):
+        clip = ProceduralClip(plan.source.split(":", 1)[1], _clip_rng(settings.seed, plan.index, 1),
+                              settings.width, settings.height, plan.n_frames, settings.content)
+        return (clip.frame(i) for i in range(plan.n_frames))
+    return user_clip_frames(Path(clips_dir) / plan.source, settings.width, settings.height, plan.fps, plan.start,
+                            plan.n_frames)
+
+
+def _render(out, plan, settings, clips_dir):
+    if plan.n_frames < 4:
+        raise InputError(f"{plan.source}: too short to make a clip (under 4 frames)")
+    rng = _clip_rng(settings.seed, plan.index, 2)
+    renderers = [DistortionRenderer(d, rng, settings.width, settings.height, plan.fps, plan.n_frames)
+                 for d in plan.distortions]
+
+    def stream():
+        for i, frame in enumerate(clean_frames(plan, settings, clips_dir)):
+            for renderer in renderers:
+                frame = renderer(frame, i)
+            yield frame
+
+    written = encode_clip(out / plan.video, stream(), settings.width, settings.height, plan.fps, settings.crf)
+    if written < plan.n_frames:
+        # Labels (which half is distorted, where freezes fall) assume the planned length.
+        (out / plan.video).unlink(missing_ok=True)
+        raise InputError(f"{plan.source}: decoded {written} frames, fewer than the {plan.n_frames} planned")
