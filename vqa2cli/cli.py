@@ -2,17 +2,32 @@
 
 Heavy imports (torch, transformers, bitsandbytes, peft) happen inside commands, never at module
 level, so `vqa2 --help` and `vqa2 --version` answer instantly.
+
+Conventions every command follows (and new ones should too):
+- stdout carries only data, written through `vqa2cli.output` writers; `@output_format_options`
+  adds --json/--jsonl/--csv and passes `fmt` (a table on a terminal, JSON Lines otherwise);
+- messages go to stderr through `output.Reporter`: one line per problem, no tracebacks;
+- a command returns its exit code: 0 all good, 1 some inputs failed, 130 interrupted; errors that
+  stop the command are raised (`SetupError` -> 2, other `Vqa2Error` -> 1, see `main`).
 """
 
+import functools
+import os
+import signal
 import sys
+import time
 
 import click
 
 from vqa2cli import __version__
 from vqa2cli.errors import SetupError, Vqa2Error
 
+EXIT_FAILED = 1  # some inputs failed
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what `vqa2 ... | head` would give a C program
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="vqa2")
 def cli():
     """Tell how good a video looks, and why, with the VQA² model.
@@ -21,8 +36,315 @@ def cli():
     Examples:
       vqa2 score clip.mp4
       vqa2 score videos/ --recursive --json > scores.json
+      find . -name '*.mov' | vqa2 score - --csv > scores.csv
       vqa2 ask clip.mp4 "Is there stuttering?"
+      vqa2 models
     """
+
+
+# --- options shared by commands ------------------------------------------------------------------
+
+
+def model_options(func):
+    """--model, --device, --quant: what `pipeline.load_model` needs."""
+    func = click.option(
+        "--quant",
+        type=click.Choice(["auto", "4bit", "8bit", "none"]),
+        default="auto",
+        show_default=True,
+        help="Weight quantization (auto: 4-bit on a GPU too small for the model, else none).",
+    )(func)
+    func = click.option(
+        "--device",
+        type=click.Choice(["auto", "cuda", "cpu"]),
+        default="auto",
+        show_default=True,
+        help="Where to run the model (auto: cuda when available).",
+    )(func)
+    func = click.option(
+        "-m",
+        "--model",
+        "model_name",
+        envvar="VQA2_MODEL",
+        metavar="NAME|DIR|REPO",
+        default=None,
+        help="Model: a name from `vqa2 models`, a model directory or a Hugging Face repo id "
+        "[env: VQA2_MODEL; default: the command's default model].",
+    )(func)
+    return func
+
+
+def output_format_options(func):
+    """--json/--jsonl/--csv, mutually exclusive; the command receives `fmt` (None: pick by stdout)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, as_json, as_jsonl, as_csv, **kwargs):
+        chosen = [name for name, on in (("json", as_json), ("jsonl", as_jsonl), ("csv", as_csv)) if on]
+        if len(chosen) > 1:
+            raise click.UsageError(f"choose one output format, not {' and '.join('--' + c for c in chosen)}")
+        return func(*args, fmt=chosen[0] if chosen else None, **kwargs)
+
+    wrapper = click.option("--csv", "as_csv", is_flag=True, help="CSV with a header row.")(wrapper)
+    wrapper = click.option(
+        "--jsonl", "as_jsonl", is_flag=True, help="One JSON object per line, written as each item finishes."
+    )(wrapper)
+    wrapper = click.option("--json", "as_json", is_flag=True, help="A single JSON array.")(wrapper)
+    return wrapper
+
+
+def _load_model(reporter, model_name, device, quant, task):
+    from vqa2cli.pipeline import load_model
+
+    with reporter.status(f"Loading model {model_name or '(default)'}…"):
+        return load_model(model_name, device=device, quant=quant, task=task)
+
+
+def _ignore_further_interrupts():
+    # the second Ctrl-C of an impatient user must not cut the closing `]` of a JSON array
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# --- score ---------------------------------------------------------------------------------------
+
+
+def _score_columns(level_words):
+    from vqa2cli.output import Column, fmt_float
+
+    return [
+        Column("path", "Path"),
+        Column("score", "Score", fmt_float(3), "right"),
+        Column("level", "Level"),
+        *[Column(f"probs.{word}", word, fmt_float(2), "right") for word in level_words],
+        Column("model", "Model", in_table=False),  # the table names it in its title
+        Column("duration_s", "Duration", lambda seconds: f"{seconds:.1f} s", "right"),
+        Column("keyframes", "Keyframes", in_table=False),
+        Column("motion_frames", "Motion frames", in_table=False),
+        Column("seconds", "Took", lambda seconds: f"{seconds:.2f} s", "right"),
+        Column("error", "Error", in_table=False),  # the table adds an Error column when a row failed
+    ]
+
+
+@cli.command(short_help="Score the quality of videos (files, directories, stdin).")
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@model_options
+@click.option(
+    "--prompt",
+    type=click.Choice(["ugc", "streaming"]),
+    default=None,
+    help="Scoring prompt [default: the one the model was trained with].",
+)
+@click.option(
+    "--max-motion-frames",
+    type=click.IntRange(min=4),
+    default=2000,
+    show_default=True,
+    help="Longest motion stream; longer videos are sampled evenly down to it.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Videos the model scores in one forward pass.",
+)
+@click.option("-r", "--recursive", is_flag=True, help="Look for videos in subdirectories too.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary; errors are still reported.")
+@output_format_options
+def score(paths, model_name, device, quant, prompt, max_motion_frames, batch_size, recursive, quiet, fmt):
+    """Score the quality of videos: 0 (worst) to 1 (best), and a level from low to high.
+
+    PATH is a video file, a directory, or - to read paths from stdin (one per line). In a directory,
+    files with a video extension (.mp4 .mov .mkv .webm .avi .m4v .ts .flv .wmv .mpg .y4m …) are
+    scored, sorted by name; --recursive goes into subdirectories. Files named explicitly are always
+    tried. The model loads once for the whole batch.
+
+    Output goes to stdout: a table on a terminal, JSON Lines when piped (or --json, --jsonl, --csv).
+    Each record has path, score, level, probs, model, duration_s, keyframes, motion_frames,
+    seconds and error. A file that fails gives a record with `error` and a line on stderr; the
+    batch goes on.
+
+    Exit status: 0 all scored, 1 some failed, 2 bad usage or model not available, 130 interrupted
+    (the results so far are written, and --json output stays a valid array).
+
+    \b
+    Examples:
+      vqa2 score clip.mp4
+      vqa2 score videos/ -r --json > scores.json
+      vqa2 score a.mp4 b.webm --csv
+      find /data -name '*.mp4' -mmin -60 | vqa2 score - --jsonl | jq .score
+    """
+    from vqa2cli.batch import expand_paths, score_videos
+    from vqa2cli.output import Reporter, default_format, make_writer
+
+    fmt = fmt or default_format(sys.stdout)
+    reporter = Reporter.for_stderr(quiet)
+    if "-" in paths and sys.stdin.isatty():
+        reporter.note("reading video paths from stdin, one per line (end with Ctrl-D)")
+    inputs = expand_paths(paths, recursive=recursive, stdin=sys.stdin, warn=reporter.note)
+    # without stdin the whole list is known up front, which gives the progress bar its ETA
+    total = None
+    if "-" not in paths:
+        inputs = list(inputs)
+        total = len(inputs)
+
+    model = _load_model(reporter, model_name, device, quant, task="score")
+    level_words = [word.strip() for word in model.config.level_words]
+    writer = make_writer(fmt, sys.stdout, _score_columns(level_words), title=f"vqa2 score ({model.name})")
+    scored = failed = 0
+    interrupted = False
+    start = time.perf_counter()
+    records = score_videos(model, inputs, prompt=prompt, max_motion_frames=max_motion_frames, batch_size=batch_size)
+    try:
+        reporter.start("Scoring", total=total)
+        for record in records:
+            writer.write(record.to_dict())
+            if record.error:
+                failed += 1
+                reporter.note(f"error: {record.error}")
+            else:
+                scored += 1
+            reporter.advance()
+    except KeyboardInterrupt:
+        interrupted = True
+        _ignore_further_interrupts()
+    finally:
+        records.close()  # stops the background decoder
+        reporter.stop()
+        writer.close()
+    if interrupted:
+        reporter.note(f"interrupted: {scored + failed} video(s) done, results so far written")
+        return EXIT_INTERRUPTED
+    if not quiet:
+        took = time.perf_counter() - start
+        reporter.note(f"scored {scored} video(s), {failed} failed, in {took:.1f} s")
+    return EXIT_FAILED if failed else 0
+
+
+# --- ask -----------------------------------------------------------------------------------------
+
+
+def _read_questions(question, questions_file):
+    questions = [question] if question else []
+    if questions_file is not None:
+        questions += [line.strip() for line in questions_file if line.strip()]
+    if not questions:
+        raise click.UsageError("give a QUESTION, or --questions FILE with one question per line")
+    return questions
+
+
+@cli.command(short_help="Ask a question about the quality of a video.")
+@click.argument("video", type=click.Path(dir_okay=False))
+@click.argument("question", required=False)
+@click.option(
+    "--questions",
+    "questions_file",
+    type=click.File("r", encoding="utf-8"),
+    help="A file with one question per line (- for stdin), all asked about the same decoded video.",
+)
+@model_options
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="Longest answer.")
+@click.option(
+    "--max-motion-frames",
+    type=click.IntRange(min=4),
+    default=2000,
+    show_default=True,
+    help="Longest motion stream; longer videos are sampled evenly down to it.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print {path, question, answer, model} (an array for several).")
+@click.option("-q", "--quiet", is_flag=True, help="No spinner while the model loads.")
+def ask(video, question, questions_file, model_name, device, quant, max_new_tokens, max_motion_frames, as_json, quiet):
+    """Ask a question about the quality of a video; the answer streams as it is generated.
+
+    With --questions, every question in the file is answered about the same video, which is
+    decoded once. Each answer is printed after its question ("Q: …" / "A: …").
+
+    \b
+    Examples:
+      vqa2 ask clip.mp4 "Is there stuttering?"
+      vqa2 ask clip.mp4 "Describe the sharpness and the noise." --json
+      vqa2 ask clip.mp4 --questions questions.txt
+    """
+    from vqa2cli.output import Reporter, to_json
+
+    questions = _read_questions(question, questions_file)
+    from vqa2cli.video import load_video
+
+    reporter = Reporter.for_stderr(quiet)
+    model = _load_model(reporter, model_name, device, quant, task="ask")
+    sample = load_video(
+        video,
+        keyframe_size=model.config.keyframe_size,
+        motion_size=model.config.motion_size,
+        max_motion_frames=max_motion_frames,
+    )
+
+    def echo(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    records = []
+    for number, question_text in enumerate(questions, 1):
+        if as_json:
+            answer = model.ask(sample, question_text, max_new_tokens=max_new_tokens)
+            records.append({"path": video, "question": question_text, "answer": answer, "model": model.name})
+            continue
+        if len(questions) > 1:
+            blank_line = "\n" if number > 1 else ""
+            echo(f"{blank_line}Q: {question_text}\nA: ")
+        model.ask(sample, question_text, max_new_tokens=max_new_tokens, on_text=echo)
+        echo("\n")
+    if as_json:
+        print(to_json(records[0] if len(records) == 1 else records, indent=2))
+    return 0
+
+
+# --- models --------------------------------------------------------------------------------------
+
+
+@cli.command(short_help="List known models and whether they are on this machine.")
+@output_format_options
+def models(fmt):
+    """List the known models: what each is for, where it comes from, whether it is here.
+
+    A model is "present" when it can be loaded without network access. Fetch one with
+    `hf download REPO_ID` (or let `vqa2 score --model NAME` download it).
+
+    \b
+    Examples:
+      vqa2 models
+      vqa2 models --json
+    """
+    from vqa2cli.output import Column, default_format, human_size, make_writer
+    from vqa2cli.registry import list_models
+
+    columns = [
+        Column("name", "Name"),
+        Column("purpose", "Purpose"),
+        Column("repo_id", "Source"),
+        Column("default_for", "Default for", lambda tasks: ", ".join(tasks)),
+        Column("present", "Present", lambda present: "yes" if present else "no"),
+        Column("size_bytes", "Size", lambda size: human_size(size) if size else "-", "right"),
+        Column("path", "Path", in_table=False),
+    ]
+    with make_writer(fmt or default_format(sys.stdout), sys.stdout, columns, title="vqa2 models") as writer:
+        for status in list_models():
+            entry = status.entry
+            writer.write(
+                {
+                    "name": entry.name,
+                    "purpose": entry.purpose,
+                    "repo_id": entry.source,
+                    "prompt": entry.prompt,
+                    "default_for": list(entry.default_for),
+                    "present": status.present,
+                    "size_bytes": status.size_bytes,
+                    "path": str(status.path) if status.path else None,
+                }
+            )
+    return 0
+
+
+# --- entry point ---------------------------------------------------------------------------------
 
 
 def main():
@@ -31,7 +353,7 @@ def main():
         exit_code = cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as error:
         error.show()
         sys.exit(error.exit_code)
@@ -43,4 +365,9 @@ def main():
     except Vqa2Error as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(1)
+    except BrokenPipeError:
+        # the reader went away (`vqa2 score … | head`): stop quietly; point stdout at /dev/null so
+        # the interpreter's final flush does not print a second error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_BROKEN_PIPE)
     sys.exit(exit_code if isinstance(exit_code, int) else 0)

@@ -15,9 +15,11 @@ whole record) and pick a writer with `make_writer`:
             writer.write(record)
 """
 
+import contextlib
 import csv
 import json
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -35,6 +37,7 @@ class Column:
     header: str
     fmt: Callable[[Any], str] = str  # table cell text for a value that is not None
     justify: str = "left"
+    in_table: bool = True  # False: CSV only, to keep the terminal table narrow
 
 
 def lookup(record: dict, key: str):
@@ -112,8 +115,21 @@ class JsonArrayWriter(_Writer):
         self.stream.flush()
 
 
+def _csv_cell(value):
+    # spelled as in the JSON output, so both formats read the same
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(item) for item in value)
+    if isinstance(value, dict):
+        return to_json(value)
+    return value
+
+
 class CsvWriter(_Writer):
-    """CSV with a header row of column keys; None becomes an empty cell; flushed per record."""
+    """CSV with a header row of column keys; None is an empty cell, a list space-separated; flushed per record."""
 
     def __init__(self, stream, columns):
         super().__init__(stream)
@@ -123,11 +139,7 @@ class CsvWriter(_Writer):
         stream.flush()
 
     def _write(self, record):
-        row = []
-        for column in self.columns:
-            value = lookup(record, column.key)
-            row.append("" if value is None else value)
-        self._csv.writerow(row)
+        self._csv.writerow([_csv_cell(lookup(record, column.key)) for column in self.columns])
         self.stream.flush()
 
 
@@ -154,15 +166,16 @@ class TableWriter(_Writer):
         from rich.console import Console
         from rich.table import Table
 
+        columns = [column for column in self.columns if column.in_table]
         table = Table(title=self.title, title_justify="left")
-        for column in self.columns:
+        for column in columns:
             table.add_column(column.header, justify=column.justify, overflow="fold")
         with_errors = any(record.get("error") for record in self.rows)
         if with_errors:
             table.add_column("Error", style="red", overflow="fold")
         for record in self.rows:
             cells = []
-            for column in self.columns:
+            for column in columns:
                 value = lookup(record, column.key)
                 cells.append("" if value is None else column.fmt(value))
             if with_errors:
@@ -194,3 +207,97 @@ def make_writer(fmt: str, stream, columns, title=None):
 def fmt_float(digits=3):
     """A cell formatter for floats with a fixed number of decimals."""
     return lambda value: f"{value:.{digits}f}"
+
+
+def human_size(size_bytes: int) -> str:
+    size = float(size_bytes)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+class Reporter:
+    """Everything a command tells the user on stderr: one-line notes, a spinner, a progress bar.
+
+    The spinner and the progress bar (count, rate, ETA) show only when `live` (stderr is a terminal
+    and not --quiet); notes always print, one line each, above the bar when it is showing. Use as a
+    context manager so the bar is gone before a table is printed on stdout.
+    """
+
+    def __init__(self, live: bool, unit: str = "videos"):
+        self.live = live
+        self.unit = unit
+        self._progress = None
+        self._task = None
+
+    @classmethod
+    def for_stderr(cls, quiet: bool, unit: str = "videos"):
+        return cls(live=not quiet and sys.stderr.isatty(), unit=unit)
+
+    def note(self, message: str):
+        if self._progress is not None:
+            # soft_wrap: a long path must stay on one line, not be folded at the terminal width
+            self._progress.console.print(message, markup=False, highlight=False, soft_wrap=True)
+        else:
+            sys.stderr.write(message + "\n")
+            sys.stderr.flush()
+
+    def status(self, message: str):
+        """A spinner while something slow without steps runs (loading a model); a no-op when not live."""
+        if not self.live:
+            return contextlib.nullcontext()
+        from rich.console import Console
+
+        return Console(stderr=True).status(message)
+
+    def start(self, description: str, total=None):
+        """Show the progress bar; `total` None (paths still streaming in on stdin) means no ETA."""
+        if not self.live:
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self._task = self._progress.add_task(description, total=total, rate="")
+        self._progress.start()
+
+    def advance(self):
+        if self._progress is None:
+            return
+        self._progress.update(self._task, advance=1)
+        # rich's speed is an average over the last 30 s; slow models read better as seconds per item
+        speed = self._progress.tasks[0].speed
+        if speed:
+            rate = f"{speed:.2f} {self.unit}/s" if speed >= 1 else f"{1 / speed:.1f} s/{self.unit.rstrip('s')}"
+            self._progress.update(self._task, rate=rate)
+
+    def stop(self):
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+        return False
