@@ -1,0 +1,268 @@
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.fixtures.models import make_tiny_model, tiny_video
+from vqa2cli import prompts
+from vqa2cli.config import VQA2Config, tiny_config
+from vqa2cli.modeling import KEYFRAME, MOTION, NEWLINE, PAD, TEXT, LongSequenceWarning, VQA2Model
+
+IMG = prompts.IMAGE_TOKEN_INDEX
+
+
+def _ids(tokenizer, kind="ugc"):
+    return torch.tensor(prompts.tokenize_prompt(prompts.scoring_prompt(kind), tokenizer))
+
+
+# ---- branches ---------------------------------------------------------------------------------------
+
+
+def test_keyframe_branch_shapes_and_pooling(tiny_model, tiny_config):
+    keyframes, _ = tiny_video(tiny_config, num_keyframes=3)
+    with torch.no_grad():
+        block = tiny_model.encode_keyframes(keyframes)
+        # Recompute by hand: tower without post_layernorm, projector on all tokens, then pooling.
+        tower = tiny_model.vision_tower
+        hidden = tower(pixel_values=keyframes, output_hidden_states=True).hidden_states[-1]
+        proj = tiny_model.mm_projector(hidden)
+    g, p, h = tiny_config.vision.grid, tiny_config.pooled_grid, tiny_config.text.hidden_size
+    assert hidden.shape == (3, g * g, tiny_config.vision.hidden_size)
+    pooled = F.interpolate(proj.view(3, g, g, h).permute(0, 3, 1, 2), size=(p, p), mode="bilinear")
+    expected = pooled.permute(0, 2, 3, 1).reshape(3 * p * p, h)
+    assert block.shape == (3 * p * p + 1, h)
+    assert torch.equal(block[:-1], expected)
+    assert torch.equal(block[-1], tiny_model.image_newline)
+    assert p == math.ceil(g / 2)
+
+
+def test_vision_tower_is_cut_and_headless(tiny_model, tiny_config):
+    assert len(tiny_model.vision_tower.encoder.layers) == tiny_config.vision.num_hidden_layers
+    assert not hasattr(tiny_model.vision_tower, "head")
+    # post_layernorm stays (its weights are in the checkpoints) but does not touch the features.
+    assert hasattr(tiny_model.vision_tower, "post_layernorm")
+
+
+def test_motion_branch_shapes(tiny_model, tiny_config):
+    _, motion = tiny_video(tiny_config, num_motion=12)
+    with torch.no_grad():
+        feats = tiny_model.motion_encoder(motion.float().div(255).sub(0.5).div(0.5))
+        out = tiny_model.encode_motion(motion)
+    assert feats.shape == (12, tiny_config.motion.feature_size)
+    assert out.shape == (12, tiny_config.text.hidden_size)
+    # uint8 input is normalised with mean=std=0.5, the same as passing the normalised floats.
+    with torch.no_grad():
+        assert torch.equal(out, tiny_model.encode_motion(motion.float().div(255).sub(0.5).div(0.5)))
+
+
+def test_fast_pathway_equals_full_slowfast(tiny_config):
+    """The fast-only forward gives exactly the fast output of the two-pathway SlowFast, whatever the slow
+    input is (laterals go fast -> slow only)."""
+    model = make_tiny_model(tiny_config)
+    enc = model.motion_encoder
+    torch.manual_seed(1)
+    fast = torch.randn(1, 3, 8, 32, 32)
+    with torch.no_grad():
+        outs = []
+        for slow in (fast[:, :, :2].clone(), torch.randn(1, 3, 2, 32, 32)):
+            x = [slow, fast.clone()]  # fresh list: the fusions overwrite it in place
+            for block in enc.blocks:
+                x = block(x)
+            outs.append(x[1])
+        assert torch.equal(outs[0], outs[1])
+        pooled = outs[0].mean(dim=(3, 4))[0].T  # [T, C]
+        ours = enc(fast[0].transpose(0, 1))
+    assert torch.allclose(ours, pooled + enc.position_embedding.weight[:8], atol=1e-6, rtol=0)
+    # The slow pathway and fusions exist (strict loading of the released weights needs them).
+    assert enc.blocks[0].multipathway_blocks[0] is not None
+    assert any(k.startswith("blocks.0.multipathway_fusion") for k in enc.state_dict())
+
+
+def test_motion_longer_than_position_table_is_refused(tiny_model, tiny_config):
+    too_many = tiny_config.motion.max_frames + 4
+    frames = torch.zeros(too_many, 3, 8, 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="position table"):
+        tiny_model.encode_motion(frames)
+
+
+# ---- token layout -----------------------------------------------------------------------------------
+
+
+def test_official_layout_positions(tiny_model, tiny_config, tiny_tokenizer):
+    ids = _ids(tiny_tokenizer)
+    keyframes, motion = tiny_video(tiny_config, num_keyframes=3, num_motion=8)
+    with torch.no_grad():
+        inp = tiny_model.build_inputs(ids, keyframes, motion)
+        kf = tiny_model.encode_keyframes(keyframes)
+        mo = tiny_model.encode_motion(motion).to(kf.dtype)
+        text = tiny_model.language_model.get_input_embeddings()(ids[ids != IMG])
+    slots = (ids == IMG).nonzero().flatten().tolist()
+    n_kf = 3 * tiny_config.tokens_per_keyframe
+    types = inp.token_types[0]
+    emb = inp.inputs_embeds[0]
+    assert emb.shape[0] == len(ids) - 2 + n_kf + 1 + 8
+    a = slots[0]  # keyframe block starts where the first <image> was
+    b = slots[1] - 1 + n_kf + 1  # motion block: second <image>, shifted by the keyframe block
+    assert (types[:a] == TEXT).all()
+    assert (types[a : a + n_kf] == KEYFRAME).all() and types[a + n_kf] == NEWLINE
+    assert (types[a + n_kf + 1 : b] == TEXT).all()
+    assert (types[b : b + 8] == MOTION).all() and (types[b + 8 :] == TEXT).all()
+    assert torch.equal(emb[a : a + n_kf + 1], kf)
+    assert torch.equal(emb[b : b + 8], mo)
+    assert torch.equal(emb[types == TEXT], text)
+    assert inp.attention_mask.all() and torch.equal(inp.position_ids[0], torch.arange(emb.shape[0]))
+
+
+def test_per_second_layout_positions(tiny_config, tiny_tokenizer):
+    config = tiny_config.__class__(**{**tiny_config.__dict__, "token_layout": "per_second"})
+    model = make_tiny_model(config)
+    ids = torch.tensor(prompts.tokenize_prompt(f"a{prompts.IMAGE_TOKEN}b", tiny_tokenizer))
+    keyframes, motion = tiny_video(config, num_keyframes=2, num_motion=8)
+    with torch.no_grad():
+        inp = model.build_inputs(ids, keyframes, motion)
+        kf = model.encode_keyframes(keyframes)
+        mo = model.encode_motion(motion).to(kf.dtype)
+    per = config.tokens_per_keyframe
+    a = (ids == IMG).nonzero().item()
+    emb, types = inp.inputs_embeds[0], inp.token_types[0]
+    expected_types = [KEYFRAME] * per + [MOTION] * 4 + [KEYFRAME] * per + [MOTION] * 4 + [NEWLINE]
+    assert types[a : a + len(expected_types)].tolist() == expected_types
+    expected = torch.cat([kf[:per], mo[:4], kf[per : 2 * per], mo[4:], kf[-1:]])
+    assert torch.equal(emb[a : a + len(expected_types)], expected)
+    with pytest.raises(ValueError, match="placeholders"):
+        model.build_inputs(_ids(tiny_tokenizer), keyframes, motion)  # two <image>: official prompts only
+
+
+def test_single_placeholder_takes_keyframes_only(tiny_model, tiny_config, tiny_tokenizer):
+    """The streaming scorer's prompt has one <image>: like the release, it gets the keyframe block only."""
+    ids = _ids(tiny_tokenizer, "streaming")
+    keyframes, _ = tiny_video(tiny_config)
+    with torch.no_grad():
+        inp = tiny_model.build_inputs(ids, keyframes, None)
+    types = inp.token_types[0]
+    assert (types == MOTION).sum() == 0 and (types == NEWLINE).sum() == 1
+    assert (types == KEYFRAME).sum() == 2 * tiny_config.tokens_per_keyframe
+    with pytest.raises(ValueError, match="motion"):
+        tiny_model.build_inputs(_ids(tiny_tokenizer), keyframes, None)
+
+
+def test_labels_are_expanded_with_ignore_on_media(tiny_model, tiny_config, tiny_tokenizer):
+    ids, labels = prompts.training_example(
+        [{"from": "human", "value": prompts.UGC_USER}, {"from": "gpt", "value": "The quality of this video is good."}],
+        tiny_tokenizer,
+    )
+    ids, labels = torch.tensor(ids), torch.tensor(labels)
+    keyframes, motion = tiny_video(tiny_config)
+    model = make_tiny_model(tiny_config)
+    inp = model.build_inputs(ids, keyframes, motion, labels=labels)
+    media = (inp.token_types != TEXT)[0]
+    assert (inp.labels[0][media] == prompts.IGNORE_INDEX).all()
+    assert torch.equal(inp.labels[0][~media], labels[ids != IMG])  # text labels keep their order
+    out = model(ids, keyframes, motion, labels=labels)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.motion_projector[0].weight.grad is not None
+    assert model.mm_projector[0].weight.grad is not None
+
+
+# ---- LLM, batching, repeatability -------------------------------------------------------------------
+
+
+def test_forward_is_bitwise_repeatable(tiny_model, tiny_config, tiny_tokenizer):
+    ids = _ids(tiny_tokenizer)
+    keyframes, motion = tiny_video(tiny_config)
+    with torch.no_grad():
+        first = tiny_model(ids, keyframes, motion).logits
+        second = tiny_model(ids, keyframes, motion).logits
+    assert first.shape == (1, first.shape[1], tiny_config.text.vocab_size)
+    assert torch.equal(first, second)
+
+
+def test_batch_matches_single(tiny_model, tiny_config, tiny_tokenizer):
+    ids = _ids(tiny_tokenizer)
+    videos = [tiny_video(tiny_config, num_keyframes=1, num_motion=4, seed=1),
+              tiny_video(tiny_config, num_keyframes=3, num_motion=12, seed=2)]
+    with torch.no_grad():
+        single = [tiny_model(ids, kf, mo).logits[0, -1] for kf, mo in videos]
+        batch = tiny_model([ids, ids], [v[0] for v in videos], [v[1] for v in videos])
+        inp = tiny_model.build_inputs([ids, ids], [v[0] for v in videos], [v[1] for v in videos])
+    # Left padding: the shorter video is padded at the front, so -1 is every row's last prompt token.
+    assert (inp.token_types[0, : inp.attention_mask[0].eq(0).sum()] == PAD).all()
+    assert inp.attention_mask[:, -1].all()
+    for row, logits in enumerate(single):
+        assert torch.allclose(batch.logits[row, -1], logits, atol=1e-5, rtol=0)
+
+
+def test_generate_returns_new_tokens_and_streams(tiny_model, tiny_config, tiny_tokenizer):
+    ids = torch.tensor(prompts.tokenize_prompt(prompts.question_prompt("Is it blurry?", 2, 8), tiny_tokenizer))
+    keyframes, motion = tiny_video(tiny_config)
+    pieces = []
+
+    class Collect:
+        def put(self, value):
+            pieces.append(value.clone())
+
+        def end(self):
+            pieces.append(None)
+
+    out = tiny_model.generate(ids, keyframes, motion, max_new_tokens=6, eos_token_id=-1, pad_token_id=0,
+                              streamer=Collect())
+    assert out.shape == (1, 6)
+    with torch.no_grad():
+        logits = tiny_model(ids, keyframes, motion).logits[0, -1]
+    assert out[0, 0] == logits.argmax()  # greedy, and only new tokens come back
+    assert pieces[-1] is None and torch.equal(torch.cat([p.flatten() for p in pieces[1:-1]]), out[0])
+
+
+def test_long_sequence_warns(tiny_config, tiny_tokenizer):
+    config = tiny_config.__class__(**{**tiny_config.__dict__, "max_training_length": 50})
+    model = make_tiny_model(config)
+    keyframes, motion = tiny_video(config)
+    with pytest.warns(LongSequenceWarning):
+        model.build_inputs(_ids(tiny_tokenizer), keyframes, motion)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_tiny_model(tiny_config).build_inputs(_ids(tiny_tokenizer), keyframes, motion)
+
+
+# ---- released size ----------------------------------------------------------------------------------
+
+RELEASED_CONFIG = {
+    "architectures": ["LlavaQwenForCausalLM"], "model_type": "llava_qwen",
+    "mm_vision_tower": "google/siglip-so400m-patch14-384", "mm_projector_type": "mlp2x_gelu",
+    "mm_hidden_size": 1152, "mm_vision_select_layer": -2, "mm_patch_merge_type": "spatial_unpad",
+    "mm_newline_position": "one_token", "mm_spatial_pool_mode": "bilinear", "torch_dtype": "float16",
+    "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+    "num_key_value_heads": 4, "vocab_size": 152064, "rope_theta": 1000000.0, "rms_norm_eps": 1e-06,
+    "max_position_embeddings": 32768, "tie_word_embeddings": False,
+}
+
+
+def test_released_architecture_on_meta():
+    config = VQA2Config.from_llava_qwen(RELEASED_CONFIG)
+    with torch.device("meta"):
+        model = VQA2Model(config)
+    total = sum(p.numel() for p in model.parameters())
+    assert 7.9e9 < total < 8.2e9, total
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes["mm_projector.0.weight"] == (3584, 1152)
+    assert shapes["mm_projector.2.weight"] == (3584, 3584)
+    assert shapes["image_newline"] == (3584,)
+    assert shapes["motion_encoder.position_embedding.weight"] == (2000, 256)
+    assert shapes["motion_projector.0.weight"] == (3584, 256)
+    assert shapes["motion_projector.2.weight"] == (3584, 3584)
+    assert shapes["language_model.model.embed_tokens.weight"] == (152064, 3584)
+    assert shapes["language_model.lm_head.weight"] == (152064, 3584)
+    assert shapes["vision_tower.embeddings.patch_embedding.weight"] == (1152, 3, 14, 14)
+    assert len(model.vision_tower.encoder.layers) == 26
+    assert "vision_tower.post_layernorm.weight" in shapes
+    assert not any(k.startswith("vision_tower.head") for k in shapes)
+    # SlowFast-R50 blocks 0..4: 660 tensors, 110 of them BatchNorm counters.
+    slowfast = [k for k in shapes if k.startswith("motion_encoder.blocks.")]
+    assert len(slowfast) == 660
+    assert sum(k.endswith("num_batches_tracked") for k in slowfast) == 110
+    qwen = model.language_model.config
+    assert qwen.rope_parameters["rope_theta"] == 1e6 and qwen.tie_word_embeddings is False
+    assert (qwen.num_key_value_heads, qwen.rms_norm_eps) == (4, 1e-6)

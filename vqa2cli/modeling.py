@@ -1,0 +1,294 @@
+"""The VQA² model: the whole forward pass in one place.
+
+    keyframes [N, 3, S, S]                      motion frames [T, 3, S', S'] (uint8 from load_video)
+        |  SigLIP, 26 of 27 layers, no post-LN       |  SlowFast blocks 0..4, FAST pathway only
+    [N, 729, 1152]                               [1, C, T, h, w]  (C = 256 for R50)
+        |  mm_projector (Linear-GELU-Linear)         |  spatial average pool
+    [N, 729, H]                                  [T, C]  + position_embedding[:T]
+        |  bilinear 27x27 -> 14x14 per frame         |  fp16 round-trip (parity with the release)
+    [N, 196, H] -> [N*196, H] ++ image_newline   |  motion_projector (Linear-GELU-Linear)
+    keyframe block [N*196 + 1, H]                motion block [T, H]
+                         \\                        /
+          each `<image>` placeholder of the prompt takes one block, in order (token layout "official"):
+          [text][N*196 keyframe tokens][image_newline][text][T motion tokens][text]
+                                     |
+                               Qwen2ForCausalLM -> logits [B, L, vocab]
+
+Names of the submodules are a contract (checkpoint mapping, freezing in fine-tuning): `vision_tower`,
+`mm_projector`, `image_newline`, `motion_encoder` (`.blocks`, `.position_embedding`), `motion_projector`,
+`language_model`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Qwen2ForCausalLM, SiglipVisionModel
+
+from .config import MotionConfig, VQA2Config
+from .prompts import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+# What sits at each position of the LLM input (`MultimodalInputs.token_types`).
+TEXT, KEYFRAME, NEWLINE, MOTION, PAD = 0, 1, 2, 3, 4
+
+
+class LongSequenceWarning(UserWarning):
+    """The input is longer than anything the released checkpoints saw in training (10,000 embeddings)."""
+
+
+def _normalize_motion(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB -> float in [-1, 1]: mean=std=0.5, like the keyframes (not Kinetics statistics)."""
+    return frames.float().div(255.0).sub(0.5).div(0.5)
+
+
+def _mlp2x_gelu(in_features: int, hidden: int) -> nn.Sequential:
+    # Indices 0 and 2 are the checkpoint's `*.0.*` / `*.2.*` keys; GELU is the exact (erf) one.
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+
+
+class MotionEncoder(nn.Module):
+    """pytorchvideo SlowFast blocks 0..4 plus a learned per-frame position table.
+
+    All five blocks are kept whole (slow pathway and fast->slow fusions included) so the release's
+    weights load strictly and a fine-tune can use them; forward runs only the fast pathway, which is
+    exact because lateral connections go fast -> slow only.
+    """
+
+    def __init__(self, config: MotionConfig):
+        super().__init__()
+        from ._pytorchvideo import create_slowfast
+
+        slowfast = create_slowfast(**config.slowfast_kwargs())
+        self.blocks = nn.ModuleList(slowfast.blocks[:5])  # stem, res2..res5; the head is not used
+        self.position_embedding = nn.Embedding(config.max_frames, config.feature_size)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames: [T, 3, S, S] normalised float -> [T, C] (one token per input frame)."""
+        num_frames = frames.shape[0]
+        if num_frames > self.position_embedding.num_embeddings:
+            raise ValueError(
+                f"{num_frames} motion frames exceed the model's position table "
+                f"({self.position_embedding.num_embeddings}); sample fewer motion frames"
+            )
+        x = frames.transpose(0, 1).unsqueeze(0)  # [1, 3, T, S, S]
+        for block in self.blocks:
+            x = block.multipathway_blocks[1](x)  # fast pathway: temporal stride 1, T kept
+        # [1, C, T, h, w] -> [1, C, T, 1, 1] -> [T, C]
+        x = F.adaptive_avg_pool3d(x, (num_frames, 1, 1)).flatten(2).squeeze(0).transpose(0, 1)
+        return x + self.position_embedding.weight[:num_frames]
+
+
+@dataclass
+class MultimodalInputs:
+    """What the LLM receives. B sequences, left-padded to the longest (L)."""
+
+    inputs_embeds: torch.Tensor  # [B, L, H]
+    attention_mask: torch.Tensor  # [B, L] 1 = real, 0 = padding
+    position_ids: torch.Tensor  # [B, L] 0.. over real positions (padding: 0)
+    token_types: torch.Tensor  # [B, L] TEXT / KEYFRAME / NEWLINE / MOTION / PAD
+    labels: torch.Tensor | None = None  # [B, L], IGNORE_INDEX on multimodal and padding positions
+
+
+class VQA2Model(nn.Module):
+    def __init__(self, config: VQA2Config):
+        super().__init__()
+        self.config = config
+        hidden = config.text.hidden_size
+        self.vision_tower = SiglipVisionModel(config.vision.siglip_config())
+        self.mm_projector = _mlp2x_gelu(config.vision.hidden_size, hidden)
+        self.image_newline = nn.Parameter(torch.zeros(hidden))
+        self.motion_encoder = MotionEncoder(config.motion)
+        self.motion_projector = _mlp2x_gelu(config.motion.feature_size, hidden)
+        self.language_model = Qwen2ForCausalLM(config.text.qwen2_config())
+        # LLaVA initialises the newline like this before training; checkpoints overwrite it.
+        with torch.no_grad():
+            self.image_newline.normal_(std=hidden**-0.5)
+
+    # ---- branches ------------------------------------------------------------------------------------
+
+    def encode_keyframes(self, keyframes: torch.Tensor) -> torch.Tensor:
+        """keyframes: [N, 3, S, S] normalised float -> keyframe block [N*P*P + 1, H] (P = pooled grid)."""
+        tower = self.vision_tower
+        pixels = keyframes.to(device=self.image_newline.device, dtype=tower.embeddings.patch_embedding.weight.dtype)
+        # Hidden state after the last KEPT layer, before post_layernorm (= LLaVA's select_layer -2).
+        feats = tower.encoder(inputs_embeds=tower.embeddings(pixels)).last_hidden_state  # [N, G*G, Cv]
+        feats = self.mm_projector(feats.to(self.mm_projector[0].weight.dtype))  # [N, G*G, H]
+        n, _, hidden = feats.shape
+        grid = self.config.vision.grid
+        pooled = self.config.pooled_grid
+        feats = feats.view(n, grid, grid, hidden).permute(0, 3, 1, 2)  # [N, H, G, G]
+        feats = F.interpolate(feats, size=(pooled, pooled), mode="bilinear")  # [N, H, P, P]
+        feats = feats.permute(0, 2, 3, 1).reshape(n * pooled * pooled, hidden)  # frame-major, row-major
+        return torch.cat([feats, self.image_newline[None].to(feats.dtype)], dim=0)
+
+    def encode_motion(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames: [T, 3, S, S] uint8 (normalised here) or float already normalised -> [T, H]."""
+        if frames.dtype == torch.uint8:
+            frames = _normalize_motion(frames)
+        first = self.motion_encoder.blocks[0].multipathway_blocks[1].conv.weight
+        feats = self.motion_encoder(frames.to(device=first.device, dtype=first.dtype))  # [T, C]
+        # The release casts to fp16 here; the round-trip keeps our logits within ~1e-6 of it.
+        feats = feats.to(torch.float16).to(self.motion_projector[0].weight.dtype)
+        return self.motion_projector(feats)  # [T, H]
+
+    # ---- token layout --------------------------------------------------------------------------------
+
+    def _blocks(self, keyframe_block: torch.Tensor, motion_block: torch.Tensor | None, num_keyframes: int):
+        """The (embeddings, token_types) blocks that the placeholders take in order, per the layout."""
+        newline = keyframe_block[-1:]
+        keyframes = keyframe_block[:-1]
+        kf_types = torch.full((keyframes.shape[0],), KEYFRAME, dtype=torch.long)
+        nl_types = torch.full((1,), NEWLINE, dtype=torch.long)
+        if self.config.token_layout == "official" or motion_block is None:
+            blocks = [(keyframe_block, torch.cat([kf_types, nl_types]))]
+            if motion_block is not None:
+                blocks.append((motion_block, torch.full((motion_block.shape[0],), MOTION, dtype=torch.long)))
+            return blocks
+        # per_second: keyframe i's tokens, then the motion tokens of second i; the newline closes the
+        # whole visual block (as in `official`, it marks "end of video"). Motion frames are split into
+        # N near-equal contiguous chunks, so second i gets frames [i*T/N, (i+1)*T/N).
+        per_frame = self.config.tokens_per_keyframe
+        num_motion = motion_block.shape[0]
+        bounds = [round(i * num_motion / num_keyframes) for i in range(num_keyframes + 1)]
+        pieces, types = [], []
+        for i in range(num_keyframes):
+            pieces += [keyframes[i * per_frame : (i + 1) * per_frame], motion_block[bounds[i] : bounds[i + 1]]]
+            types += [kf_types[:per_frame], torch.full((bounds[i + 1] - bounds[i],), MOTION, dtype=torch.long)]
+        return [(torch.cat(pieces + [newline]), torch.cat(types + [nl_types]))]
+
+    def build_inputs(
+        self,
+        input_ids: list[torch.Tensor] | torch.Tensor,
+        keyframes: list[torch.Tensor] | torch.Tensor,
+        motion: list[torch.Tensor | None] | torch.Tensor | None,
+        labels: list[torch.Tensor] | torch.Tensor | None = None,
+    ) -> MultimodalInputs:
+        """Token ids with `IMAGE_TOKEN_INDEX` placeholders + each video's frames -> LLM inputs.
+
+        One entry per video (a bare tensor means a batch of one). The `official` layout fills the
+        placeholders in order with [keyframe block (with the newline), motion block]; a prompt with a
+        single placeholder (the streaming scorer's) takes only the keyframe block, as in the release, and
+        motion is then not computed. `per_second` needs exactly one placeholder. Sequences are
+        left-padded so that position -1 is every row's last prompt token (scoring, generation).
+        `labels` (same shape as the ids) come back expanded with IGNORE_INDEX on multimodal positions.
+        """
+        if isinstance(input_ids, torch.Tensor):
+            input_ids, keyframes, motion = [input_ids.reshape(-1)], [keyframes], [motion]
+            labels = None if labels is None else [labels.reshape(-1)]
+        if motion is None:
+            motion = [None] * len(input_ids)
+        if not len(input_ids) == len(keyframes) == len(motion):
+            raise ValueError("input_ids, keyframes and motion need one entry per video")
+        embed = self.language_model.get_input_embeddings()
+        dtype = embed.weight.dtype
+        rows = []
+        for b, ids in enumerate(input_ids):
+            ids = ids.to(embed.weight.device)
+            slots = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
+            wanted = 2 if self.config.token_layout == "official" else 1
+            if not 1 <= len(slots) <= wanted:
+                raise ValueError(
+                    f"the prompt has {len(slots)} <image> placeholders; the {self.config.token_layout!r} "
+                    f"layout takes 1 to {wanted}"
+                )
+            needs_motion = len(slots) == 2 or self.config.token_layout == "per_second"
+            if needs_motion and motion[b] is None:
+                raise ValueError("this prompt/layout needs motion frames")
+            kf_block = self.encode_keyframes(keyframes[b])
+            mo_block = self.encode_motion(motion[b]) if needs_motion else None
+            blocks = self._blocks(kf_block, mo_block, keyframes[b].shape[0])
+            row_labels = None if labels is None else labels[b].to(ids.device)
+            pieces, types, lab = [], [], []
+            start = 0
+            for slot, (block, block_types) in zip(slots + [len(ids)], blocks + [(None, None)]):
+                text = ids[start:slot]
+                pieces.append(embed(text))
+                types.append(torch.full((len(text),), TEXT, dtype=torch.long))
+                if row_labels is not None:
+                    lab.append(row_labels[start:slot])
+                if block is not None:
+                    pieces.append(block.to(dtype))
+                    types.append(block_types)
+                    if row_labels is not None:
+                        lab.append(torch.full((len(block),), IGNORE_INDEX, dtype=torch.long, device=ids.device))
+                start = slot + 1
+            rows.append((torch.cat(pieces), torch.cat(types), torch.cat(lab) if lab else None))
+        return self._pad(rows, labels is not None)
+
+    def _pad(self, rows, with_labels: bool) -> MultimodalInputs:
+        length = max(r[0].shape[0] for r in rows)
+        limit = self.config.text.max_position_embeddings
+        if length > limit:
+            raise ValueError(f"the input has {length} embeddings; the language model handles at most {limit}")
+        if length > self.config.max_training_length:
+            # Not truncated (the release cut training sequences at 10,000, which at inference would cut off
+            # the question): the model still runs, but this is beyond what it was trained on.
+            warnings.warn(
+                f"input of {length} embeddings is longer than the {self.config.max_training_length} the model "
+                "was trained with; results may be less reliable (use fewer keyframes/motion frames)",
+                LongSequenceWarning,
+                stacklevel=3,
+            )
+        device = rows[0][0].device
+        batch, hidden = len(rows), rows[0][0].shape[1]
+        embeds = rows[0][0].new_zeros(batch, length, hidden)
+        mask = torch.zeros(batch, length, dtype=torch.long, device=device)
+        positions = torch.zeros(batch, length, dtype=torch.long, device=device)
+        types = torch.full((batch, length), PAD, dtype=torch.long)
+        labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long, device=device) if with_labels else None
+        for b, (emb, typ, lab) in enumerate(rows):
+            n = emb.shape[0]
+            embeds[b, length - n :] = emb
+            mask[b, length - n :] = 1
+            positions[b, length - n :] = torch.arange(n, device=device)
+            types[b, length - n :] = typ
+            if with_labels:
+                labels[b, length - n :] = lab
+        return MultimodalInputs(embeds, mask, positions, types, labels)
+
+    # ---- LLM -----------------------------------------------------------------------------------------
+
+    def forward(self, input_ids, keyframes, motion=None, labels=None, logits_to_keep: int = 0):
+        """Logits [B, L, vocab] (the last `logits_to_keep` positions only if > 0) and, with labels, the
+        shifted next-token loss. Returns the transformers `CausalLMOutputWithPast`."""
+        inputs = self.build_inputs(input_ids, keyframes, motion, labels)
+        return self.language_model(
+            inputs_embeds=inputs.inputs_embeds,
+            attention_mask=inputs.attention_mask,
+            position_ids=inputs.position_ids,
+            labels=inputs.labels,
+            logits_to_keep=logits_to_keep,
+            use_cache=False,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids,
+        keyframes,
+        motion=None,
+        *,
+        max_new_tokens: int = 512,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        streamer=None,
+    ) -> torch.Tensor:
+        """Greedy decoding; returns only the new token ids [B, <= max_new_tokens]. `streamer` is a
+        transformers streamer (e.g. `TextIteratorStreamer`/`TextStreamer`) fed each new token."""
+        inputs = self.build_inputs(input_ids, keyframes, motion)
+        if pad_token_id is None:
+            pad_token_id = eos_token_id[0] if isinstance(eos_token_id, list) else eos_token_id
+        return self.language_model.generate(
+            inputs_embeds=inputs.inputs_embeds,
+            attention_mask=inputs.attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            streamer=streamer,
+        )
