@@ -8,10 +8,10 @@ from vqa2cli.data import (
     find_data_file,
     format_problems,
     load_dataset,
-    mos_to_level,
     resolve_video_path,
 )
 from vqa2cli.errors import DataError
+from vqa2cli.scoring import mos_to_level
 
 
 
@@ -69,7 +69,7 @@ def test_stage2_csv_maps_mos_to_levels(folder):
     answers = [record.turns[1][1] for record in data.records]
     assert answers == [f"The quality of this video is {level}." for level in ("low", "fair", "fair", "good", "high")]
     assert data.records[0].turns[0] == ("human", SCORE_QUESTION) and not data.records[0].wrapped
-    assert [mos_to_level(m, 0, 100) for m in (0, 19.9, 20, 59.9, 60, 80, 100)] == \
+    assert [mos_to_level(m, (0, 100)) for m in (0, 19.9, 20, 59.9, 60, 80, 100)] == \
         ["low", "low", "poor", "fair", "good", "high", "high"]
 
 

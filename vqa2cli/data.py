@@ -28,20 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vqa2cli.errors import DataError
+from vqa2cli.prompts import IMAGE_TOKEN as IMAGE_SLOT
+from vqa2cli.prompts import UGC_USER as SCORE_QUESTION  # stage-2 records ask exactly what `vqa2 score` asks
+from vqa2cli.scoring import answer_text, mos_to_level
 
 DATA_SUFFIXES = (".json", ".jsonl", ".csv")
-IMAGE_SLOT = "<image>"
-# Same wording as the UGC scorer's user turn (reference, "Prompts"), so a stage-2 model is trained on the
-# prompt `vqa2 score` sends.
-SCORE_QUESTION = (
-    "The key frames of this video are:\n<image>. And the motion feature of the video is\n<image>. "
-    "How would you rate the quality of this video?"
-)
 KINDS = ("spatial", "motion")
 CSV_COLUMNS = {1: ("video", "distortion"), 2: ("video", "mos"), 3: ("video", "question", "answer")}
 ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
-# Reference level bands on a 0-100 scale, lowest first: [0,20) low ... [80,100] high.
-LEVELS_LOW_TO_HIGH = ("low", "poor", "fair", "good", "high")
 
 
 @dataclass
@@ -123,16 +117,6 @@ def probe_video(path: Path) -> str | None:
             return "no frame could be decoded"
     except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as error:
         return f"cannot be decoded ({error})"
-
-
-def mos_to_level(mos: float, lo: float, hi: float) -> str:
-    """Level word of a MOS on [lo, hi]: rescaled to 0-100, then the reference's 20-point bands."""
-    scaled = (mos - lo) / (hi - lo) * 100.0
-    return LEVELS_LOW_TO_HIGH[min(int(scaled // 20), 4)]
-
-
-def score_answer(level: str) -> str:
-    return f"The quality of this video is {level}."
 
 
 def distortion_question(kind: str) -> str:
@@ -237,7 +221,7 @@ def _csv_record(where, fields, root, stage, mos_range) -> Record | Problem:
             return Problem(where, f"mos '{fields['mos']}' is not a number")
         if not lo <= mos <= hi:  # also rejects nan
             return Problem(where, f"mos {fields['mos']} is outside --mos-range {lo:g} {hi:g}")
-        return Record(where, video, [("human", SCORE_QUESTION), ("gpt", score_answer(mos_to_level(mos, lo, hi)))])
+        return Record(where, video, [("human", SCORE_QUESTION), ("gpt", answer_text(mos_to_level(mos, (lo, hi))))])
     question, answer = fields["question"], fields["answer"]
     if not question or not answer:
         return Problem(where, "empty question" if not question else "empty answer")
