@@ -266,3 +266,60 @@ def test_released_architecture_on_meta():
     qwen = model.language_model.config
     assert qwen.rope_parameters["rope_theta"] == 1e6 and qwen.tie_word_embeddings is False
     assert (qwen.num_key_value_heads, qwen.rms_norm_eps) == (4, 1e-6)
+
+
+def test_next_token_logits_is_the_last_row(tiny_model, tiny_config, tiny_tokenizer):
+    ids = _ids(tiny_tokenizer)
+    keyframes, motion = tiny_video(tiny_config)
+    with torch.no_grad():
+        row = tiny_model.next_token_logits(ids, keyframes, motion)
+        full = tiny_model(ids, keyframes, motion).logits
+    assert row.shape == (1, tiny_config.text.vocab_size)
+    assert torch.allclose(row, full[:, -1], atol=1e-6, rtol=0)
+
+
+def test_batched_generation_matches_single(tiny_model, tiny_config, tiny_tokenizer):
+    ids = torch.tensor(prompts.tokenize_prompt(prompts.question_prompt("Is it blurry?", 2, 8), tiny_tokenizer))
+    videos = [tiny_video(tiny_config, 1, 4, seed=1), tiny_video(tiny_config, 3, 12, seed=2)]
+    single = [tiny_model.generate(ids, kf, mo, max_new_tokens=5, pad_token_id=0) for kf, mo in videos]
+    batch = tiny_model.generate([ids, ids], [v[0] for v in videos], [v[1] for v in videos],
+                                max_new_tokens=5, pad_token_id=0)
+    assert torch.equal(batch, torch.cat(single))
+
+
+# ---- config -----------------------------------------------------------------------------------------
+
+
+def test_config_json_round_trip(tmp_path):
+    config = tiny_config(token_layout="per_second", prompt="streaming")
+    path = tmp_path / "config.json"
+    config.save(path)
+    assert '"format": "vqa2"' in path.read_text()
+    assert VQA2Config.load(path) == config
+    released = VQA2Config.from_llava_qwen(RELEASED_CONFIG)
+    assert VQA2Config.from_dict(released.to_dict()) == released
+    with pytest.raises(ValueError, match="format"):
+        VQA2Config.from_dict({k: v for k, v in config.to_dict().items() if k != "format"})
+    with pytest.raises(ValueError, match="unknown vqa2 config fields: bogus"):
+        VQA2Config.from_dict({**config.to_dict(), "bogus": 1})
+    with pytest.raises(ValueError, match="token_layout"):
+        tiny_config(token_layout="interleaved")
+
+
+def test_config_from_llava_qwen():
+    config = VQA2Config.from_llava_qwen(RELEASED_CONFIG, prompt="streaming")
+    assert config.vision.num_hidden_layers == 26 and config.vision.grid == 27
+    assert (config.vision.hidden_size, config.vision.num_attention_heads, config.vision.intermediate_size) == (1152, 16, 4304)
+    assert config.pooled_grid == 14 and config.tokens_per_keyframe == 196
+    assert (config.motion.model_depth, config.motion.feature_size, config.motion.max_frames) == (50, 256, 2000)
+    assert config.text.hidden_size == 3584 and config.text.rope_theta == 1e6
+    assert (config.keyframe_size, config.motion_size, config.token_layout, config.prompt) == (384, 384, "official", "streaming")
+    assert tiny_config().motion.feature_size == 64
+    for bad, match in (
+        ({"model_type": "qwen2"}, "llava_qwen"),
+        ({"mm_vision_tower": "openai/clip-vit-large-patch14"}, "unknown vision tower"),
+        ({"mm_projector_type": "linear"}, "mm_projector_type"),
+        ({"mm_vision_select_layer": -30}, "out of range"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            VQA2Config.from_llava_qwen({**RELEASED_CONFIG, **bad})

@@ -265,6 +265,11 @@ class VQA2Model(nn.Module):
             use_cache=False,
         )
 
+    def next_token_logits(self, input_ids, keyframes, motion=None) -> torch.Tensor:
+        """[B, vocab] logits at each prompt's last token (the score's row for prompts ending at the
+        prefill). Only that row goes through lm_head: full logits of a long video would take GBs."""
+        return self(input_ids, keyframes, motion, logits_to_keep=1).logits[:, -1]
+
     @torch.no_grad()
     def generate(
         self,

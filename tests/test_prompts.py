@@ -1,0 +1,102 @@
+import pytest
+
+from vqa2cli import prompts
+from vqa2cli.prompts import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+
+
+def test_ugc_prompt_text():
+    user = (
+        "The key frames of this video are:\n<image>. And the motion feature of the video is\n<image>. "
+        "How would you rate the quality of this video?"
+    )
+    closed = SYSTEM + f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\nThe quality of the video is<|im_end|>\n"
+    assert prompts.scoring_prompt("ugc", close_turn=True) == closed
+    assert prompts.scoring_prompt("ugc") == closed[: -len("<|im_end|>\n")]
+    assert prompts.score_logit_index("ugc", close_turn=True) == -3
+    assert prompts.score_logit_index("ugc") == -1
+
+
+def test_streaming_and_enhanced_prompt_text():
+    stream = prompts.scoring_prompt("streaming", context="Stalling: 2 events, 3.5 s in total. ")
+    assert stream == (
+        SYSTEM + "<|im_start|>user\nStalling: 2 events, 3.5 s in total. How would you rate the quality of this "
+        "video?\n<image><|im_end|>\n<|im_start|>assistant\nThe quality of the video is"
+    )
+    enhanced = SYSTEM + "<|im_start|>user\n<image><image><|im_end|>\n<|im_start|>assistant\n"
+    assert prompts.scoring_prompt("enhanced") == enhanced
+    assert prompts.scoring_prompt("enhanced", close_turn=True) == enhanced
+    assert prompts.score_logit_index("enhanced", close_turn=True) == -1
+    with pytest.raises(ValueError, match="unknown prompt kind"):
+        prompts.scoring_prompt("hdr")
+
+
+def test_question_prompt():
+    text = prompts.question_prompt(" Is the video blurry? ", num_keyframes=8, num_frames=240)
+    assert text.startswith(SYSTEM + "<|im_start|>user\n")
+    assert "8 distinct frames sampled one per second" in text and "all 240 frames" in text
+    assert "\nThe video frames:<image>\nThe video motion features:<image>\n.Is the video blurry?<|im_end|>\n" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    mc = prompts.question_prompt("Which distortion dominates?", 8, 240, choices=["blur", "noise", "stalling"])
+    assert "Which distortion dominates?\nA. blur\nB. noise\nC. stalling\n" + prompts.CHOICE_INSTRUCTION in mc
+    with pytest.raises(ValueError):
+        prompts.question_prompt("q", 1, 4, choices=[str(i) for i in range(9)])
+
+
+def test_tokenize_prompt_places_image_slots(tiny_tokenizer):
+    text = prompts.scoring_prompt("ugc")
+    ids = prompts.tokenize_prompt(text, tiny_tokenizer)
+    assert ids.count(IMAGE_TOKEN_INDEX) == 2
+    chunks = text.split("<image>")
+    first = tiny_tokenizer(chunks[0], add_special_tokens=False)["input_ids"]
+    assert ids[: len(first)] == first and ids[len(first)] == IMAGE_TOKEN_INDEX
+    # ChatML markers are single special tokens; the <image> vocabulary token itself never appears.
+    assert ids[0] == tiny_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert tiny_tokenizer.convert_tokens_to_ids("<image>") not in ids
+    assert tiny_tokenizer.decode([i for i in ids if i >= 0]) == text.replace("<image>", "")
+
+
+def test_training_example_masks_all_but_answers(tiny_tokenizer):
+    answer = "The quality of this video is good."
+    conv = [{"from": "human", "value": prompts.UGC_USER}, {"from": "gpt", "value": answer}]
+    ids, labels = prompts.training_example(conv, tiny_tokenizer)
+    assert len(ids) == len(labels)
+    supervised = [t for t in labels if t != IGNORE_INDEX]
+    im_end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert supervised == tiny_tokenizer(answer, add_special_tokens=False)["input_ids"] + [im_end]
+    # The prompt part is token-for-token what inference feeds (user turn + opened assistant turn).
+    prompt = prompts.tokenize_prompt(prompts.chatml([("user", prompts.UGC_USER), ("assistant", None)]), tiny_tokenizer)
+    assert ids[: len(prompt)] == prompt
+    assert labels[len(prompt) - 1] == IGNORE_INDEX and labels[len(prompt)] != IGNORE_INDEX
+    with pytest.raises(ValueError, match="speaker"):
+        prompts.training_example([{"from": "system", "value": "x"}], tiny_tokenizer)
+
+
+def test_multi_turn_training_example(tiny_tokenizer):
+    conv = [
+        {"from": "human", "value": "<image>\n<image>\nIs it sharp?"}, {"from": "gpt", "value": "No."},
+        {"from": "human", "value": "Why?"}, {"from": "gpt", "value": "It is blurry."},
+    ]
+    ids, labels = prompts.training_example(conv, tiny_tokenizer)
+    im_end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    supervised = [t for t in labels if t != IGNORE_INDEX]
+    expected = (tiny_tokenizer("No.", add_special_tokens=False)["input_ids"] + [im_end]
+                + tiny_tokenizer("It is blurry.", add_special_tokens=False)["input_ids"] + [im_end])
+    assert supervised == expected
+    assert ids.count(IMAGE_TOKEN_INDEX) == 2
+
+
+def test_tiny_tokenizer(tiny_tokenizer):
+    from vqa2cli.tokenizer import build_tokenizer
+
+    for word in (" high", " good", " fair", " poor", " low"):
+        assert len(tiny_tokenizer(word, add_special_tokens=False)["input_ids"]) == 1
+    assert tiny_tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]) == [0, 1, 2, 3]
+    assert tiny_tokenizer.eos_token == "<|im_end|>" and tiny_tokenizer.pad_token == "<|endoftext|>"
+    assert len(tiny_tokenizer) <= 512
+    # Deterministic: a second build is identical.
+    assert build_tokenizer().backend_tokenizer.to_str() == tiny_tokenizer.backend_tokenizer.to_str()
+    # Byte-level: any text round-trips.
+    text = "Qualité: 4K HDR 😀\n\tok"
+    assert tiny_tokenizer.decode(tiny_tokenizer(text, add_special_tokens=False)["input_ids"]) == text
