@@ -344,6 +344,194 @@ def models(fmt):
     return 0
 
 
+# --- synth ---------------------------------------------------------------------------------------
+
+
+def _parse_size(ctx, param, value):
+    try:
+        width, height = (int(part) for part in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not WIDTHxHEIGHT (e.g. 128x128)") from None
+    return width, height
+
+
+def _parse_range(kind):
+    def parse(ctx, param, value):
+        try:
+            parts = [kind(part) for part in value.split(",")]
+        except ValueError:
+            parts = []
+        if len(parts) == 1:
+            parts *= 2
+        if len(parts) != 2:
+            raise click.BadParameter(f"'{value}' is not LO,HI (or one value)")
+        return tuple(parts)
+
+    return parse
+
+
+@cli.command(short_help="Make labelled training data: clean clips + graded distortions.")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--clips", "clips_dir", type=click.Path(exists=True, file_okay=False),
+              help="Folder of clean clips to distort (searched recursively) [default: procedural clips].")
+@click.option("-n", "--count", type=click.IntRange(min=1), default=200, show_default=True, help="Clips to make.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same dataset.")
+@click.option("--size", default="128x128", show_default=True, callback=_parse_size, metavar="WxH",
+              help="Frame size (even); user clips are centre-cropped to its aspect ratio, then resized.")
+@click.option("--fps", type=float, default=12.0, show_default=True, help="Frame rate (never above a user clip's).")
+@click.option("--seconds", type=float, default=4.0, show_default=True, help="Clip length.")
+@click.option("--crf", type=click.IntRange(0, 51), default=12, show_default=True,
+              help="x264 quality of the written clips (near-lossless, so only the labelled damage shows).")
+@click.option("--content", default=",".join(("texture", "gradient", "shapes", "zoom")), show_default=True,
+              help="Procedural content kinds to draw from (comma-separated).")
+@click.option("--speed", default="0.5,3", show_default=True, callback=_parse_range(float), metavar="LO,HI",
+              help="Procedural motion, pixels per frame at 128 px.")
+@click.option("--detail", default="0.9,1.5", show_default=True, callback=_parse_range(float), metavar="LO,HI",
+              help="Procedural texture slope: 1 is natural-image-like, higher is smoother.")
+@click.option("--objects", default="2,6", show_default=True, callback=_parse_range(int), metavar="LO,HI",
+              help="Moving shapes in 'shapes' clips.")
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty OUT folder.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary; errors are still reported.")
+def synth(out, clips_dir, count, seed, size, fps, seconds, crf, content, speed, detail, objects, overwrite, quiet):
+    """Make training data for all three fine-tune stages from clean clips and labelled distortions.
+
+    Each clip gets no distortion, one, or one spatial plus one motion distortion, each at a severity
+    in [1, 4] over the whole clip or one half of it: blur, noise, compression blocking,
+    over-exposure, under-exposure (spatial); stutter, flicker, camera shake (motion).
+
+    OUT receives videos/*.mp4 and, with video paths relative to OUT: stage1.csv
+    (video,distortion,kind), stage2.csv (video,mos; MOS 0-100: use --mos-range 0 100), stage3.csv
+    (video,question,answer), the same as LLaVA-style stage1/2/3.json, labels.csv (path,mos, for
+    `vqa2 eval`), manifest.csv (every clip's source and distortions) and synth.json (settings).
+
+    Exit status: 0 done, 1 some user clips could not be used, 2 bad options or nothing made.
+
+    \b
+    Examples:
+      vqa2 synth data/train --count 400 --seed 1
+      vqa2 synth data/heldout --count 100 --seed 99 --content shapes,zoom --speed 1,4
+      vqa2 synth data/mine --clips ~/clean-footage --size 224x224
+    """
+    from vqa2cli.output import Reporter
+    from vqa2cli.synth import ContentSettings, SynthSettings, generate_dataset
+
+    kinds = tuple(kind.strip() for kind in content.split(",") if kind.strip())
+    settings = SynthSettings(count=count, seed=seed, width=size[0], height=size[1], fps=fps, seconds=seconds, crf=crf,
+                             content=ContentSettings(kinds=kinds, speed=speed, detail=detail, objects=objects))
+    reporter = Reporter.for_stderr(quiet, unit="clips")
+
+    def on_clip(plan, error):
+        if error is not None:
+            reporter.note(f"error: {error}")
+        reporter.advance()
+
+    start = time.perf_counter()
+    with reporter:
+        reporter.start("Making clips", total=count)
+        meta = generate_dataset(out, settings, clips_dir=clips_dir, overwrite=overwrite, on_clip=on_clip)
+    for message in meta["skipped_sources"]:
+        reporter.note(f"skipped: {message}")
+    if not quiet:
+        reporter.note(f"made {meta['clips']} clip(s) in {out} ({len(meta['failed'])} failed) "
+                      f"in {time.perf_counter() - start:.1f} s")
+    return EXIT_FAILED if meta["failed"] or meta["skipped_sources"] else 0
+
+
+# --- eval ----------------------------------------------------------------------------------------
+
+
+def _prediction_writer(path, columns):
+    from vqa2cli.output import make_writer
+
+    suffix = os.path.splitext(path)[1].lower()
+    fmt = {".json": "json", ".jsonl": "jsonl"}.get(suffix, "csv")
+    try:
+        handle = open(path, "w", encoding="utf-8", newline="")
+    except OSError as error:
+        raise SetupError(f"{path}: cannot write predictions ({error.strerror})") from None
+    return handle, make_writer(fmt, handle, columns)
+
+
+@cli.command("eval", short_help="Evaluate a model on labelled videos: SRCC/PLCC/KRCC/RMSE or accuracy.")
+@click.argument("labels", type=click.Path(dir_okay=False))
+@model_options
+@click.option("--predictions", "predictions_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Where per-item predictions go (.csv, .json or .jsonl) [default: LABELS.predictions.csv "
+              "beside LABELS].")
+@click.option("--max-motion-frames", type=click.IntRange(min=4), default=2000, show_default=True,
+              help="Longest motion stream; longer videos are sampled evenly down to it.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Longest answer (question sets).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary; errors are still reported.")
+@output_format_options
+def eval_(labels, model_name, device, quant, predictions_path, max_motion_frames, max_new_tokens, quiet, fmt):
+    """Evaluate a model on a labelled set, with the standard VQA protocol.
+
+    LABELS is a CSV whose header says what it holds (`video` may stand for `path`):
+
+    \b
+      path,mos                  scores: SRCC and KRCC on the raw scores; PLCC and RMSE (on the
+                                MOS scale) after the 4-parameter logistic fit of predictions to MOS
+      path,question,answer      questions: accuracy (yes/no by the first word, option letters,
+                                otherwise the whole answer, case-insensitive)
+
+    Paths are relative to the CSV's folder and may not leave it. The model loads once. A video that
+    is missing or cannot be decoded or scored is a failed item: reported, left out of the metrics.
+    Per-item predictions are saved to --predictions; the metrics go to stdout (a table on a
+    terminal, JSON Lines when piped, or --json/--jsonl/--csv).
+
+    Exit status: 0 all evaluated, 1 some items failed, 2 bad usage, labels or model.
+
+    \b
+    Examples:
+      vqa2 eval data/heldout/labels.csv --model vqa2-tiny
+      vqa2 eval data/heldout/stage3.csv --model vqa2-tiny --json
+      vqa2 eval konvid/labels.csv --predictions konvid-preds.json
+    """
+    from vqa2cli.evaluation import evaluate, prediction_columns, read_labels, summary_columns
+    from vqa2cli.output import Reporter, default_format, make_writer
+
+    label_set = read_labels(labels)
+    if predictions_path is None:
+        predictions_path = os.path.splitext(labels)[0] + ".predictions.csv"
+    handle, predictions = _prediction_writer(predictions_path, prediction_columns(label_set.kind))
+    reporter = Reporter.for_stderr(quiet)
+    failed = 0
+
+    def on_record(record):
+        nonlocal failed
+        predictions.write(record)
+        if record["error"]:
+            failed += 1
+            reporter.note(f"error: {record['error']}")
+        reporter.advance()
+
+    interrupted = False
+    try:
+        model = _load_model(reporter, model_name, device, quant, task="score" if label_set.kind == "scores" else "ask")
+        reporter.start("Evaluating", total=len(label_set.rows))
+        _, summary = evaluate(model, label_set, max_motion_frames=max_motion_frames, max_new_tokens=max_new_tokens,
+                              on_record=on_record)
+    except KeyboardInterrupt:
+        interrupted = True
+        _ignore_further_interrupts()
+    finally:
+        reporter.stop()
+        predictions.close()
+        handle.close()
+    if interrupted:
+        reporter.note(f"interrupted: predictions so far are in {predictions_path}")
+        return EXIT_INTERRUPTED
+    summary["predictions"] = predictions_path
+    columns = summary_columns(label_set.kind)
+    with make_writer(fmt or default_format(sys.stdout), sys.stdout, columns, title=f"vqa2 eval ({model.name})") as out:
+        out.write(summary)
+    if not quiet:
+        reporter.note(f"evaluated {summary['evaluated']} of {summary['items']} item(s), {failed} failed; "
+                      f"predictions in {predictions_path}")
+    return EXIT_FAILED if failed else 0
+
+
 # --- entry point ---------------------------------------------------------------------------------
 
 

@@ -42,9 +42,6 @@ CONTENT_KINDS = ("texture", "gradient", "shapes", "zoom")
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".y4m"}
 FORMAT_VERSION = 1
 
-SCORE_QUESTION = "How would you rate the quality of this video?"
-STAGE1_QUESTION = "What is the main {kind} distortion in this video?"
-LEVELS = ((20.0, "low"), (40.0, "poor"), (60.0, "fair"), (80.0, "good"), (math.inf, "high"))
 
 
 @dataclass(frozen=True)
@@ -84,7 +81,10 @@ def mos_for(applied) -> float:
 
 
 def level_for(mos: float) -> str:
-    return next(word for bound, word in LEVELS if mos < bound)
+    """The reference's level band of a 0-100 MOS, as `vqa2 finetune` converts it (stage 2)."""
+    from vqa2cli.scoring import mos_to_level
+
+    return mos_to_level(mos, (0.0, 100.0))
 
 
 def severity_word(severity: float) -> str:
@@ -610,42 +610,41 @@ def _write_atomic(path: Path, text: str):
     os.replace(tmp, path)
 
 
+def _conversation(record_id, video, question, answer, **extra):
+    return {
+        "id": record_id,
+        "image": video,
+        "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+        **extra,
+    }
+
+
 def label_files(plans, seed) -> dict:
-    """File name -> text of every label file for the given (rendered) clips."""
-    stage1, stage2, stage3, labels, manifest = [], [], [], [], []
-    json2, json3 = [], []
+    """File name -> text of every label file for the given (rendered) clips.
+
+    The JSON files hold the same records as the stage CSVs, in the LLaVA-style format `vqa2 finetune`
+    reads: stage 2 with the scorer's prompt (two <image> slots), stages 1 and 3 as bare questions."""
+    from vqa2cli.data import distortion_answer, distortion_question
+    from vqa2cli.prompts import UGC_USER
+    from vqa2cli.scoring import answer_text
+
+    stage1, stage2, stage3, manifest = [], [], [], []
+    json1, json2, json3 = [], [], []
     for plan in plans:
         mos = plan.mos
-        labels.append((plan.video, f"{mos:.2f}"))
         stage2.append((plan.video, f"{mos:.2f}"))
-        json2.append(
-            {
-                "id": f"clip_{plan.index:05d}_score",
-                "image": plan.video,
-                "conversations": [
-                    {"from": "human", "value": f"<image>\n{SCORE_QUESTION}"},
-                    {"from": "gpt", "value": f"The quality of this video is {level_for(mos)}."},
-                ],
-                "gt_score": mos,
-            }
-        )
+        json2.append(_conversation(f"clip_{plan.index:05d}_score", plan.video, UGC_USER,
+                                   answer_text(level_for(mos)), gt_score=mos))
         for kind in ("spatial", "motion"):
             # The strongest distortion of each kind is "the main" one (plans hold at most one per kind).
             of_kind = sorted((d for d in plan.distortions if d.type.kind == kind), key=lambda d: -d.severity)
             if of_kind:
                 stage1.append((plan.video, of_kind[0].type.phrase, kind))
+                json1.append(_conversation(f"clip_{plan.index:05d}_{kind}", plan.video, distortion_question(kind),
+                                           distortion_answer(of_kind[0].type.phrase)))
         for n, (question, answer) in enumerate(_questions(plan, _clip_rng(seed, plan.index, 3))):
             stage3.append((plan.video, question, answer))
-            json3.append(
-                {
-                    "id": f"clip_{plan.index:05d}_q{n}",
-                    "image": plan.video,
-                    "conversations": [
-                        {"from": "human", "value": f"<image>\n{question}"},
-                        {"from": "gpt", "value": answer},
-                    ],
-                }
-            )
+            json3.append(_conversation(f"clip_{plan.index:05d}_q{n}", plan.video, question, answer))
         manifest.append(
             (
                 plan.video,
@@ -658,10 +657,11 @@ def label_files(plans, seed) -> dict:
         )
     dump = lambda records: json.dumps(records, indent=1, ensure_ascii=False) + "\n"  # noqa: E731
     return {
-        "labels.csv": _csv_text(("path", "mos"), labels),
+        "labels.csv": _csv_text(("path", "mos"), stage2),
         "stage1.csv": _csv_text(("video", "distortion", "kind"), stage1),
         "stage2.csv": _csv_text(("video", "mos"), stage2),
         "stage3.csv": _csv_text(("video", "question", "answer"), stage3),
+        "stage1.json": dump(json1),
         "stage2.json": dump(json2),
         "stage3.json": dump(json3),
         "manifest.csv": _csv_text(("video", "source", "start", "distortions", "mos", "level"), manifest),
