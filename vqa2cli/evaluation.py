@@ -1,0 +1,226 @@
+"""`vqa2 eval`: run a model over a labelled set and compute the standard metrics.
+
+Two kinds of label file, told apart by the CSV header:
+- scores: `path,mos` -> every video scored once; SRCC, PLCC, KRCC, RMSE (see `vqa2cli.metrics` for the
+  protocol: PLCC and RMSE after the 4-parameter logistic fit, RMSE on the MOS scale);
+- questions: `path,question,answer` -> every question asked; accuracy, overall and per answer kind
+  (yes/no, option letter, open).
+`video` is accepted for `path`, so `vqa2 synth`'s stage2.csv/stage3.csv can be evaluated as they are.
+Paths are relative to the CSV's folder and may not leave it. A video that is missing or fails to decode
+or score is a failed prediction (counted, reported, left out of the metrics), never the end of the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from vqa2cli.errors import DataError
+
+SCORE_COLUMNS = ("path", "mos")
+QUESTION_COLUMNS = ("path", "question", "answer")
+
+
+@dataclass
+class LabelRow:
+    line: int  # line in the CSV, for messages
+    path: str  # as written in the CSV (what prediction records show)
+    video: Path  # resolved, inside the CSV's folder
+    mos: Optional[float] = None
+    question: Optional[str] = None
+    answer: Optional[str] = None
+
+
+@dataclass
+class LabelSet:
+    file: Path
+    kind: str  # "scores" | "questions"
+    rows: list = field(default_factory=list)
+
+
+def read_labels(path) -> LabelSet:
+    """Read and check a label CSV; DataError (one line, naming the file and line) when it is unusable."""
+    from vqa2cli.data import resolve_video_path
+
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"{file}: no such file")
+    root = file.parent.resolve()
+    try:
+        with open(file, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{file}: empty file (expected a header: path,mos or path,question,answer)")
+            columns = [("path" if c.strip().lower() == "video" else c.strip().lower()) for c in header]
+            if all(c in columns for c in QUESTION_COLUMNS):
+                kind = "questions"
+            elif all(c in columns for c in SCORE_COLUMNS):
+                kind = "scores"
+            else:
+                raise DataError(
+                    f"{file}: header '{','.join(header)}' is neither path,mos (scores) nor path,question,answer"
+                )
+            labels = LabelSet(file, kind)
+            line = reader.line_num + 1
+            for row in reader:
+                number, line = line, reader.line_num + 1  # quoted fields may span lines
+                where = f"{file} line {number}"
+                if not any(cell.strip() for cell in row):
+                    continue
+                if len(row) != len(columns):
+                    raise DataError(f"{where}: {len(row)} fields, the header has {len(columns)}")
+                fields = {c: cell.strip() for c, cell in zip(columns, row)}
+                try:
+                    video = resolve_video_path(root, fields["path"])
+                except ValueError as error:
+                    raise DataError(f"{where}: {error}") from None
+                entry = LabelRow(number, fields["path"], video)
+                if kind == "scores":
+                    try:
+                        entry.mos = float(fields["mos"])
+                    except ValueError:
+                        raise DataError(f"{where}: mos '{fields['mos']}' is not a number") from None
+                    if not math.isfinite(entry.mos):
+                        raise DataError(f"{where}: mos '{fields['mos']}' is not a finite number")
+                else:
+                    entry.question, entry.answer = fields["question"], fields["answer"]
+                    if not entry.question or not entry.answer:
+                        raise DataError(f"{where}: empty {'question' if not entry.question else 'answer'}")
+                labels.rows.append(entry)
+    except UnicodeDecodeError as error:
+        raise DataError(f"{file}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except csv.Error as error:
+        raise DataError(f"{file}: malformed CSV ({error})") from None
+    if not labels.rows:
+        raise DataError(f"{file}: no rows after the header")
+    return labels
+
+
+def evaluate_scores(model, labels: LabelSet, max_motion_frames=2000, on_record: Callable = None):
+    """Score every video; returns (prediction records, summary). `on_record(record)` sees each as it ends."""
+    from vqa2cli import metrics
+    from vqa2cli.batch import score_videos
+
+    records = []
+    scores = score_videos(model, (str(row.video) for row in labels.rows), max_motion_frames=max_motion_frames)
+    try:
+        for row, scored in zip(labels.rows, scores):
+            error = scored.error.replace(str(row.video), row.path) if scored.error else None
+            record = {"path": row.path, "mos": row.mos, "score": scored.score, "level": scored.level,
+                      "seconds": scored.seconds, "error": error}
+            records.append(record)
+            if on_record:
+                on_record(record)
+    finally:
+        scores.close()
+    ok = [r for r in records if r["error"] is None]
+    summary = _summary(model, labels, records, ok)
+    if len(ok) < 2:
+        summary["note"] = f"{len(ok)} video(s) scored: correlations need at least 2"
+        summary.update(srcc=None, plcc=None, krcc=None, rmse=None, fit=None)
+        return records, summary
+    result = metrics.score_metrics([r["score"] for r in ok], [r["mos"] for r in ok])
+    summary.update({k: result[k] for k in ("srcc", "plcc", "krcc", "rmse", "fit", "note")})
+    summary["fit_params"] = result["fit_params"]
+    return records, summary
+
+
+def evaluate_questions(model, labels: LabelSet, max_motion_frames=2000, max_new_tokens=64,
+                       on_record: Callable = None):
+    """Ask every question, decoding each video once; returns (prediction records, summary)."""
+    from vqa2cli import metrics
+    from vqa2cli.batch import Prefetcher, error_message
+    from vqa2cli.errors import SetupError
+    from vqa2cli.video import load_video
+
+    by_video = {}
+    for row in labels.rows:
+        by_video.setdefault(row.video, []).append(row)
+
+    def decode(path):
+        return load_video(path, keyframe_size=model.config.keyframe_size, motion_size=model.config.motion_size,
+                          max_motion_frames=max_motion_frames)
+
+    records = []
+    with Prefetcher((str(video) for video in by_video), decode) as prefetcher:
+        for (video, rows), (_, sample, error, decode_seconds) in zip(by_video.items(), prefetcher):
+            for row in rows:
+                start = time.perf_counter()
+                record = {"path": row.path, "question": row.question, "answer": row.answer, "predicted": None,
+                          "correct": None, "kind": metrics.answer_kind(row.answer), "seconds": 0.0,
+                          "error": error.replace(str(video), row.path) if error else None}
+                if sample is not None:
+                    try:
+                        record["predicted"] = model.ask(sample, row.question, max_new_tokens=max_new_tokens)
+                        record["correct"] = metrics.answer_matches(record["predicted"], row.answer)
+                    except SetupError:
+                        raise
+                    except Exception as failure:  # this question fails; the set goes on
+                        record["error"] = error_message(row.path, failure)
+                record["seconds"] = round(time.perf_counter() - start + (decode_seconds if row is rows[0] else 0), 3)
+                records.append(record)
+                if on_record:
+                    on_record(record)
+            del sample
+    ok = [r for r in records if r["error"] is None]
+    summary = _summary(model, labels, records, ok)
+    summary.update(accuracy=None, yes_no_accuracy=None, option_accuracy=None, open_accuracy=None)
+    if ok:
+        result = metrics.accuracy([r["predicted"] for r in ok], [r["answer"] for r in ok])
+        summary["accuracy"] = result["accuracy"]
+        for kind, key in (("yes/no", "yes_no_accuracy"), ("option", "option_accuracy"), ("open", "open_accuracy")):
+            if kind in result["by_kind"]:
+                summary[key] = result["by_kind"][kind]["accuracy"]
+        summary["by_kind"] = result["by_kind"]
+    return records, summary
+
+
+def _summary(model, labels, records, ok):
+    return {
+        "labels": str(labels.file),
+        "kind": labels.kind,
+        "model": getattr(model, "name", None),
+        "items": len(records),
+        "evaluated": len(ok),
+        "failed": len(records) - len(ok),
+    }
+
+
+def evaluate(model, labels: LabelSet, max_motion_frames=2000, max_new_tokens=64, on_record: Callable = None):
+    if labels.kind == "scores":
+        return evaluate_scores(model, labels, max_motion_frames, on_record)
+    return evaluate_questions(model, labels, max_motion_frames, max_new_tokens, on_record)
+
+
+def prediction_columns(kind):
+    """Columns of the per-item predictions file (CSV) for a label kind."""
+    from vqa2cli.output import Column
+
+    if kind == "scores":
+        keys = ("path", "mos", "score", "level", "seconds", "error")
+    else:
+        keys = ("path", "question", "answer", "predicted", "correct", "kind", "seconds", "error")
+    return [Column(key, key) for key in keys]
+
+
+def summary_columns(kind):
+    """Columns of the metrics summary (table/CSV on stdout)."""
+    from vqa2cli.output import Column, fmt_float
+
+    count = [Column("items", "Videos" if kind == "scores" else "Questions", justify="right"),
+             Column("failed", "Failed", justify="right")]
+    if kind == "scores":
+        return [*count, *(Column(k, k.upper(), fmt_float(4), "right") for k in ("srcc", "plcc", "krcc")),
+                Column("rmse", "RMSE", fmt_float(3), "right"), Column("fit", "Fit"),
+                Column("model", "Model", in_table=False), Column("labels", "Labels", in_table=False),
+                Column("note", "Note")]
+    return [*count, Column("accuracy", "Accuracy", fmt_float(4), "right"),
+            Column("yes_no_accuracy", "Yes/no", fmt_float(4), "right"),
+            Column("option_accuracy", "Option", fmt_float(4), "right"),
+            Column("open_accuracy", "Open", fmt_float(4), "right"),
+            Column("model", "Model", in_table=False), Column("labels", "Labels", in_table=False)]
