@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tests.fixtures.models import make_tiny_model, tiny_video
 from vqa2cli import prompts
 from vqa2cli.config import VQA2Config, tiny_config
-from vqa2cli.modeling import KEYFRAME, MOTION, NEWLINE, PAD, TEXT, LongSequenceWarning, VQA2Model
+from vqa2cli.modeling import KEYFRAME, MOTION, NEWLINE, PAD, TEXT, LongSequenceWarning, VQA2Model, motion_splits
 
 IMG = prompts.IMAGE_TOKEN_INDEX
 
@@ -118,21 +118,41 @@ def test_official_layout_positions(tiny_model, tiny_config, tiny_tokenizer):
 def test_per_second_layout_positions(tiny_config, tiny_tokenizer):
     config = tiny_config.__class__(**{**tiny_config.__dict__, "token_layout": "per_second"})
     model = make_tiny_model(config)
-    ids = torch.tensor(prompts.tokenize_prompt(f"a{prompts.IMAGE_TOKEN}b", tiny_tokenizer))
     keyframes, motion = tiny_video(config, num_keyframes=2, num_motion=8)
     with torch.no_grad():
-        inp = model.build_inputs(ids, keyframes, motion)
         kf = model.encode_keyframes(keyframes)
         mo = model.encode_motion(motion).to(kf.dtype)
     per = config.tokens_per_keyframe
-    a = (ids == IMG).nonzero().item()
-    emb, types = inp.inputs_embeds[0], inp.token_types[0]
-    expected_types = [KEYFRAME] * per + [MOTION] * 4 + [KEYFRAME] * per + [MOTION] * 4 + [NEWLINE]
-    assert types[a : a + len(expected_types)].tolist() == expected_types
-    expected = torch.cat([kf[:per], mo[:4], kf[per : 2 * per], mo[4:], kf[-1:]])
-    assert torch.equal(emb[a : a + len(expected_types)], expected)
-    with pytest.raises(ValueError, match="placeholders"):
-        model.build_inputs(_ids(tiny_tokenizer), keyframes, motion)  # two <image>: official prompts only
+
+    def check(ids, splits, cut):
+        with torch.no_grad():
+            inp = model.build_inputs(ids, keyframes, motion, motion_splits=splits)
+        a = (ids == IMG).nonzero()[0].item()
+        emb, types = inp.inputs_embeds[0], inp.token_types[0]
+        want_types = [KEYFRAME] * per + [MOTION] * cut + [KEYFRAME] * per + [MOTION] * (8 - cut) + [NEWLINE]
+        assert types[a : a + len(want_types)].tolist() == want_types
+        want = torch.cat([kf[:per], mo[:cut], kf[per : 2 * per], mo[cut:], kf[-1:]])
+        assert torch.equal(emb[a : a + len(want_types)], want)
+        return inp
+
+    one = torch.tensor(prompts.tokenize_prompt(f"a{prompts.IMAGE_TOKEN}b", tiny_tokenizer))
+    check(one, None, 4)  # no splits: near-equal runs
+    check(one, [5, 3], 5)
+    # The official two-placeholder prompts work too: the second placeholder is left empty.
+    two = _ids(tiny_tokenizer)
+    inp = check(two, [6, 2], 6)
+    assert inp.inputs_embeds.shape[1] == len(two) - 2 + 2 * per + 8 + 1
+    assert (inp.token_types[0] == MOTION).sum() == 8
+    with pytest.raises(ValueError, match="splits"):
+        model.build_inputs(one, keyframes, motion, motion_splits=[4, 3])
+
+
+def test_motion_splits_follow_source_frames():
+    # 25 fps clip of 2.5 s: keyframes at frames 0, 25, 50; motion = frames 0..59 (a multiple of 4).
+    assert motion_splits([0, 25, 50], list(range(60))) == [25, 25, 10]
+    # Motion capped to its first 32 frames: the later seconds get none.
+    assert motion_splits([0, 25, 50], list(range(32))) == [25, 7, 0]
+    assert motion_splits([0], [0, 1, 2, 3]) == [4]
 
 
 def test_single_placeholder_takes_keyframes_only(tiny_model, tiny_config, tiny_tokenizer):

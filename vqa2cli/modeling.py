@@ -14,6 +14,18 @@
                                      |
                                Qwen2ForCausalLM -> logits [B, L, vocab]
 
+Layout "per_second" (config.token_layout; only for models trained that way, never the released ones):
+[text][kf 0 (196)][motion of second 0][kf 1][motion of second 1]...[image_newline][text], all at the
+first placeholder; a second placeholder stays empty, so the same prompts work for both layouts.
+
+Length: the release truncated training sequences at 10,000 embeddings. We never truncate (at inference
+that would cut off the question and the prefill whose logits are the score); past 10,000 we warn
+(`LongSequenceWarning`), past the LLM's position limit we refuse. The motion position table (2000) is
+a hard limit: more motion frames raise ValueError.
+
+Batches: one entry per video, left-padded, explicit position ids; batched results equal single ones up
+to float rounding (tests). Single videos are bitwise repeatable.
+
 Names of the submodules are a contract (checkpoint mapping, freezing in fine-tuning): `vision_tower`,
 `mm_projector`, `image_newline`, `motion_encoder` (`.blocks`, `.position_embedding`), `motion_projector`,
 `language_model`.
@@ -21,6 +33,7 @@ Names of the submodules are a contract (checkpoint mapping, freezing in fine-tun
 
 from __future__ import annotations
 
+import bisect
 import warnings
 from dataclasses import dataclass
 
@@ -34,6 +47,18 @@ from .prompts import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 # What sits at each position of the LLM input (`MultimodalInputs.token_types`).
 TEXT, KEYFRAME, NEWLINE, MOTION, PAD = 0, 1, 2, 3, 4
+
+
+def motion_splits(keyframe_indices: list[int], motion_indices: list[int]) -> list[int]:
+    """For the `per_second` layout: how many motion frames follow each keyframe. A motion frame belongs
+    to the last keyframe at or before it in the source video (the keyframe of its second); frames before
+    the first keyframe go with it. Both lists are source frame indices, ascending (`VideoSample`)."""
+    if not keyframe_indices:
+        raise ValueError("no keyframes")
+    counts = [0] * len(keyframe_indices)
+    for frame in motion_indices:
+        counts[max(bisect.bisect_right(keyframe_indices, frame) - 1, 0)] += 1
+    return counts
 
 
 class LongSequenceWarning(UserWarning):
@@ -137,28 +162,39 @@ class VQA2Model(nn.Module):
 
     # ---- token layout --------------------------------------------------------------------------------
 
-    def _blocks(self, keyframe_block: torch.Tensor, motion_block: torch.Tensor | None, num_keyframes: int):
-        """The (embeddings, token_types) blocks that the placeholders take in order, per the layout."""
-        newline = keyframe_block[-1:]
-        keyframes = keyframe_block[:-1]
-        kf_types = torch.full((keyframes.shape[0],), KEYFRAME, dtype=torch.long)
-        nl_types = torch.full((1,), NEWLINE, dtype=torch.long)
-        if self.config.token_layout == "official" or motion_block is None:
-            blocks = [(keyframe_block, torch.cat([kf_types, nl_types]))]
-            if motion_block is not None:
-                blocks.append((motion_block, torch.full((motion_block.shape[0],), MOTION, dtype=torch.long)))
+    def _blocks(self, kf_block, mo_block, num_slots: int, splits: list[int] | None):
+        """The (embeddings, token_types) block each of the `num_slots` placeholders takes, in order.
+
+        official:   [keyframes + newline] [motion]       (one slot: keyframes + newline only)
+        per_second: [kf 0, motion of second 0, kf 1, motion of second 1, ..., newline] []
+            The newline still closes the whole visual block ("end of video", as in `official`). A second
+            placeholder is left empty so the same prompts serve both layouts. `splits[i]` = motion tokens
+            after keyframe i (see `motion_splits`); without it the motion frames are cut into N
+            near-equal contiguous runs.
+        """
+        types = lambda n, kind: torch.full((n,), kind, dtype=torch.long)  # noqa: E731
+        per = self.config.tokens_per_keyframe
+        num_kf = (kf_block.shape[0] - 1) // per
+        keyframes = (kf_block, torch.cat([types(num_kf * per, KEYFRAME), types(1, NEWLINE)]))
+        if self.config.token_layout == "official":
+            blocks = [keyframes]
+            if num_slots == 2:
+                blocks.append((mo_block, types(mo_block.shape[0], MOTION)))
             return blocks
-        # per_second: keyframe i's tokens, then the motion tokens of second i; the newline closes the
-        # whole visual block (as in `official`, it marks "end of video"). Motion frames are split into
-        # N near-equal contiguous chunks, so second i gets frames [i*T/N, (i+1)*T/N).
-        per_frame = self.config.tokens_per_keyframe
-        num_motion = motion_block.shape[0]
-        bounds = [round(i * num_motion / num_keyframes) for i in range(num_keyframes + 1)]
-        pieces, types = [], []
-        for i in range(num_keyframes):
-            pieces += [keyframes[i * per_frame : (i + 1) * per_frame], motion_block[bounds[i] : bounds[i + 1]]]
-            types += [kf_types[:per_frame], torch.full((bounds[i + 1] - bounds[i],), MOTION, dtype=torch.long)]
-        return [(torch.cat(pieces + [newline]), torch.cat(types + [nl_types]))]
+        num_motion = mo_block.shape[0]
+        if splits is None:
+            bounds = [round(i * num_motion / num_kf) for i in range(num_kf + 1)]
+        else:
+            if len(splits) != num_kf or sum(splits) != num_motion or min(splits) < 0:
+                raise ValueError(f"motion splits {splits} do not divide {num_motion} motion frames among {num_kf} keyframes")
+            bounds = [sum(splits[:i]) for i in range(num_kf + 1)]
+        pieces, kinds = [], []
+        for i in range(num_kf):
+            pieces += [kf_block[i * per : (i + 1) * per], mo_block[bounds[i] : bounds[i + 1]]]
+            kinds += [types(per, KEYFRAME), types(bounds[i + 1] - bounds[i], MOTION)]
+        block = (torch.cat(pieces + [kf_block[-1:]]), torch.cat(kinds + [types(1, NEWLINE)]))
+        empty = (kf_block[:0], types(0, MOTION))
+        return [block, empty][:num_slots]
 
     def build_inputs(
         self,
@@ -166,41 +202,40 @@ class VQA2Model(nn.Module):
         keyframes: list[torch.Tensor] | torch.Tensor,
         motion: list[torch.Tensor | None] | torch.Tensor | None,
         labels: list[torch.Tensor] | torch.Tensor | None = None,
+        motion_splits: list[list[int] | None] | list[int] | None = None,
     ) -> MultimodalInputs:
         """Token ids with `IMAGE_TOKEN_INDEX` placeholders + each video's frames -> LLM inputs.
 
-        One entry per video (a bare tensor means a batch of one). The `official` layout fills the
-        placeholders in order with [keyframe block (with the newline), motion block]; a prompt with a
-        single placeholder (the streaming scorer's) takes only the keyframe block, as in the release, and
-        motion is then not computed. `per_second` needs exactly one placeholder. Sequences are
-        left-padded so that position -1 is every row's last prompt token (scoring, generation).
-        `labels` (same shape as the ids) come back expanded with IGNORE_INDEX on multimodal positions.
+        One entry per video; bare tensors (and a flat `motion_splits`) mean a batch of one. Each prompt
+        has one or two placeholders, filled per the layout (`_blocks`). In `official`, a single
+        placeholder (the streaming scorer's prompt) takes only the keyframe block, as in the release,
+        and motion is then not computed. Sequences are left-padded so that position -1 is every row's
+        last prompt token (scoring, generation). `labels` (same shape as the ids) come back expanded with
+        IGNORE_INDEX on multimodal and padding positions.
         """
         if isinstance(input_ids, torch.Tensor):
             input_ids, keyframes, motion = [input_ids.reshape(-1)], [keyframes], [motion]
             labels = None if labels is None else [labels.reshape(-1)]
-        if motion is None:
-            motion = [None] * len(input_ids)
-        if not len(input_ids) == len(keyframes) == len(motion):
-            raise ValueError("input_ids, keyframes and motion need one entry per video")
+            motion_splits = [motion_splits]
+        count = len(input_ids)
+        motion = [None] * count if motion is None else motion
+        motion_splits = [None] * count if motion_splits is None else motion_splits
+        if not len(keyframes) == len(motion) == len(motion_splits) == count:
+            raise ValueError("input_ids, keyframes, motion and motion_splits need one entry per video")
         embed = self.language_model.get_input_embeddings()
         dtype = embed.weight.dtype
         rows = []
         for b, ids in enumerate(input_ids):
             ids = ids.to(embed.weight.device)
             slots = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
-            wanted = 2 if self.config.token_layout == "official" else 1
-            if not 1 <= len(slots) <= wanted:
-                raise ValueError(
-                    f"the prompt has {len(slots)} <image> placeholders; the {self.config.token_layout!r} "
-                    f"layout takes 1 to {wanted}"
-                )
+            if len(slots) not in (1, 2):
+                raise ValueError(f"the prompt has {len(slots)} <image> placeholders; VQA² prompts have 1 or 2")
             needs_motion = len(slots) == 2 or self.config.token_layout == "per_second"
             if needs_motion and motion[b] is None:
-                raise ValueError("this prompt/layout needs motion frames")
+                raise ValueError("this prompt needs motion frames (its layout places motion tokens)")
             kf_block = self.encode_keyframes(keyframes[b])
             mo_block = self.encode_motion(motion[b]) if needs_motion else None
-            blocks = self._blocks(kf_block, mo_block, keyframes[b].shape[0])
+            blocks = self._blocks(kf_block, mo_block, len(slots), motion_splits[b])
             row_labels = None if labels is None else labels[b].to(ids.device)
             pieces, types, lab = [], [], []
             start = 0
@@ -211,7 +246,7 @@ class VQA2Model(nn.Module):
                 if row_labels is not None:
                     lab.append(row_labels[start:slot])
                 if block is not None:
-                    pieces.append(block.to(dtype))
+                    pieces.append(block.to(device=ids.device, dtype=dtype))
                     types.append(block_types)
                     if row_labels is not None:
                         lab.append(torch.full((len(block),), IGNORE_INDEX, dtype=torch.long, device=ids.device))
@@ -252,10 +287,10 @@ class VQA2Model(nn.Module):
 
     # ---- LLM -----------------------------------------------------------------------------------------
 
-    def forward(self, input_ids, keyframes, motion=None, labels=None, logits_to_keep: int = 0):
+    def forward(self, input_ids, keyframes, motion=None, labels=None, logits_to_keep: int = 0, motion_splits=None):
         """Logits [B, L, vocab] (the last `logits_to_keep` positions only if > 0) and, with labels, the
         shifted next-token loss. Returns the transformers `CausalLMOutputWithPast`."""
-        inputs = self.build_inputs(input_ids, keyframes, motion, labels)
+        inputs = self.build_inputs(input_ids, keyframes, motion, labels, motion_splits)
         return self.language_model(
             inputs_embeds=inputs.inputs_embeds,
             attention_mask=inputs.attention_mask,
@@ -265,10 +300,10 @@ class VQA2Model(nn.Module):
             use_cache=False,
         )
 
-    def next_token_logits(self, input_ids, keyframes, motion=None) -> torch.Tensor:
+    def next_token_logits(self, input_ids, keyframes, motion=None, motion_splits=None) -> torch.Tensor:
         """[B, vocab] logits at each prompt's last token (the score's row for prompts ending at the
         prefill). Only that row goes through lm_head: full logits of a long video would take GBs."""
-        return self(input_ids, keyframes, motion, logits_to_keep=1).logits[:, -1]
+        return self(input_ids, keyframes, motion, logits_to_keep=1, motion_splits=motion_splits).logits[:, -1]
 
     @torch.no_grad()
     def generate(
@@ -281,10 +316,11 @@ class VQA2Model(nn.Module):
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
         streamer=None,
+        motion_splits=None,
     ) -> torch.Tensor:
         """Greedy decoding; returns only the new token ids [B, <= max_new_tokens]. `streamer` is a
         transformers streamer (e.g. `TextIteratorStreamer`/`TextStreamer`) fed each new token."""
-        inputs = self.build_inputs(input_ids, keyframes, motion)
+        inputs = self.build_inputs(input_ids, keyframes, motion, motion_splits=motion_splits)
         if pad_token_id is None:
             pad_token_id = eos_token_id[0] if isinstance(eos_token_id, list) else eos_token_id
         return self.language_model.generate(
