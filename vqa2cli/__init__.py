@@ -28,6 +28,8 @@ _LAZY = {
     "VideoSample": "vqa2cli.video",
     "VideoError": "vqa2cli.video",
     "load_model": "vqa2cli.pipeline",
+    "VQA2": "vqa2cli.pipeline",
+    "ScoreResult": "vqa2cli.pipeline",
 }
 
 

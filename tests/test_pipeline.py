@@ -1,0 +1,132 @@
+"""load_model -> VQA2: scoring and answering with tiny models on CPU, from both directory formats."""
+
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.fixtures.models import make_tiny_model, tiny_video
+from vqa2cli.errors import InputError, ModelNotFoundError, SetupError
+from vqa2cli.pipeline import ScoreResult, load_model, resolve_device
+from vqa2cli.prompts import scoring_prompt, tokenize_prompt
+from vqa2cli.scoring import score_from_logits
+
+
+def _sample(config, seed=0, num_motion=8):
+    keyframes, motion = tiny_video(config, num_keyframes=2, num_motion=num_motion, seed=seed)
+    return SimpleNamespace(path=f"clip{seed}.mp4", keyframes=keyframes, motion=motion)
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_model_dir):
+    return load_model(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def official(tiny_official_checkpoint):
+    return load_model(str(tiny_official_checkpoint), device="cpu")
+
+
+def test_official_checkpoint_scores(official):
+    result = official.score(_sample(official.config))
+    assert isinstance(result, ScoreResult)
+    assert 0.0 <= result.score <= 1.0
+    assert list(result.probs) == ["high", "good", "fair", "poor", "low"]
+    assert sum(result.probs.values()) == pytest.approx(1.0, abs=1e-9)
+    assert result.level == max(result.probs, key=result.probs.get)
+    assert official.name.endswith("tiny-llava_qwen") and official.precision.quant == "none"
+
+
+def test_score_is_the_level_logits_at_the_last_prefill_token(ours):
+    """The loaded model scores exactly like the in-memory model it was saved from."""
+    sample = _sample(ours.config)
+    reference = make_tiny_model(ours.config, seed=0)
+    ids = torch.tensor(tokenize_prompt(scoring_prompt("ugc"), ours.tokenizer))
+    with torch.inference_mode():
+        logits = reference(ids, sample.keyframes, sample.motion, logits_to_keep=1).logits[0, -1]
+    score, level, probs = score_from_logits(logits[ours.level_ids])
+    assert ours.score(sample) == ScoreResult(score, level, probs)
+
+
+def test_repeat_runs_and_reloads_are_bitwise_identical(ours, tiny_model_dir):
+    sample = _sample(ours.config)
+    first = ours.score(sample)
+    assert all(ours.score(sample) == first for _ in range(3))
+    assert load_model(str(tiny_model_dir), device="cpu").score(sample) == first
+
+
+def test_both_formats_give_the_same_scores(ours, official):
+    """The fixtures hold the same seeded weights: the official name mapping loses nothing, and results
+    do not depend on how tensors are laid out in the files."""
+    for seed in (0, 1):
+        assert ours.score(_sample(ours.config, seed)) == official.score(_sample(official.config, seed))
+
+
+def test_batch_matches_single(ours):
+    samples = [_sample(ours.config, seed) for seed in (0, 1, 2)]
+    batch = ours.score_batch(samples)
+    for sample, result in zip(samples, batch):
+        single = ours.score(sample)
+        assert result.score == pytest.approx(single.score, abs=1e-6)
+        assert result.level == single.level
+
+
+def test_prompt_kinds(ours):
+    sample = _sample(ours.config)
+    assert ours.score(sample, prompt="streaming") != ours.score(sample, prompt="ugc")
+    assert ours.score(sample, prompt="ugc") == ours.score(sample)
+    with pytest.raises(SetupError, match="unknown scoring prompt"):
+        ours.score(sample, prompt="nonsense")
+
+
+def test_too_many_motion_frames_is_an_input_error(ours):
+    limit = ours.config.motion.max_frames
+    with pytest.raises(InputError, match=f"more than this model's {limit}"):
+        ours.score(_sample(ours.config, num_motion=limit + 4))
+
+
+def test_ask_streams_the_answer(ours):
+    sample = _sample(ours.config)
+    pieces = []
+    answer = ours.ask(sample, "Is the video blurry?", max_new_tokens=12, on_text=pieces.append)
+    assert pieces and "".join(pieces).strip() == answer
+    assert ours.ask(sample, "Is the video blurry?", max_new_tokens=12) == answer  # greedy: repeatable
+
+
+def test_round_trip_through_save(ours, tmp_path):
+    from vqa2cli.checkpoint import save_model_dir
+
+    saved = save_model_dir(ours.model, ours.tokenizer, tmp_path / "copy")
+    again = load_model(str(saved), device="cpu")
+    sample = _sample(ours.config, seed=3)
+    assert again.score(sample) == ours.score(sample)
+
+
+def test_not_a_model_directory(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ModelNotFoundError, match="not a model directory"):
+        load_model(str(tmp_path), device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_cuda_without_gpu_is_a_setup_error():
+    with pytest.raises(SetupError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_registry_entry_sets_the_prompt_of_an_official_checkpoint(tiny_official_checkpoint, tmp_path, monkeypatch):
+    """A checkpoint found in the HF cache under the streaming scorer's repo id scores with its prompt."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    commit = "0" * 40
+    repo = tmp_path / "hf" / "hub" / "models--q-future--VQA-Streaming-Scorer-llava_qwen"
+    shutil.copytree(tiny_official_checkpoint, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    model = load_model("vqa2-streaming-scorer", device="cpu")
+    assert model.name == "vqa2-streaming-scorer" and model.config.prompt == "streaming"
+    sample = _sample(model.config)
+    assert model.score(sample) == model.score(sample, prompt="streaming")

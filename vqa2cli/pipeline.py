@@ -1,0 +1,216 @@
+"""`load_model()` -> `VQA2`: a loaded model that scores videos and answers questions about them.
+
+    >>> model = load_model("vqa2-ugc-scorer")          # registry name, model directory or HF repo id
+    >>> model.score("clip.mp4")                          # ScoreResult(score=0.71, level='good', probs={...})
+    >>> model.ask("clip.mp4", "Is there any stutter?", on_text=print)
+
+Scoring is one forward pass without generation: the next-token logits at the last token of the
+assistant prefill ("The quality of the video is"), restricted to the five level words, give the level
+probabilities and the score (`vqa2cli.scoring`). Everything runs under `torch.inference_mode` with
+dtypes fixed at load time, so the same input on the same device gives bitwise the same result.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from vqa2cli import checkpoint, registry
+from vqa2cli.config import PROMPT_KINDS, VQA2Config
+from vqa2cli.errors import CheckpointError, InputError, ModelNotFoundError, SetupError
+from vqa2cli.quantization import Precision, choose_precision
+
+
+@dataclass
+class ScoreResult:
+    score: float  # 0 (worst) .. 1 (best)
+    level: str  # most probable level word, without its leading space ("good")
+    probs: dict[str, float]  # level word -> probability, in the config's level order
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" = cuda when available, else cpu; cuda without a GPU is a setup error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise SetupError(f"unknown device {str(device)!r}: use auto, cpu or cuda") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SetupError("device cuda was asked for but no CUDA GPU is available (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SetupError(f"device {device} does not exist ({torch.cuda.device_count()} CUDA GPU(s) present)")
+    elif device.type != "cpu":
+        raise SetupError(f"device {device} is not supported: use auto, cpu or cuda")
+    return device
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    device: str | torch.device = "auto",
+    quant: str = "auto",
+    task: str = "score",
+    dtype: str | torch.dtype | None = None,
+) -> "VQA2":
+    """Load a model for `task` ("score" or "ask"; picks the default model when `name_or_path` is None).
+
+    `name_or_path`: a model directory (ours or official llava_qwen), a registry name (`vqa2 models`) or a
+    Hugging Face repo id. `quant`: "auto" (4-bit NF4 on CUDA, none on CPU), "4bit", "8bit" or "none".
+    `dtype` of the unquantized weights: default bf16 on CUDA, float32 on CPU.
+    """
+    resolved = registry.resolve(name_or_path, task)
+    device = resolve_device(device)
+    precision = choose_precision(device, quant, dtype)
+    path = resolved.path
+    if checkpoint.is_model_dir(path):
+        model, tokenizer = checkpoint.load_model_dir(path, device=device, precision=precision)
+    elif checkpoint.is_official(path):
+        # Official configs do not say which prompt the checkpoint was trained with; the registry does.
+        overrides = {"prompt": resolved.prompt} if resolved.prompt else {}
+        config = checkpoint.official_config(path, **overrides)
+        model = checkpoint.load_official(path, device=device, precision=precision, config=config)
+        tokenizer = checkpoint.load_tokenizer(path)
+    else:
+        raise ModelNotFoundError(
+            f"{path} is not a model directory: its config.json has neither \"format\": \"vqa2\" "
+            "nor \"model_type\": \"llava_qwen\""
+        )
+    model.requires_grad_(False)
+    return VQA2(resolved.name, model, tokenizer, device, precision)
+
+
+class VQA2:
+    """A loaded model. `config.keyframe_size` / `config.motion_size` tell `load_video` what to produce."""
+
+    def __init__(self, name: str, model, tokenizer, device: torch.device, precision: Precision):
+        self.name = name
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.precision = precision
+        self.config: VQA2Config = model.config
+        from vqa2cli.scoring import level_token_ids
+
+        try:
+            self.level_ids = torch.tensor(level_token_ids(tokenizer, self.config.level_words), device=device)
+        except ValueError as error:
+            raise CheckpointError(f"model {name}: {error}") from error
+        vocab = self.config.text.vocab_size
+        if int(self.level_ids.max()) >= vocab:
+            raise CheckpointError(f"model {name}: the tokenizer's level word ids exceed the vocabulary ({vocab})")
+
+    def __repr__(self):
+        return f"VQA2(name={self.name!r}, device={self.device}, precision={self.precision.describe()!r})"
+
+    # ---- inputs --------------------------------------------------------------------------------------
+
+    def _sample(self, video, max_motion_frames: int):
+        limit = self.config.motion.max_frames
+        if hasattr(video, "keyframes") and hasattr(video, "motion"):  # a VideoSample (or alike)
+            if video.motion.shape[0] > limit:
+                raise InputError(
+                    f"{video.path}: {video.motion.shape[0]} motion frames, more than this model's {limit}; "
+                    f"decode it with max_motion_frames={limit}"
+                )
+            return video
+        if isinstance(video, (str, os.PathLike)):
+            from vqa2cli.video import load_video
+
+            return load_video(
+                os.fspath(video),
+                keyframe_size=self.config.keyframe_size,
+                motion_size=self.config.motion_size,
+                max_motion_frames=min(max_motion_frames, limit),
+            )
+        raise TypeError(f"video must be a path or a VideoSample, not {type(video).__name__}")
+
+    def _ids(self, text: str) -> torch.Tensor:
+        from vqa2cli.prompts import tokenize_prompt
+
+        return torch.tensor(tokenize_prompt(text, self.tokenizer), dtype=torch.long)
+
+    def _score_text(self, prompt: str | None) -> str:
+        from vqa2cli.prompts import scoring_prompt
+
+        kind = prompt or self.config.prompt
+        if kind not in PROMPT_KINDS:
+            raise SetupError(f"unknown scoring prompt {kind!r}: expected one of {', '.join(PROMPT_KINDS)}")
+        return scoring_prompt(kind)
+
+    # ---- scoring -------------------------------------------------------------------------------------
+
+    def score(self, video, prompt: str | None = None, max_motion_frames: int = 2000) -> ScoreResult:
+        """Quality of one video (a path or a `VideoSample`). `prompt`: the scoring prompt kind (ugc,
+        streaming, enhanced); default: the one the model was trained with."""
+        return self.score_batch([video], prompt=prompt, max_motion_frames=max_motion_frames)[0]
+
+    def score_batch(self, videos, prompt: str | None = None, max_motion_frames: int = 2000) -> list[ScoreResult]:
+        """Several videos in one forward pass (left-padded). Results equal one-by-one scoring up to
+        float rounding of the padded batch; use `score` where bitwise repeatability across batch
+        compositions matters."""
+        from vqa2cli.scoring import score_from_logits
+
+        samples = [self._sample(v, max_motion_frames) for v in videos]
+        ids = self._ids(self._score_text(prompt))
+        with torch.inference_mode():
+            out = self.model(
+                [ids] * len(samples),
+                [s.keyframes for s in samples],
+                [s.motion for s in samples],
+                logits_to_keep=1,
+            )
+            level_logits = out.logits[:, -1, :].index_select(-1, self.level_ids).float().cpu()
+        results = []
+        for row in level_logits:
+            score, level, probs = score_from_logits(row, self.config.level_words)
+            results.append(ScoreResult(score, level, probs))
+        return results
+
+    # ---- questions -----------------------------------------------------------------------------------
+
+    def ask(self, video, question: str, max_new_tokens: int = 512, on_text=None) -> str:
+        """Greedy answer to a free-form question about the video; `on_text(str)` receives the answer in
+        pieces as it is generated. Returns the whole answer."""
+        from vqa2cli.prompts import question_prompt
+
+        sample = self._sample(video, 2000)
+        text = question_prompt(question, num_keyframes=sample.keyframes.shape[0], num_frames=sample.motion.shape[0])
+        streamer = _callback_streamer(self.tokenizer, on_text) if on_text is not None else None
+        with torch.inference_mode():
+            new_ids = self.model.generate(
+                self._ids(text),
+                sample.keyframes,
+                sample.motion,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=self._stop_ids(),
+                streamer=streamer,
+            )
+        return self.tokenizer.decode(new_ids[0], skip_special_tokens=True).strip()
+
+    def _stop_ids(self) -> list[int]:
+        """End of the assistant turn (`<|im_end|>`) and end of text, whichever the tokenizer has."""
+        ids = []
+        for token in ("<|im_end|>", "<|endoftext|>", self.tokenizer.eos_token):
+            if token is None:
+                continue
+            token_id = self.tokenizer.convert_tokens_to_ids(token)
+            if token_id is not None and token_id != self.tokenizer.unk_token_id and token_id not in ids:
+                ids.append(token_id)
+        return ids
+
+
+def _callback_streamer(tokenizer, on_text):
+    from transformers import TextStreamer
+
+    class CallbackStreamer(TextStreamer):
+        # TextStreamer decodes incrementally and holds back partial words; we only redirect its output.
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            if text:
+                on_text(text)
+
+    # skip_prompt: generate() first "streams" the (empty, embeddings-only) prompt ids.
+    return CallbackStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
