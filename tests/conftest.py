@@ -1,7 +1,7 @@
 import pytest
 
 # Fixture modules, one per area, so each area's fixtures live beside nothing else.
-pytest_plugins = ["tests.fixtures.models", "tests.fixtures.checkpoints"]
+pytest_plugins = ["tests.fixtures.models", "tests.fixtures.checkpoints", "tests.fixtures.clips"]
 
 
 def _cuda_available():

@@ -1,0 +1,437 @@
+"""Turning a video file into what VQA² sees: keyframes and the motion stream.
+
+`load_video` decodes a file once with PyAV and returns a `VideoSample`:
+
+* **Keyframes**: frame index ``i * round(fps)`` for i = 0, 1, ... while the index is inside the clip,
+  i.e. one per whole second plus one for the frames left over after the last whole second (the
+  release's rule). Any clip with a decodable frame gets at least one keyframe (index 0), so clips under
+  a second and one-frame clips work. Keyframes are resized exactly like the release does it: the
+  full-resolution RGB frame goes through PIL's bicubic resize to ``keyframe_size`` squared (aspect
+  ratio not kept), then is scaled to [0, 1] and normalised with mean = std = 0.5 (float32).
+* **Motion stream**: all decoded frames, truncated to a multiple of 4, kept as uint8 RGB (the model
+  normalises them with `normalize`). Clips with more than ``max_motion_frames`` frames are subsampled
+  uniformly in time: the k-th motion frame is source frame ``k * N // T`` with T the cap rounded
+  down to a multiple of 4. Clips with 1-3 frames repeat their last frame up to 4 (SlowFast's motion
+  stream needs a multiple of 4). Motion frames are resized by libswscale's bicubic filter straight
+  from the decoder's YUV (many frames, so speed matters); keyframes that are also motion frames are
+  shared when both sizes agree.
+
+Resize fidelity, measured on 1080p yuv420p H.264 (natural photo panned, and synthetic test pattern
+with noise) against the release's path (full-size RGB, then PIL bicubic) at 384 px, per channel on
+the 0-255 scale: keyframes are identical (same path); motion frames differ by mean 2.3 / p99 13 /
+max 29 on the photo (luma alone: mean 0.6), mostly from chroma siting, because swscale resamples
+the half-size chroma planes directly instead of upsampling them first. The two-step swscale path
+(full-size RGB, then scale) is closer (mean 0.3) but costs about twice as much per frame, and the
+fully exact PIL path about four times as much, which would miss the decode-speed target.
+
+Timing comes from presentation timestamps. Before decoding, one cheap pass over the packets (no
+decoding) counts the frames and reads their timestamps; it gives the frame count that the motion
+subsampling needs up front (containers such as webm/mkv declare none) and the frame rate:
+``fps = frames / duration`` with ``duration = last pts - first pts + the last frame's duration``
+(the mean interval when that is unknown), which is the nominal rate for constant-rate video and the
+average rate for variable-rate video. When timestamps are missing the container's rate is used.
+Keyframe indices are counted in decoded (presentation) order. If the decoder yields more frames
+than packets were counted, the motion stream stays within the cap by dropping every other stored
+frame and halving the sampling rate, so memory is bounded by the output in every case.
+
+Rotation from the display matrix is applied (multiples of 90°; mirroring is not), so frames come out
+upright and `width`/`height` are the displayed size. Any pixel format swscale reads works (10-bit,
+grayscale, palette).
+
+Damage: decoding goes on past packets the decoder rejects and past a read error (a truncated or
+damaged file ends the stream there). A sample is returned as long as at least one frame decodes; what
+was lost is reported in `VideoSample.warnings`. A video with no decodable frame raises `VideoError`.
+Still images (png, jpg, ... opened by FFmpeg's image demuxers) are rejected as not a video; animated
+formats (gif, apng) are videos.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+from dataclasses import dataclass, field
+
+import av
+import numpy as np
+import torch
+from av.video.reformatter import Interpolation, VideoReformatter
+from PIL import Image
+
+from vqa2cli.errors import InputError
+
+MEAN = 0.5
+STD = 0.5
+
+_MOTION_INTERPOLATION = Interpolation.BICUBIC
+# FFmpeg demuxers that read single pictures; "yuv4mpegpipe" is a video format and does not match.
+_IMAGE_FORMATS = ("image2", "image2pipe")
+
+
+class VideoError(InputError):
+    """A file that cannot be used as a video; `str()` is one line: ``<file>: <reason>``."""
+
+    def __init__(self, path, reason: str):
+        self.path = os.fspath(path)
+        self.reason = _one_line(reason)
+        super().__init__(f"{_one_line(self.path)}: {self.reason}")
+
+
+@dataclass
+class VideoSample:
+    path: str
+    keyframes: torch.Tensor  # [N, 3, S, S] float32, normalised (mean = std = 0.5)
+    motion: torch.Tensor  # [T, 3, S', S'] uint8 RGB, T % 4 == 0; `normalize()` for the model
+    keyframe_indices: list[int]  # source frame indices in decode order
+    motion_indices: list[int]
+    fps: float
+    duration: float  # seconds
+    num_frames: int  # frames decoded
+    width: int  # displayed size (after rotation)
+    height: int
+    warnings: list[str] = field(default_factory=list)  # damage that was tolerated
+
+
+def normalize(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB frames -> float32 scaled to [0, 1] and normalised with mean = std = 0.5."""
+    return frames.to(torch.float32).div_(255.0).sub_(MEAN).div_(STD)
+
+
+def load_video(path, keyframe_size: int = 384, motion_size: int = 384,
+               max_motion_frames: int = 2000) -> VideoSample:
+    """Decode `path` once into keyframes and the motion stream (see the module docstring).
+
+    Raises `VideoError` (one line naming the file and the reason) for anything that is not a usable
+    video; never a raw PyAV or OS error.
+    """
+    for name, value in (("keyframe_size", keyframe_size), ("motion_size", motion_size)):
+        if int(value) < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if int(max_motion_frames) < 4:
+        raise ValueError(f"max_motion_frames must be at least 4, got {max_motion_frames}")
+    path = os.fspath(path)
+    _check_file(path)
+    try:
+        probe = _probe(path)
+        return _decode(path, probe, int(keyframe_size), int(motion_size), int(max_motion_frames))
+    except VideoError:
+        raise
+    except av.FFmpegError as e:
+        raise VideoError(path, _ffmpeg_reason(e)) from None
+    except PermissionError:
+        raise VideoError(path, "permission denied") from None
+    except OSError as e:
+        raise VideoError(path, f"cannot read file: {e.strerror or e}") from None
+
+
+def _check_file(path: str) -> None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise VideoError(path, "no such file") from None
+    except PermissionError:
+        raise VideoError(path, "permission denied") from None
+    except OSError as e:
+        raise VideoError(path, f"cannot access file: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise VideoError(path, "is a directory, not a video file")
+    if not stat.S_ISREG(st.st_mode):
+        raise VideoError(path, "not a regular file")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise VideoError(path, "permission denied") from None
+    except OSError as e:
+        raise VideoError(path, f"cannot read file: {e.strerror or e}") from None
+    if st.st_size == 0:
+        raise VideoError(path, "empty file (0 bytes)")
+
+
+def _open(path: str):
+    try:
+        return av.open(path, mode="r", metadata_errors="ignore")
+    except av.error.InvalidDataError:
+        raise VideoError(path, "not a video file (unrecognised format or corrupt data)") from None
+    except av.error.EOFError:
+        raise VideoError(path, "not a video file, or cut short (it ends before any video data)") from None
+
+
+def _video_stream(path: str, container):
+    streams = [s for s in container.streams.video
+               if not s.disposition & av.stream.Disposition.attached_pic]
+    fmt = container.format.name
+    if not streams:
+        if container.streams.audio:
+            raise VideoError(path, "no video stream (audio only)")
+        raise VideoError(path, f"no video stream (format {fmt})")
+    if fmt in _IMAGE_FORMATS or fmt.endswith("_pipe"):
+        raise VideoError(path, f"a still image ({fmt.removesuffix('_pipe')}), not a video")
+    if fmt == "tty":
+        raise VideoError(path, "a text file, not a video")
+    stream = streams[0]
+    if stream.codec_context is None:
+        raise VideoError(path, "unsupported video codec (no decoder available)")
+    return stream
+
+
+@dataclass
+class _Probe:
+    packets: int  # video packets found by demuxing alone
+    declared: int  # frame count the container declares (0: none)
+    fps: float
+    read_error: str | None
+
+
+def _probe(path: str) -> _Probe:
+    """Count the video packets and derive the frame rate from their timestamps, without decoding."""
+    container = _open(path)
+    try:
+        stream = _video_stream(path, container)
+        declared = max(int(stream.frames or 0), 0)
+        rate = stream.average_rate or stream.guessed_rate
+        tb = stream.time_base
+        count = 0
+        first = last = None
+        last_duration = 0
+        read_error = None
+        demux = container.demux(stream)
+        while True:
+            try:
+                packet = next(demux)
+            except StopIteration:
+                break
+            except av.FFmpegError as e:
+                read_error = _ffmpeg_reason(e)
+                break
+            if packet.size == 0 or packet.is_discard:
+                continue
+            count += 1
+            ts = packet.pts if packet.pts is not None else packet.dts
+            if ts is None:
+                continue
+            if first is None or ts < first:
+                first = ts
+            if last is None or ts >= last:
+                last, last_duration = ts, packet.duration or 0
+        fps = 0.0
+        if count >= 2 and tb and first is not None and last > first:
+            span = float((last - first) * tb)
+            tail = float(last_duration * tb) if last_duration else span / (count - 1)
+            fps = count / (span + tail)
+        if rate and (not 0.1 < fps < 1000.0 or abs(float(rate) - fps) < 0.01 * fps):
+            # The nominal rate is exact where timestamps are rounded (mkv keeps milliseconds).
+            fps = float(rate)
+        if not 0.1 < fps < 1000.0:
+            fps = 25.0  # FFmpeg's own assumption for streams without any timing
+        return _Probe(count, declared, fps, read_error)
+    finally:
+        container.close()
+
+
+class _MotionBuffer:
+    """Stores the motion frames; picks source frame ``k * num // den`` as the k-th one.
+
+    ``num / den`` starts at N / T (or 1 when all frames fit). If more frames arrive than were
+    counted and the buffer is full, every other stored frame is dropped and ``num`` doubles: the
+    kept frames are then exactly the picks of the doubled step, so sampling stays uniform.
+    """
+
+    def __init__(self, expected: int, limit: int, size: int):
+        self.limit = limit
+        self.num, self.den = (expected, limit) if expected > limit else (1, 1)
+        self.frames = torch.empty((max(min(expected, limit), 4), 3, size, size), dtype=torch.uint8)
+        self.indices: list[int] = []
+
+    def wants(self, index: int) -> bool:
+        return index == len(self.indices) * self.num // self.den
+
+    def add(self, index: int, rgb: np.ndarray) -> None:
+        n = len(self.indices)
+        if n == self.frames.shape[0]:
+            if n >= self.limit:
+                self._halve()
+                if not self.wants(index):
+                    return
+                n = len(self.indices)
+            else:
+                grown = torch.empty((min(2 * n, self.limit), *self.frames.shape[1:]), dtype=torch.uint8)
+                grown[:n] = self.frames[:n]
+                self.frames = grown
+        self.frames[n] = torch.from_numpy(rgb).permute(2, 0, 1)
+        self.indices.append(index)
+
+    def _halve(self) -> None:
+        kept = self.indices[::2]
+        for j in range(1, len(kept)):
+            self.frames[j] = self.frames[2 * j]
+        self.indices = kept
+        self.num *= 2
+
+    def result(self) -> tuple[torch.Tensor, list[int]]:
+        n = len(self.indices)
+        if n < 4:
+            # SlowFast's fast pathway takes T % 4 == 0 frames: repeat the last one.
+            for j in range(n, 4):
+                self.frames[j] = self.frames[n - 1]
+            return self.frames[:4], self.indices + [self.indices[-1]] * (4 - n)
+        t = n - n % 4
+        return _trimmed(self.frames, t), self.indices[:t]
+
+
+def _trimmed(buffer: torch.Tensor, n: int) -> torch.Tensor:
+    # A view keeps the whole buffer alive; copy when much of it went unused (a damaged file).
+    return buffer[:n].clone() if n < 0.75 * buffer.shape[0] else buffer[:n]
+
+
+def _decode(path: str, probe: _Probe, keyframe_size: int, motion_size: int,
+            max_motion_frames: int) -> VideoSample:
+    step = max(1, round(probe.fps))
+    expected = max(probe.packets, 1)
+    motion = _MotionBuffer(expected, max_motion_frames - max_motion_frames % 4, motion_size)
+    keyframes = torch.empty((math.ceil(expected / step), 3, keyframe_size, keyframe_size))
+    keyframe_indices: list[int] = []
+    warnings: list[str] = []
+    reformatter = VideoReformatter()
+
+    container = _open(path)
+    try:
+        stream = _video_stream(path, container)
+        stream.thread_type = "AUTO"
+        codec = stream.codec_context
+        index = 0
+        quarter_turns = 0
+        width = height = 0
+        first_time = last_time = None
+        last_duration = 0.0
+        rejected = corrupt = 0
+        read_error = None
+
+        def take(frame) -> None:
+            nonlocal index, quarter_turns, width, height, first_time, last_time, last_duration
+            nonlocal keyframes, corrupt
+            if index == 0:
+                quarter_turns = round((frame.rotation or 0) / 90) % 4
+                width, height = frame.width, frame.height
+                if quarter_turns % 2:
+                    width, height = height, width
+            if frame.is_corrupt:
+                corrupt += 1
+            if frame.pts is not None and frame.time_base:
+                t = float(frame.pts * frame.time_base)
+                if first_time is None:
+                    first_time = t
+                last_time = t
+                last_duration = float(frame.duration * frame.time_base) if frame.duration else 0.0
+            shared = None
+            if index % step == 0:
+                rgb = _exact_resize(frame, keyframe_size, quarter_turns)
+                n = len(keyframe_indices)
+                if n == keyframes.shape[0]:
+                    grown = torch.empty((2 * n, *keyframes.shape[1:]))
+                    grown[:n] = keyframes
+                    keyframes = grown
+                keyframes[n] = normalize(torch.from_numpy(rgb).permute(2, 0, 1))
+                keyframe_indices.append(index)
+                if keyframe_size == motion_size:
+                    shared = rgb
+            if motion.wants(index):
+                if shared is None:
+                    shared = _fast_resize(reformatter, frame, motion_size, quarter_turns)
+                motion.add(index, shared)
+            index += 1
+
+        demux = container.demux(stream)
+        while True:
+            try:
+                packet = next(demux)
+            except StopIteration:
+                break
+            except av.FFmpegError as e:
+                read_error = _ffmpeg_reason(e)
+                break
+            try:
+                frames = codec.decode(packet)
+            except (av.error.DecoderNotFoundError, av.error.PatchWelcomeError) as e:
+                raise VideoError(path, f"unsupported video codec or feature: {_ffmpeg_reason(e)}") from None
+            except av.FFmpegError:
+                rejected += 1
+                continue
+            for frame in frames:
+                take(frame)
+        if read_error is not None:
+            try:
+                for frame in codec.decode(None):
+                    take(frame)
+            except av.FFmpegError:
+                pass
+    finally:
+        container.close()
+
+    read_error = read_error or probe.read_error
+    if index == 0:
+        if probe.packets == 0:
+            detail = "the video stream holds no data"
+        else:
+            detail = f"all {probe.packets} packets are corrupt or truncated"
+        raise VideoError(path, f"no decodable video frames ({detail})")
+
+    if read_error:
+        warnings.append(f"stopped reading at damaged or truncated data after {index} frames ({read_error})")
+    if probe.declared > index and probe.declared > probe.packets:
+        warnings.append(f"the container declares {probe.declared} frames but only {probe.packets} are "
+                        f"present (file truncated?)")
+    if rejected:
+        warnings.append(f"skipped {rejected} corrupt packets")
+    if corrupt:
+        warnings.append(f"{corrupt} frames decoded with errors")
+    if index < probe.packets and not rejected:
+        warnings.append(f"decoded {index} frames from {probe.packets} packets")
+
+    if first_time is not None and last_time is not None and last_time > first_time:
+        span = last_time - first_time
+        duration = span + (last_duration or span / (index - 1))
+    else:
+        duration = last_duration or index / probe.fps
+    motion_frames, motion_indices = motion.result()
+    return VideoSample(
+        path=path,
+        keyframes=_trimmed(keyframes, len(keyframe_indices)),
+        motion=motion_frames,
+        keyframe_indices=keyframe_indices,
+        motion_indices=motion_indices,
+        fps=probe.fps,
+        duration=duration,
+        num_frames=index,
+        width=width,
+        height=height,
+        warnings=warnings,
+    )
+
+
+def _exact_resize(frame, size: int, quarter_turns: int) -> np.ndarray:
+    """The release's path: full-size RGB, then PIL bicubic (rotated first, so PIL's passes match)."""
+    rgb = frame.to_ndarray(format="rgb24")
+    if quarter_turns:
+        rgb = np.rot90(rgb, quarter_turns)
+    image = Image.fromarray(np.ascontiguousarray(rgb))
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BICUBIC)
+    return np.array(image)
+
+
+def _fast_resize(reformatter: VideoReformatter, frame, size: int, quarter_turns: int) -> np.ndarray:
+    """swscale bicubic from the decoder's pixel format straight to size x size RGB."""
+    rgb = reformatter.reformat(frame, width=size, height=size, format="rgb24",
+                               interpolation=_MOTION_INTERPOLATION).to_ndarray()
+    # Square output: rotating after the resize equals resizing the rotated frame.
+    return np.ascontiguousarray(np.rot90(rgb, quarter_turns)) if quarter_turns else rgb
+
+
+def _ffmpeg_reason(error: av.FFmpegError) -> str:
+    reason = error.strerror or str(error)
+    return _one_line(reason[:1].lower() + reason[1:])
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()) if any(c in str(text) for c in "\r\n\t\v\f") else str(text)
