@@ -82,7 +82,7 @@ class TensorRef:
 
 def _read_headers(files: list[Path]) -> dict[str, TensorRef]:
     """Name -> where it is, from safetensors headers only (no tensor data read)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     refs = {}
     for file in files:
@@ -90,7 +90,7 @@ def _read_headers(files: list[Path]) -> dict[str, TensorRef]:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for key in f.keys():
                     refs[key] = TensorRef(file, key, tuple(f.get_slice(key).get_shape()))
-        except (OSError, ValueError, RuntimeError) as error:
+        except (OSError, ValueError, SafetensorError) as error:
             raise CheckpointError(f"{file}: not a readable safetensors file ({_first_line(error)})") from error
     return refs
 

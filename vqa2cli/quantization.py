@@ -13,6 +13,7 @@ bitsandbytes is imported only when a quantized precision is used (it costs secon
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +71,9 @@ def prepare(model: torch.nn.Module, precision: Precision) -> list[str]:
     if precision.quant == "none":
         return []
     bnb = _import_bnb()
+    if precision.quant == "8bit":
+        # LLM.int8 quantizes activations from float16 by design, and logs that on every matmul otherwise.
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     names = [name for name, module in model.named_modules() if quantizable(name, module)]
     for name in names:
         parent_name, _, child = name.rpartition(".")
