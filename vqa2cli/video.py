@@ -178,7 +178,8 @@ def _video_stream(path: str, container):
 @dataclass
 class _Probe:
     packets: int  # video packets found by demuxing alone
-    declared: int  # frame count the container declares (0: none)
+    declared: int  # frame count the container declares (0: none, as in webm/mkv)
+    declared_seconds: float  # duration the container declares (0: none)
     fps: float
     read_error: str | None
 
@@ -188,9 +189,13 @@ def _probe(path: str) -> _Probe:
     container = _open(path)
     try:
         stream = _video_stream(path, container)
-        declared = max(int(stream.frames or 0), 0)
         rate = stream.average_rate or stream.guessed_rate
         tb = stream.time_base
+        declared = max(int(stream.frames or 0), 0)
+        if stream.duration and tb:
+            declared_seconds = float(stream.duration * tb)
+        else:
+            declared_seconds = (container.duration or 0) / av.time_base
         count = 0
         first = last = None
         last_duration = 0
@@ -224,7 +229,7 @@ def _probe(path: str) -> _Probe:
             fps = float(rate)
         if not 0.1 < fps < 1000.0:
             fps = 25.0  # FFmpeg's own assumption for streams without any timing
-        return _Probe(count, declared, fps, read_error)
+        return _Probe(count, declared, declared_seconds, fps, read_error)
     finally:
         container.close()
 
@@ -302,13 +307,13 @@ def _decode(path: str, probe: _Probe, keyframe_size: int, motion_size: int,
         index = 0
         quarter_turns = 0
         width = height = 0
-        first_time = last_time = None
+        times: list[float] = []  # presentation times of the decoded frames
         last_duration = 0.0
         rejected = corrupt = 0
         read_error = None
 
         def take(frame) -> None:
-            nonlocal index, quarter_turns, width, height, first_time, last_time, last_duration
+            nonlocal index, quarter_turns, width, height, last_duration
             nonlocal keyframes, corrupt
             if index == 0:
                 quarter_turns = round((frame.rotation or 0) / 90) % 4
@@ -318,10 +323,7 @@ def _decode(path: str, probe: _Probe, keyframe_size: int, motion_size: int,
             if frame.is_corrupt:
                 corrupt += 1
             if frame.pts is not None and frame.time_base:
-                t = float(frame.pts * frame.time_base)
-                if first_time is None:
-                    first_time = t
-                last_time = t
+                times.append(float(frame.pts * frame.time_base))
                 last_duration = float(frame.duration * frame.time_base) if frame.duration else 0.0
             shared = None
             if index % step == 0:
@@ -376,23 +378,37 @@ def _decode(path: str, probe: _Probe, keyframe_size: int, motion_size: int,
             detail = f"all {probe.packets} packets are corrupt or truncated"
         raise VideoError(path, f"no decodable video frames ({detail})")
 
-    if read_error:
-        warnings.append(f"stopped reading at damaged or truncated data after {index} frames ({read_error})")
-    if probe.declared > index and probe.declared > probe.packets:
-        warnings.append(f"the container declares {probe.declared} frames but only {probe.packets} are "
-                        f"present (file truncated?)")
-    if rejected:
-        warnings.append(f"skipped {rejected} corrupt packets")
-    if corrupt:
-        warnings.append(f"{corrupt} frames decoded with errors")
-    if index < probe.packets and not rejected:
-        warnings.append(f"decoded {index} frames from {probe.packets} packets")
-
-    if first_time is not None and last_time is not None and last_time > first_time:
-        span = last_time - first_time
-        duration = span + (last_duration or span / (index - 1))
+    times.sort()  # damaged streams can yield frames out of order
+    intervals = np.diff(times) if len(times) >= 2 else np.zeros(0)
+    if len(intervals) and times[-1] > times[0]:
+        span = times[-1] - times[0]
+        duration = span + (last_duration or span / (len(times) - 1))
     else:
         duration = last_duration or index / probe.fps
+    if read_error:
+        warnings.append(f"stopped reading at damaged or truncated data after {_count(index, 'frame')} "
+                        f"({read_error})")
+    if index < 0.9 * probe.declared:
+        warnings.append(f"decoded {index} of the {probe.declared} frames the container declares "
+                        f"(file truncated or damaged)")
+    elif not probe.declared and duration < 0.9 * probe.declared_seconds:
+        warnings.append(f"decoded {duration:.2f} s of the {probe.declared_seconds:.2f} s the container "
+                        f"declares (file truncated or damaged)")
+    elif index < probe.packets and not rejected:
+        warnings.append(f"decoded {index} frames from {_count(probe.packets, 'packet')}")
+    if len(intervals):
+        # A hole the demuxer skipped silently (matroska resyncs past damage) shows as a long jump.
+        gaps = np.flatnonzero(intervals > max(0.5, 10 * float(np.median(intervals))))
+        if len(gaps):
+            widest = gaps[np.argmax(intervals[gaps])]
+            warnings.append(f"{_count(len(gaps), 'gap')} in the timestamps, widest between "
+                            f"{times[widest] - times[0]:.2f} s and {times[widest + 1] - times[0]:.2f} s "
+                            f"(missing or damaged data, or a long pause in variable-rate video)")
+    if rejected:
+        warnings.append(f"skipped {_count(rejected, 'corrupt packet')}")
+    if corrupt:
+        warnings.append(f"{_count(corrupt, 'frame')} decoded with errors")
+
     motion_frames, motion_indices = motion.result()
     return VideoSample(
         path=path,
@@ -426,6 +442,10 @@ def _fast_resize(reformatter: VideoReformatter, frame, size: int, quarter_turns:
                                interpolation=_MOTION_INTERPOLATION).to_ndarray()
     # Square output: rotating after the resize equals resizing the rotated frame.
     return np.ascontiguousarray(np.rot90(rgb, quarter_turns)) if quarter_turns else rgb
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _ffmpeg_reason(error: av.FFmpegError) -> str:

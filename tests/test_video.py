@@ -1,0 +1,318 @@
+"""load_video on clips made with PyAV: sampling rules, preprocessing values, damage and bad files."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vqa2cli
+from tests.fixtures.clips import BAD_FILES, frame_pattern, garble, make_clip, permissions_apply, truncate
+from vqa2cli.errors import InputError
+from vqa2cli.video import VideoError, VideoSample, _MotionBuffer, load_video, normalize
+
+ONE_STEP = 1 / 127.5  # one uint8 level after normalisation
+
+
+def rule(num_frames: int, fps) -> list[int]:
+    """The release's keyframe rule, written out: one per whole second, one for the leftover frames."""
+    step = round(float(fps))
+    whole = num_frames // step
+    return [i * step for i in range(whole)] + ([whole * step] if num_frames % step else [])
+
+
+def index_pattern(i, w, h):
+    """Every pixel carries the frame index, so a decoded frame tells which source frame it is."""
+    return np.full((h, w, 3), (i % 256, (i // 256) * 16, 128), np.uint8)
+
+
+def frame_numbers(motion: torch.Tensor) -> list[int]:
+    rgb = motion.to(torch.int64).float().mean(dim=(2, 3)).round().long()
+    return [int(r) + int(g) // 16 * 256 for r, g, _ in rgb.tolist()]
+
+
+def check_sample(sample: VideoSample, num_frames: int, fps, size=(32, 24)):
+    assert sample.num_frames == num_frames
+    assert sample.keyframe_indices == rule(num_frames, fps)
+    assert sample.fps == pytest.approx(float(fps), rel=1e-3)
+    t = max(num_frames - num_frames % 4, 4)
+    assert sample.motion_indices == (list(range(t)) if num_frames >= 4 else
+                                     list(range(num_frames)) + [num_frames - 1] * (4 - num_frames))
+    assert sample.keyframes.shape == (len(sample.keyframe_indices), 3, size[0], size[0])
+    assert sample.keyframes.dtype == torch.float32
+    assert sample.motion.shape == (t, 3, size[1], size[1])
+    assert sample.motion.dtype == torch.uint8
+    assert sample.keyframes.min() >= -1 and sample.keyframes.max() <= 1
+    assert sample.warnings == []
+
+
+@pytest.mark.parametrize("name,codec,size", [
+    ("h264.mp4", "libx264", (64, 48)),
+    ("hevc.mp4", "libx265", (64, 48)),
+    ("vp9.webm", "libvpx-vp9", (64, 48)),
+    ("av1.mp4", "libsvtav1", (64, 64)),
+    ("mpeg4.avi", "mpeg4", (64, 48)),
+    ("ffv1.mkv", "ffv1", (64, 48)),
+])
+def test_codecs(tmp_path, name, codec, size):
+    path = make_clip(tmp_path / name, seconds=2.2, fps=25, size=size, codec=codec)
+    sample = load_video(path, keyframe_size=32, motion_size=24)
+    check_sample(sample, 55, 25)
+    assert sample.keyframe_indices == [0, 25, 50]
+    assert (sample.width, sample.height) == size
+    assert sample.duration == pytest.approx(2.2, abs=1e-3)
+
+
+@pytest.mark.parametrize("fps,seconds,container", [
+    (24, 3.3, "mp4"), (25, 2.0, "mp4"), ("30000/1001", 2.5, "mp4"), ("30000/1001", 2.5, "mkv"),
+    (60, 1.5, "webm"), (60, 2.0, "mov"),
+])
+def test_frame_rates(tmp_path, fps, seconds, container):
+    rate = Fraction(fps)
+    path = make_clip(tmp_path / f"clip.{container}", seconds=seconds, fps=rate, size=(32, 24))
+    n = round(seconds * rate)
+    sample = load_video(path, keyframe_size=32, motion_size=24)
+    check_sample(sample, n, rate)
+    assert sample.duration == pytest.approx(n / rate, abs=2e-3)
+
+
+def test_whole_seconds_get_no_extra_keyframe(tmp_path):
+    exact = load_video(make_clip(tmp_path / "a.mp4", frames=50, fps=25, size=(32, 24)), 32, 24)
+    over = load_video(make_clip(tmp_path / "b.mp4", frames=51, fps=25, size=(32, 24)), 32, 24)
+    assert exact.keyframe_indices == [0, 25]
+    assert over.keyframe_indices == [0, 25, 50]
+
+
+@pytest.mark.parametrize("frames", [1, 2, 3, 4, 5, 12])
+def test_short_clips(tmp_path, frames):
+    path = make_clip(tmp_path / "short.mkv", frames=frames, fps=25, codec="ffv1", pattern=index_pattern)
+    sample = load_video(path, keyframe_size=32, motion_size=24)
+    check_sample(sample, frames, 25)
+    assert frame_numbers(sample.motion) == sample.motion_indices
+    assert sample.duration == pytest.approx(frames / 25, abs=1e-3)
+
+
+def test_half_second_clip(tmp_path):
+    sample = load_video(make_clip(tmp_path / "half.mp4", seconds=0.5, fps=30, size=(32, 24)), 32, 24)
+    check_sample(sample, 15, 30)
+    assert sample.keyframe_indices == [0]
+    assert len(sample.motion_indices) == 12
+
+
+@pytest.mark.parametrize("frames,cap", [(120, 50), (120, 48), (1000, 64), (97, 96)])
+def test_motion_cap_subsamples_uniformly(tmp_path, frames, cap):
+    path = make_clip(tmp_path / "long.mkv", frames=frames, fps=25, size=(16, 16), codec="ffv1",
+                     pattern=index_pattern)
+    sample = load_video(path, keyframe_size=16, motion_size=16, max_motion_frames=cap)
+    t = cap - cap % 4
+    assert sample.motion_indices == [k * frames // t for k in range(t)]
+    assert sample.motion.shape[0] == t
+    assert frame_numbers(sample.motion) == sample.motion_indices
+    assert sample.keyframe_indices == rule(frames, 25)  # the cap never touches keyframes
+
+
+def test_motion_buffer_survives_an_undercount():
+    # The packet count said 10 frames; the decoder delivers 200. Storage must stay within the cap.
+    buffer = _MotionBuffer(expected=10, limit=8, size=2)
+    for i in range(200):
+        if buffer.wants(i):
+            buffer.add(i, np.full((2, 2, 3), i % 256, np.uint8))
+        assert len(buffer.indices) <= 8 and buffer.frames.shape[0] <= 8
+    frames, indices = buffer.result()
+    assert len(indices) in (4, 8) and len(indices) % 4 == 0
+    assert indices == sorted(set(indices)) and indices[0] == 0 and indices[-1] >= 100
+    steps = np.diff(indices)
+    assert steps.max() == steps.min()  # still evenly spaced
+    assert [int(f[0, 0, 0]) for f in frames] == indices
+
+
+def test_motion_buffer_grows_when_all_frames_fit():
+    buffer = _MotionBuffer(expected=3, limit=100, size=2)
+    for i in range(30):
+        assert buffer.wants(i)
+        buffer.add(i, np.full((2, 2, 3), i, np.uint8))
+    frames, indices = buffer.result()
+    assert indices == list(range(28))
+    assert [int(f[0, 0, 0]) for f in frames] == indices
+
+
+def test_max_motion_frames_must_allow_four():
+    with pytest.raises(ValueError):
+        load_video("unused.mp4", max_motion_frames=3)
+
+
+@pytest.mark.parametrize("container", ["mkv", "mp4"])
+def test_variable_frame_rate(tmp_path, container):
+    times = [0.0, 0.04, 0.08, 0.2, 0.3, 0.31, 0.32, 0.33, 0.5, 0.9, 1.0, 1.1, 1.2, 1.25, 1.3, 1.35,
+             1.4, 1.45, 1.5, 1.55, 1.6, 1.65, 1.7, 1.75, 1.8, 1.85, 1.9, 1.95, 2.0, 2.05]
+    path = make_clip(tmp_path / f"vfr.{container}", timestamps=times, fps=25, size=(32, 24))
+    sample = load_video(path, keyframe_size=32, motion_size=24)
+    assert sample.num_frames == len(times)
+    # fps is the average rate, frames / duration; the last frame lasts 1/25 s (the stream's rate).
+    assert sample.duration == pytest.approx(2.05 + 0.04, abs=0.011)
+    assert sample.fps == pytest.approx(len(times) / sample.duration, rel=1e-6)
+    assert sample.keyframe_indices == rule(len(times), sample.fps)
+    assert sample.motion_indices == list(range(28))
+
+
+def test_containers_without_frame_counts(tmp_path):
+    import av
+
+    path = make_clip(tmp_path / "clip.webm", seconds=3, fps=30, size=(32, 24))
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 0
+    check_sample(load_video(path, keyframe_size=32, motion_size=24), 90, 30)
+
+
+def marked(i, w, h):
+    rgb = np.zeros((h, w, 3), np.uint8)
+    rgb[: h // 4, : w // 4] = 255  # a white block in the top-left corner
+    return rgb
+
+
+@pytest.mark.parametrize("rotation,corner", [(90, "bottom-left"), (-90, "top-right"), (180, "bottom-right")])
+def test_rotation_comes_out_upright(tmp_path, rotation, corner):
+    plain = load_video(make_clip(tmp_path / "plain.mp4", frames=4, size=(64, 32), pattern=marked), 32, 24)
+    turned = load_video(make_clip(tmp_path / "turned.mp4", frames=4, size=(64, 32), pattern=marked,
+                                  rotation=rotation), 32, 24)
+    expected_size = (32, 64) if rotation % 180 else (64, 32)
+    assert (turned.width, turned.height) == expected_size
+    k = rotation // 90 % 4  # display matrix angles are counter-clockwise, like np.rot90
+    assert torch.equal(turned.motion, torch.rot90(plain.motion, k, dims=(2, 3)))
+    assert torch.allclose(turned.keyframes, torch.rot90(plain.keyframes, k, dims=(2, 3)), atol=1.01 * ONE_STEP)
+    luma = turned.keyframes[0].mean(0)
+    h = luma.shape[0] // 2
+    quadrants = {"top-left": luma[:h, :h], "top-right": luma[:h, h:],
+                 "bottom-left": luma[h:, :h], "bottom-right": luma[h:, h:]}
+    assert max(quadrants, key=lambda q: quadrants[q].mean()) == corner
+
+
+@pytest.mark.parametrize("codec,pix_fmt,size", [
+    ("ffv1", "bgr0", (33, 17)), ("libx264", "yuv444p", (35, 21)), ("libx264", "yuv420p10le", (64, 48)),
+    ("libx265", "yuv420p10le", (64, 48)), ("libx264", "gray", (64, 48)), ("ffv1", "gray16le", (31, 9)),
+])
+def test_odd_sizes_deep_and_grey_sources(tmp_path, codec, pix_fmt, size):
+    path = make_clip(tmp_path / "clip.mkv", seconds=1, fps=25, size=size, codec=codec, pix_fmt=pix_fmt)
+    sample = load_video(path, keyframe_size=32, motion_size=24)
+    check_sample(sample, 25, 25)
+    assert (sample.width, sample.height) == size
+    if "gray" in pix_fmt:
+        assert torch.equal(sample.motion[:, 0], sample.motion[:, 1])
+        assert torch.equal(sample.keyframes[:, 0], sample.keyframes[:, 2])
+
+
+def test_solid_colour_values(tmp_path):
+    colour = (200, 100, 50)
+    path = make_clip(tmp_path / "solid.mkv", frames=8, size=(48, 40), codec="ffv1", color=colour)
+    sample = load_video(path, keyframe_size=32, motion_size=24)
+    expected = (torch.tensor(colour, dtype=torch.float32) / 255 - 0.5) / 0.5
+    assert torch.allclose(sample.keyframes[0], expected[:, None, None].expand(3, 32, 32), atol=1e-6)
+    assert (sample.motion.int() - torch.tensor(colour)[None, :, None, None]).abs().max() <= 1
+
+
+def smooth_pattern(i, w, h):
+    rng = np.random.default_rng(i)
+    coarse = rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC))
+
+
+def test_resize_matches_pil_bicubic(tmp_path):
+    w, h = 160, 96
+    path = make_clip(tmp_path / "grad.mkv", frames=4, size=(w, h), codec="ffv1", pattern=smooth_pattern)
+    sample = load_video(path, keyframe_size=40, motion_size=40)
+    reference = np.asarray(Image.fromarray(smooth_pattern(0, w, h)).resize((40, 40), Image.BICUBIC))
+    reference = torch.from_numpy(reference.copy()).permute(2, 0, 1)
+    # Keyframes take the release's own path: identical to PIL.
+    assert torch.allclose(sample.keyframes[0], normalize(reference), atol=1e-6)
+    # Motion frames 1-3 take swscale's bicubic; frame 0 is shared with the keyframe.
+    assert torch.equal(sample.motion[0], reference)
+    for i in (1, 2, 3):
+        ref = torch.from_numpy(np.asarray(Image.fromarray(smooth_pattern(i, w, h)).resize((40, 40), Image.BICUBIC)).copy())
+        diff = (sample.motion[i].int() - ref.permute(2, 0, 1).int()).abs()
+        assert diff.float().mean() < 0.5 and diff.max() <= 3
+
+
+def test_resize_to_different_sizes(tmp_path):
+    path = make_clip(tmp_path / "clip.mp4", seconds=1, fps=25, size=(64, 48))
+    sample = load_video(path, keyframe_size=40, motion_size=16)
+    assert sample.keyframes.shape == (1, 3, 40, 40) and sample.motion.shape == (24, 3, 16, 16)
+
+
+def test_normalize():
+    frames = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 3, 1, 1)
+    out = normalize(frames)
+    assert out.dtype == torch.float32
+    assert out.flatten().tolist() == pytest.approx([-1.0, 51 / 255 * 2 - 1, 1.0], abs=1e-7)
+
+
+def test_keyframes_equal_normalised_shared_motion_frames(clip):
+    sample = load_video(clip, keyframe_size=32, motion_size=32)
+    assert torch.equal(sample.keyframes[0], normalize(sample.motion[0]))
+
+
+def test_audio_stream_is_ignored(tmp_path):
+    sample = load_video(make_clip(tmp_path / "av.mp4", seconds=1, fps=25, audio=True), 32, 24)
+    check_sample(sample, 25, 25)
+
+
+def test_lazy_export(clip):
+    assert vqa2cli.load_video is load_video
+    assert vqa2cli.VideoError is VideoError
+    assert isinstance(vqa2cli.load_video(clip, 32, 24), vqa2cli.VideoSample)
+
+
+EXPECTED_REASON = {
+    "missing": "no such file",
+    "directory": "directory",
+    "empty": "empty",
+    "random_bytes": "not a video",
+    "text": "text",
+    "text_named_mp4": "not a video",
+    "audio_only": "no video stream",
+    "image_png": "still image",
+    "image_jpg": "still image",
+    "truncated_mp4": "not a video",
+    "garbled": "no decodable video frames",
+    "empty_stream": "not a video",
+    "unsupported_codec": "unsupported video codec",
+    "unreadable": "permission denied",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_bad_files_get_one_line_errors(bad_files, name):
+    path = bad_files[name]
+    if name == "unreadable" and not permissions_apply(path):
+        pytest.skip("running as root: chmod 000 does not stop reads")
+    with pytest.raises(VideoError) as caught:
+        load_video(path, keyframe_size=32, motion_size=24)
+    message = str(caught.value)
+    assert isinstance(caught.value, InputError)
+    assert str(path) in message and "\n" not in message
+    assert EXPECTED_REASON[name] in message
+    # No PyAV/OS exception chained behind it (a CLI printing the chain would show a traceback).
+    error = caught.value
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
+
+
+def test_truncated_clip_with_its_index_first_loads_with_a_warning(tmp_path):
+    whole = make_clip(tmp_path / "whole.mp4", seconds=4, size=(64, 48), options={"g": "25"},
+                      container_options={"movflags": "faststart"})
+    sample = load_video(truncate(whole, tmp_path / "cut.mp4", 0.6), 32, 24)
+    assert 0 < sample.num_frames < 100
+    assert len(sample.motion_indices) % 4 == 0
+    assert sample.keyframe_indices == rule(sample.num_frames, 25)
+    assert any("truncated" in w for w in sample.warnings)
+
+
+@pytest.mark.parametrize("suffix", ["mp4", "webm"])
+def test_damaged_middle_is_skipped_and_reported(tmp_path, suffix):
+    whole = make_clip(tmp_path / f"whole.{suffix}", seconds=4, size=(64, 48), options={"g": "25"},
+                      container_options={"movflags": "faststart"} if suffix == "mp4" else None)
+    sample = load_video(garble(whole, tmp_path / f"hurt.{suffix}", 0.45, 0.1), 32, 24)
+    assert 0 < sample.num_frames <= 100
+    assert sample.warnings and all("\n" not in w for w in sample.warnings)
+    assert sample.motion.shape[0] % 4 == 0
