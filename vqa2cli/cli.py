@@ -107,6 +107,15 @@ def _ignore_further_interrupts():
 # --- score ---------------------------------------------------------------------------------------
 
 
+def _stdin_lines():
+    from vqa2cli.batch import fd_lines
+
+    try:
+        return fd_lines(sys.stdin.fileno())
+    except (AttributeError, ValueError, OSError):  # replaced by a file-like object without a descriptor
+        return sys.stdin
+
+
 def _score_columns(level_words):
     from vqa2cli.output import Column, fmt_float
 
@@ -114,7 +123,7 @@ def _score_columns(level_words):
         Column("path", "Path"),
         Column("score", "Score", fmt_float(3), "right"),
         Column("level", "Level"),
-        *[Column(f"probs.{word}", word, fmt_float(2), "right") for word in level_words],
+        *[Column(f"probs.{word}", word, fmt_float(2), "right", wide_only=True) for word in level_words],
         Column("model", "Model", in_table=False),  # the table names it in its title
         Column("duration_s", "Duration", lambda seconds: f"{seconds:.1f} s", "right"),
         Column("keyframes", "Keyframes", in_table=False),
@@ -129,7 +138,7 @@ def _score_columns(level_words):
 @model_options
 @click.option(
     "--prompt",
-    type=click.Choice(["ugc", "streaming"]),
+    type=click.Choice(["ugc", "streaming", "enhanced"]),
     default=None,
     help="Scoring prompt [default: the one the model was trained with].",
 )
@@ -180,7 +189,7 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, batch_siz
     reporter = Reporter.for_stderr(quiet)
     if "-" in paths and sys.stdin.isatty():
         reporter.note("reading video paths from stdin, one per line (end with Ctrl-D)")
-    inputs = expand_paths(paths, recursive=recursive, stdin=sys.stdin, warn=reporter.note)
+    inputs = expand_paths(paths, recursive=recursive, stdin=_stdin_lines(), warn=reporter.note)
     # without stdin the whole list is known up front, which gives the progress bar its ETA
     total = None
     if "-" not in paths:
@@ -275,7 +284,7 @@ def ask(video, question, questions_file, model_name, device, quant, max_new_toke
         video,
         keyframe_size=model.config.keyframe_size,
         motion_size=model.config.motion_size,
-        max_motion_frames=max_motion_frames,
+        max_motion_frames=min(max_motion_frames, model.config.motion.max_frames),
     )
 
     def echo(text):
@@ -380,8 +389,9 @@ def _parse_range(kind):
               help="Frame size (even); user clips are centre-cropped to its aspect ratio, then resized.")
 @click.option("--fps", type=float, default=12.0, show_default=True, help="Frame rate (never above a user clip's).")
 @click.option("--seconds", type=float, default=4.0, show_default=True, help="Clip length.")
-@click.option("--crf", type=click.IntRange(0, 51), default=12, show_default=True,
-              help="x264 quality of the written clips (near-lossless, so only the labelled damage shows).")
+@click.option("--crf", type=click.IntRange(0, 51), default=0, show_default=True,
+              help="x264 quality of the written clips: 0 is lossless (only the labelled damage shows, and frames "
+              "are identical run to run); 10-18 are near-lossless and smaller.")
 @click.option("--content", default=",".join(("texture", "gradient", "shapes", "zoom")), show_default=True,
               help="Procedural content kinds to draw from (comma-separated).")
 @click.option("--speed", default="0.5,3", show_default=True, callback=_parse_range(float), metavar="LO,HI",

@@ -1,0 +1,337 @@
+"""vqa2 synth: determinism, what each distortion does to frames, label semantics, files, user clips."""
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from vqa2cli import synth
+from vqa2cli.cli import main
+from vqa2cli.data import load_dataset
+from vqa2cli.errors import SetupError
+
+SMALL = dict(width=64, height=64, fps=8.0, seconds=2.0)  # 16 frames a clip
+
+
+def small_settings(**changes):
+    return synth.SynthSettings(**{"count": 8, "seed": 5, **SMALL, **changes})
+
+
+def decode(path):
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def clean_clip(kind="texture", seed=3, n_frames=16, size=64):
+    rng = np.random.default_rng(seed)
+    clip = synth.ProceduralClip(kind, rng, size, size, n_frames, synth.ContentSettings(speed=(1.5, 2.5)))
+    return [clip.frame(i) for i in range(n_frames)]
+
+
+def distort(frames, name, severity, extent="whole", fps=8.0, seed=0):
+    h, w = frames[0].shape[:2]
+    renderer = synth.DistortionRenderer(
+        synth.AppliedDistortion(name, severity, extent), np.random.default_rng(seed), w, h, fps, len(frames)
+    )
+    return [renderer(frame, i) for i, frame in enumerate(frames)]
+
+
+def luma(frame):
+    return frame[..., 0] * 0.299 + frame[..., 1] * 0.587 + frame[..., 2] * 0.114
+
+
+def laplacian_energy(frames):
+    """Mean squared Laplacian: the high-frequency energy of the frames."""
+    total = 0.0
+    for frame in frames:
+        y = luma(np.asarray(frame, dtype=np.float64))
+        lap = 4 * y[1:-1, 1:-1] - y[:-2, 1:-1] - y[2:, 1:-1] - y[1:-1, :-2] - y[1:-1, 2:]
+        total += float(np.mean(lap**2))
+    return total / len(frames)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "data"
+    meta = synth.generate_dataset(out, small_settings())
+    return out, meta
+
+
+# ---------------------------------------------------------------- determinism
+
+
+def test_same_seed_same_labels_and_frames(dataset, tmp_path):
+    out, _ = dataset
+    again = tmp_path / "again"
+    synth.generate_dataset(again, small_settings())
+    for name in ("labels.csv", "stage1.csv", "stage2.csv", "stage3.csv", "stage2.json", "stage3.json", "manifest.csv"):
+        assert (out / name).read_bytes() == (again / name).read_bytes(), name
+    videos = sorted(p.name for p in (out / "videos").iterdir())
+    assert videos == sorted(p.name for p in (again / "videos").iterdir()) and len(videos) == 8
+    for name in videos:
+        np.testing.assert_array_equal(decode(out / "videos" / name), decode(again / "videos" / name))
+
+
+def test_other_seed_other_data(dataset, tmp_path):
+    out, _ = dataset
+    other = synth.plan_dataset(small_settings(seed=6))
+    assert synth.label_files(other, 6)["manifest.csv"] != (out / "manifest.csv").read_text()
+
+
+# ---------------------------------------------------------------- distortions on frames
+
+
+def test_blur_lowers_high_frequency_energy_more_with_severity():
+    frames = clean_clip()
+    energies = [laplacian_energy(frames)] + [laplacian_energy(distort(frames, "blur", s)) for s in (1, 2, 4)]
+    assert all(a > b for a, b in zip(energies, energies[1:])), energies
+    assert energies[-1] < 0.1 * energies[0]
+
+
+def test_noise_raises_variance_more_with_severity():
+    frames = clean_clip("gradient")
+    residual_std = [float(np.std(np.array(distort(frames, "noise", s)) - np.array(frames))) for s in (1, 2, 4)]
+    assert residual_std == pytest.approx([6.0, 12.0, 24.0], rel=0.1)
+    assert laplacian_energy(distort(frames, "noise", 1)) > laplacian_energy(frames)
+
+
+def blockiness(frame):
+    """Mean luma step across 8-px block borders over the mean step inside blocks (1 when there are no blocks)."""
+    y = luma(np.asarray(frame, dtype=np.float64))
+    steps = np.abs(np.diff(y, axis=1))
+    border = steps[:, 7::8].mean()
+    inside = np.delete(steps, np.s_[7::8], axis=1).mean()
+    return border / inside
+
+
+def test_blocking_creates_8x8_block_edges():
+    frame = clean_clip("texture")[0]
+    clean, mild, strong = blockiness(frame), blockiness(distort([frame], "blocking", 1.5)[0]), blockiness(
+        distort([frame], "blocking", 4)[0]
+    )
+    assert clean < 1.3
+    assert strong > mild > clean
+    assert strong > 2.5
+
+
+def test_exposure_moves_brightness_the_right_way():
+    frames = clean_clip("shapes")
+    base = np.mean([luma(f).mean() for f in frames])
+    over = [np.mean([luma(f).mean() for f in distort(frames, "overexposure", s)]) for s in (1, 4)]
+    under = [np.mean([luma(f).mean() for f in distort(frames, "underexposure", s)]) for s in (1, 4)]
+    assert base < over[0] < over[1] and over[1] > 200
+    assert base > under[0] > under[1] and under[1] < 0.5 * base
+    # over-exposure clips highlights: a share of pixels saturates
+    assert np.mean(np.array(distort(frames, "overexposure", 4)) >= 254.5) > 0.3
+
+
+def test_flicker_makes_frame_brightness_oscillate():
+    frames = clean_clip("texture", n_frames=32)
+    means = lambda fs: np.array([luma(np.clip(f, 0, 255)).mean() for f in fs])  # noqa: E731
+    clean = means(frames)
+    for severity, minimum in ((1, 3.0), (4, 15.0)):
+        flickered = means(distort(frames, "flicker", severity))
+        swing = np.std(flickered - clean)
+        assert swing > minimum, (severity, swing)
+        # it oscillates: frame-to-frame changes of brightness change sign again and again
+        assert np.sum(np.diff(np.sign(np.diff(flickered))) != 0) >= 8
+    assert np.std(np.diff(clean)) < 1.0
+
+
+def count_repeats(frames):
+    return sum(np.array_equal(a, b) for a, b in zip(frames, frames[1:]))
+
+
+def test_stutter_repeats_frames_and_drops_others():
+    frames = clean_clip(n_frames=48)
+    assert count_repeats(frames) == 0
+    mild, severe = (count_repeats(distort(frames, "stutter", s, fps=12)) for s in (1, 4))
+    assert 0 < mild < severe
+    renderer = synth.DistortionRenderer(synth.AppliedDistortion("stutter", 3, "whole"), np.random.default_rng(0),
+                                        64, 64, 12.0, 48)
+    out = [renderer(frame, i) for i, frame in enumerate(frames)]
+    assert renderer.holds
+    for i, frame in enumerate(out):
+        # a frozen frame shows the first frame of its freeze; then playback resumes at the source's own
+        # time: the frames in between are dropped, not delayed
+        np.testing.assert_array_equal(frame, frames[renderer.holds.get(i, i)])
+    assert any(i + 1 not in renderer.holds and i + 1 < 48 for i in renderer.holds)
+
+
+def test_shake_translates_content_per_frame():
+    frames = clean_clip(n_frames=16)
+    h, w = frames[0].shape[:2]
+    renderer = synth.DistortionRenderer(synth.AppliedDistortion("shake", 3, "whole"), np.random.default_rng(1),
+                                        w, h, 8.0, 16)
+    moved = 0
+    m = renderer.max_shift
+    for i, frame in enumerate(frames):
+        shaken = renderer(frame, i)
+        dy, dx = renderer.shifts[i]
+        # the shaken frame is the clean one displaced by (dy, dx): compare away from the borders
+        np.testing.assert_array_equal(shaken[m:-m, m:-m], frame[m + dy : h - m + dy, m + dx : w - m + dx])
+        moved += (dy, dx) != (0, 0)
+    assert moved >= 12 and m == round(0.02 * 3 * 64)
+
+
+def test_partial_extent_leaves_the_other_half_untouched():
+    frames = clean_clip(n_frames=16)
+    for name in ("blur", "noise", "flicker", "shake", "blocking"):
+        out = distort(frames, name, 3, extent="second half")
+        assert all(np.array_equal(a, b) for a, b in zip(out[:8], frames[:8])), name
+        assert all(not np.array_equal(a, b) for a, b in zip(out[8:], frames[8:])), name
+    out = distort(frames, "stutter", 4, extent="first half")
+    assert all(not np.array_equal(a, b) for a, b in zip(out[8:], out[9:]))
+    assert count_repeats(out[:8]) > 0
+
+
+def test_distortions_survive_encoding(dataset):
+    """In the written files: stutter clips hold repeated frames, blurred clips are smoother than clean ones."""
+    out, _ = dataset
+    rows = list(csv.DictReader(open(out / "manifest.csv")))
+    for row in rows:
+        frames = decode(out / row["video"]).astype(np.float64)
+        assert frames.shape[1:] == (64, 64, 3) and len(frames) == 16
+        steps = [np.abs(a - b).mean() for a, b in zip(frames, frames[1:])]
+        if "stutter" in row["distortions"]:
+            assert min(steps) < 0.5  # a held frame
+        if row["distortions"] == "none":
+            assert min(steps) > 0.5  # clean content moves every frame
+
+
+# ---------------------------------------------------------------- labels
+
+
+@pytest.mark.parametrize("name", list(synth.DISTORTIONS))
+def test_mos_falls_with_severity(name):
+    severities = np.linspace(1, 4, 13)
+    mos = [synth.mos_for([(s, "whole")]) for s in severities]
+    assert all(a > b for a, b in zip(mos, mos[1:]))
+    assert synth.mos_for([]) == synth.CLEAN_MOS
+    assert 75 < mos[0] < 85 and 10 < mos[-1] < 25  # from 'high/good' down to 'low'
+    assert synth.mos_for([(3, "first half")]) > synth.mos_for([(3, "whole")])
+
+
+def test_two_distortions_are_worse_than_either():
+    both = synth.mos_for([(2.0, "whole"), (3.0, "whole")])
+    assert both < min(synth.mos_for([(2.0, "whole")]), synth.mos_for([(3.0, "whole")]))
+    assert both == pytest.approx(90 * (1 - synth.impairment(2.0)) * (1 - synth.impairment(3.0)))
+
+
+def test_plan_is_balanced():
+    plans = synth.plan_dataset(small_settings(count=400))
+    counts = {name: 0 for name in synth.DISTORTIONS}
+    for plan in plans:
+        kinds = [d.type.kind for d in plan.distortions]
+        assert len(kinds) <= 2 and len(set(kinds)) == len(kinds)  # at most one spatial and one motion
+        for d in plan.distortions:
+            counts[d.name] += 1
+            assert 1 <= d.severity <= 4 and d.extent in synth.EXTENTS
+    assert min(counts.values()) > 0.7 * max(counts.values())
+    answers = [a for plan in plans for q, a in synth._questions(plan, np.random.default_rng(plan.index))
+               if q.startswith("Is there")]
+    assert answers.count("Yes.") == answers.count("No.")
+    sources = {plan.source for plan in plans}
+    assert sources == {f"procedural:{k}" for k in synth.CONTENT_KINDS}
+
+
+def test_label_files_are_valid_and_consistent(dataset):
+    out, meta = dataset
+    manifest = {row["video"]: row for row in csv.DictReader(open(out / "manifest.csv"))}
+    labels = list(csv.DictReader(open(out / "labels.csv")))
+    assert [row["path"] for row in labels] == list(manifest)
+    for row in labels:
+        assert not Path(row["path"]).is_absolute() and (out / row["path"]).is_file()
+        assert 0 <= float(row["mos"]) <= 100
+        assert row["mos"] == manifest[row["path"]]["mos"]
+    # every stage file is read by the fine-tuning data reader without a single problem
+    for name, stage in (("stage1.csv", 1), ("stage2.csv", 2), ("stage3.csv", 3),
+                        ("stage1.json", 1), ("stage2.json", 2), ("stage3.json", 3)):
+        data = load_dataset(out / name, stage, mos_range=(0, 100))
+        assert data.records and not data.problems, (name, data.problems[:3])
+    for row in csv.DictReader(open(out / "stage1.csv")):
+        distortions = manifest[row["video"]]["distortions"]
+        name = next(n for n, d in synth.DISTORTIONS.items() if d.phrase == row["distortion"])
+        assert name in distortions and synth.DISTORTIONS[name].kind == row["kind"]
+    records = json.loads((out / "stage2.json").read_text())
+    assert {r["image"] for r in records} == set(manifest)
+    assert all(r["gt_score"] == float(manifest[r["image"]]["mos"]) for r in records)
+    assert meta["clips"] == 8 and json.loads((out / "synth.json").read_text())["settings"]["seed"] == 5
+
+
+def test_stage3_answers_follow_the_manifest(dataset):
+    out, _ = dataset
+    manifest = {row["video"]: row for row in csv.DictReader(open(out / "manifest.csv"))}
+    for row in csv.DictReader(open(out / "stage3.csv")):
+        distortions = manifest[row["video"]]["distortions"]
+        present = {d.split(":")[0]: d.split(":")[2] for d in distortions.split(";")} if distortions != "none" else {}
+        for name, kind in synth.DISTORTIONS.items():
+            if row["question"] == f"Is there {kind.phrase} in this video?":
+                assert row["answer"] == ("Yes." if name in present else "No.")
+            if row["question"] == f"When does the {kind.phrase} occur?":
+                expected = {"whole": "Throughout", "first half": "In the first half",
+                            "second half": "In the second half"}[present[name]]
+                assert row["answer"].startswith(expected)
+
+
+# ---------------------------------------------------------------- user clips and the command
+
+
+def write_clip(path, width=96, height=72, fps=30, seconds=3):
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(int(fps * seconds)):
+            x = np.arange(width)[None, :, None]
+            image = ((x * 3 + i * 4 + np.arange(height)[:, None, None] * 2) % 256).astype(np.uint8)
+            frame = av.VideoFrame.from_ndarray(np.broadcast_to(image, (height, width, 3)).copy(), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_user_clips_are_cropped_resized_and_distorted(tmp_path):
+    clips = tmp_path / "clips"
+    (clips / "sub").mkdir(parents=True)
+    write_clip(clips / "sub" / "a.mp4")
+    (clips / "broken.mp4").write_bytes(b"not a video")
+    meta = synth.generate_dataset(tmp_path / "out", small_settings(count=4, fps=10.0, seconds=1.0), clips_dir=clips)
+    assert meta["clips"] == 4 and not meta["failed"]
+    assert len(meta["skipped_sources"]) == 1 and "broken.mp4" in meta["skipped_sources"][0]
+    rows = list(csv.DictReader(open(tmp_path / "out" / "manifest.csv")))
+    assert {row["source"] for row in rows} == {"sub/a.mp4"}
+    for row in rows:
+        frames = decode(tmp_path / "out" / row["video"])
+        assert frames.shape == (10, 64, 64, 3)
+        assert 0 <= float(row["start"]) <= 3 - 1.0
+
+
+def test_clips_folder_without_videos_is_a_setup_error(tmp_path):
+    (tmp_path / "clips").mkdir()
+    with pytest.raises(SetupError, match="no video files"):
+        synth.generate_dataset(tmp_path / "out", small_settings(), clips_dir=tmp_path / "clips")
+
+
+def test_command_makes_a_dataset_and_refuses_a_full_folder(tmp_path, monkeypatch, capsys):
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["vqa2", "synth", *map(str, args)])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        return exit_info.value.code, capsys.readouterr().err
+
+    out = tmp_path / "data"
+    code, err = run(out, "--count", 3, "--size", "32x32", "--seconds", 1, "--fps", 8, "--seed", 2,
+                    "--content", "shapes", "--speed", "1,2", "--objects", "1")
+    assert code == 0, err
+    assert "made 3 clip(s)" in err
+    assert all((out / name).is_file() for name in ("labels.csv", "stage1.csv", "stage2.csv", "stage3.csv"))
+    assert {row["source"] for row in csv.DictReader(open(out / "manifest.csv"))} == {"procedural:shapes"}
+    code, err = run(out, "--count", 3)
+    assert code == 2 and err.strip().count("\n") == 0 and "not empty" in err
+    code, err = run(tmp_path / "x", "--size", "31x32")
+    assert code == 2 and "even" in err
