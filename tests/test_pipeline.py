@@ -130,3 +130,17 @@ def test_registry_entry_sets_the_prompt_of_an_official_checkpoint(tiny_official_
     assert model.name == "vqa2-streaming-scorer" and model.config.prompt == "streaming"
     sample = _sample(model.config)
     assert model.score(sample) == model.score(sample, prompt="streaming")
+
+
+def test_scores_a_video_file(ours, clip_factory):
+    """A path is decoded with the model's frame sizes, its motion stream capped to the position table."""
+    from vqa2cli.video import load_video
+
+    clip = clip_factory(seconds=4, fps=25)  # 100 frames; the tiny model's table holds 64
+    limit = ours.config.motion.max_frames
+    result = ours.score(clip)  # max_motion_frames defaults to 2000: capped, not an error
+    sample = load_video(clip, keyframe_size=ours.config.keyframe_size, motion_size=ours.config.motion_size,
+                        max_motion_frames=limit)
+    assert sample.keyframes.shape[-1] == ours.config.keyframe_size and 0 < sample.motion.shape[0] <= limit
+    assert ours.score(sample) == result
+    assert ours.score(clip, max_motion_frames=32) != result
