@@ -72,12 +72,36 @@ def test_fast_pathway_equals_full_slowfast(tiny_config):
                 x = block(x)
             outs.append(x[1])
         assert torch.equal(outs[0], outs[1])
-        pooled = outs[0].mean(dim=(3, 4))[0].T  # [T, C]
+        # The release's pooling: AdaptiveAvgPool2d(1) on [1, C, T, h, w], then + position table.
+        pooled = torch.nn.AdaptiveAvgPool2d(1)(outs[0]).squeeze(0).squeeze(-1).squeeze(-1).transpose(0, 1)
         ours = enc(fast[0].transpose(0, 1))
-    assert torch.allclose(ours, pooled + enc.position_embedding.weight[:8], atol=1e-6, rtol=0)
+    assert torch.equal(ours, pooled + enc.position_embedding.weight[:8])
     # The slow pathway and fusions exist (strict loading of the released weights needs them).
     assert enc.blocks[0].multipathway_blocks[0] is not None
     assert any(k.startswith("blocks.0.multipathway_fusion") for k in enc.state_dict())
+
+
+def test_chunked_motion_equals_one_pass(tiny_config):
+    model = make_tiny_model(tiny_config)
+    enc = model.motion_encoder
+    # pytorchvideo zero-initialises each residual branch's last BatchNorm, which would hide the temporal
+    # reach of the res stages; give every BatchNorm real statistics first.
+    torch.manual_seed(0)
+    for bn in (m for m in enc.modules() if isinstance(m, torch.nn.BatchNorm3d)):
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.1, 0.1)
+        bn.running_var.uniform_(0.5, 1.5)
+    _, motion = tiny_video(tiny_config, num_motion=40)
+    assert enc.halo == 6  # depth 18: stem kernel 5 (2) + four res blocks with temporal kernel 3 (1 each)
+    with torch.no_grad():
+        enc.chunk_frames = 0
+        whole = enc(motion)
+        enc.chunk_frames = 8
+        chunked = enc(motion)
+        enc.halo -= 1  # one frame of context short: the chunk borders go wrong
+        short = enc(motion)
+    assert torch.allclose(chunked, whole, atol=1e-5, rtol=0)
+    assert not torch.allclose(short, whole, atol=1e-4, rtol=0)
 
 
 def test_motion_longer_than_position_table_is_refused(tiny_model, tiny_config):
@@ -236,7 +260,7 @@ def test_generate_returns_new_tokens_and_streams(tiny_model, tiny_config, tiny_t
     assert pieces[-1] is None and torch.equal(torch.cat([p.flatten() for p in pieces[1:-1]]), out[0])
 
 
-def test_long_sequence_warns(tiny_config, tiny_tokenizer):
+def test_long_sequence_warns(tiny_model, tiny_config, tiny_tokenizer):
     config = tiny_config.__class__(**{**tiny_config.__dict__, "max_training_length": 50})
     model = make_tiny_model(config)
     keyframes, motion = tiny_video(config)
@@ -244,7 +268,7 @@ def test_long_sequence_warns(tiny_config, tiny_tokenizer):
         model.build_inputs(_ids(tiny_tokenizer), keyframes, motion)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        make_tiny_model(tiny_config).build_inputs(_ids(tiny_tokenizer), keyframes, motion)
+        tiny_model.build_inputs(_ids(tiny_tokenizer), keyframes, motion)
 
 
 # ---- released size ----------------------------------------------------------------------------------

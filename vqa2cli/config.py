@@ -71,6 +71,7 @@ class MotionConfig:
     stem_dim_outs: tuple[int, int] = (64, 8)
     channel_reduction_ratio: int = 8  # slow/fast channel ratio (beta); pytorchvideo default
     max_frames: int = 2000  # rows of the learned position table = most motion frames one video may use
+    chunk_frames: int = 256  # inference runs the fast pathway this many frames at a time (0: one pass)
 
     def __post_init__(self):
         self.stem_dim_outs = tuple(self.stem_dim_outs)

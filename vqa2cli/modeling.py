@@ -90,21 +90,64 @@ class MotionEncoder(nn.Module):
         slowfast = create_slowfast(**config.slowfast_kwargs())
         self.blocks = nn.ModuleList(slowfast.blocks[:5])  # stem, res2..res5; the head is not used
         self.position_embedding = nn.Embedding(config.max_frames, config.feature_size)
+        self.chunk_frames = config.chunk_frames
+        self.halo = self._temporal_radius()
+
+    def _temporal_radius(self) -> int:
+        """How many frames on each side one output frame of the fast pathway sees. Every temporal
+        kernel there has stride 1 and 'same' padding, so the radius is the sum of kernel half-widths
+        (over all layers, residual branches included: an upper bound, which is all chunking needs)."""
+        radius = 0
+        for block in self.blocks:
+            for layer in block.multipathway_blocks[1].modules():
+                if isinstance(layer, (nn.Conv3d, nn.MaxPool3d, nn.AvgPool3d)):
+                    k, st, pad, dil = (_triple(getattr(layer, n, 1))[0] for n in ("kernel_size", "stride", "padding", "dilation"))
+                    if st != 1 or pad != (k - 1) // 2 * dil:
+                        raise ValueError(f"fast pathway layer {layer} is not temporally stride-1 'same'")
+                    radius += (k - 1) // 2 * dil
+        return radius
+
+    def _fast_pathway(self, frames: torch.Tensor) -> torch.Tensor:
+        """[t, 3, S, S] -> [t, C]: fast pathway of blocks 0..4, then spatial average pooling."""
+        weight = self.blocks[0].multipathway_blocks[1].conv.weight
+        if frames.dtype == torch.uint8:
+            frames = _normalize_motion(frames.to(weight.device))
+        x = frames.to(device=weight.device, dtype=weight.dtype).transpose(0, 1).unsqueeze(0)  # [1, 3, t, S, S]
+        for block in self.blocks:
+            x = block.multipathway_blocks[1](x)  # temporal stride 1: t kept
+        # [1, C, t, h, w] -> [1, C, t, 1, 1] -> [t, C]. A 2D adaptive pool over the last two dims is the
+        # release's op; a 3D pool (t, 1, 1) sums in another order and differs by ~1e-7.
+        return F.adaptive_avg_pool2d(x, 1).flatten(2).squeeze(0).transpose(0, 1)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames: [T, 3, S, S] normalised float -> [T, C] (one token per input frame)."""
+        """frames: [T, 3, S, S], uint8 RGB (normalised here, chunk by chunk) or normalised float -> [T, C].
+
+        In eval mode long inputs run in chunks of `chunk_frames` output frames, each with `halo` extra
+        frames of context per side that are computed and dropped: the result equals the one-pass result
+        (up to float summation order) while activation memory stays bounded; uint8 frames are only
+        turned into floats one chunk at a time. In training (BatchNorm on batch statistics) it is one pass.
+        """
         num_frames = frames.shape[0]
         if num_frames > self.position_embedding.num_embeddings:
             raise ValueError(
                 f"{num_frames} motion frames exceed the model's position table "
                 f"({self.position_embedding.num_embeddings}); sample fewer motion frames"
             )
-        x = frames.transpose(0, 1).unsqueeze(0)  # [1, 3, T, S, S]
-        for block in self.blocks:
-            x = block.multipathway_blocks[1](x)  # fast pathway: temporal stride 1, T kept
-        # [1, C, T, h, w] -> [1, C, T, 1, 1] -> [T, C]
-        x = F.adaptive_avg_pool3d(x, (num_frames, 1, 1)).flatten(2).squeeze(0).transpose(0, 1)
-        return x + self.position_embedding.weight[:num_frames]
+        chunk = self.chunk_frames
+        if self.training or not chunk or num_frames <= chunk:
+            feats = self._fast_pathway(frames)
+        else:
+            pieces = []
+            for start in range(0, num_frames, chunk):
+                stop = min(start + chunk, num_frames)
+                lo, hi = max(start - self.halo, 0), min(stop + self.halo, num_frames)
+                pieces.append(self._fast_pathway(frames[lo:hi])[start - lo : stop - lo])
+            feats = torch.cat(pieces)
+        return feats + self.position_embedding.weight[:num_frames]
+
+
+def _triple(value):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * 3
 
 
 @dataclass
@@ -152,10 +195,7 @@ class VQA2Model(nn.Module):
 
     def encode_motion(self, frames: torch.Tensor) -> torch.Tensor:
         """frames: [T, 3, S, S] uint8 (normalised here) or float already normalised -> [T, H]."""
-        if frames.dtype == torch.uint8:
-            frames = _normalize_motion(frames)
-        first = self.motion_encoder.blocks[0].multipathway_blocks[1].conv.weight
-        feats = self.motion_encoder(frames.to(device=first.device, dtype=first.dtype))  # [T, C]
+        feats = self.motion_encoder(frames)  # [T, C]
         # The release casts to fp16 here; the round-trip keeps our logits within ~1e-6 of it.
         feats = feats.to(torch.float16).to(self.motion_projector[0].weight.dtype)
         return self.motion_projector(feats)  # [T, H]
