@@ -190,6 +190,9 @@ def test_single_placeholder_takes_keyframes_only(tiny_model, tiny_config, tiny_t
     assert (types == KEYFRAME).sum() == 2 * tiny_config.tokens_per_keyframe
     with pytest.raises(ValueError, match="motion"):
         tiny_model.build_inputs(_ids(tiny_tokenizer), keyframes, None)
+    three = torch.tensor(prompts.tokenize_prompt("<image><image><image>", tiny_tokenizer))
+    with pytest.raises(ValueError, match="3 <image> placeholders"):
+        tiny_model.build_inputs(three, keyframes, None)
 
 
 def test_labels_are_expanded_with_ignore_on_media(tiny_model, tiny_config, tiny_tokenizer):
@@ -348,6 +351,10 @@ def test_config_json_round_trip(tmp_path):
         VQA2Config.from_dict({**config.to_dict(), "bogus": 1})
     with pytest.raises(ValueError, match="token_layout"):
         tiny_config(token_layout="interleaved")
+    with pytest.raises(ValueError, match="unknown motion config fields: depth"):
+        VQA2Config.from_dict({**config.to_dict(), "motion": {"depth": 50}})
+    with pytest.raises(ValueError, match="keyframe_size"):
+        tiny_config(keyframe_size=64)
 
 
 def test_config_from_llava_qwen():

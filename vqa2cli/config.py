@@ -129,8 +129,15 @@ class VQA2Config:
 
     def __post_init__(self):
         for name, cls in (("vision", VisionConfig), ("motion", MotionConfig), ("text", TextConfig)):
-            if isinstance(getattr(self, name), dict):
-                setattr(self, name, cls(**getattr(self, name)))
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                unknown = sorted(set(value) - {f.name for f in fields(cls)})
+                if unknown:
+                    raise ValueError(f"unknown {name} config fields: {', '.join(unknown)}")
+                setattr(self, name, cls(**value))
+        if self.keyframe_size != self.vision.image_size:
+            # SigLIP's position table is fixed to its image size; keyframes must match it.
+            raise ValueError(f"keyframe_size {self.keyframe_size} differs from the vision tower's {self.vision.image_size}")
         self.level_words = tuple(self.level_words)
         if self.token_layout not in TOKEN_LAYOUTS:
             raise ValueError(f"token_layout must be one of {TOKEN_LAYOUTS}, got {self.token_layout!r}")
