@@ -142,8 +142,11 @@ def evaluate_questions(model, labels: LabelSet, max_motion_frames=2000, max_new_
     for row in labels.rows:
         by_video.setdefault(row.video, []).append(row)
 
+    config = model.config
+    max_motion_frames = min(max_motion_frames, config.motion.max_frames)  # the position table's length
+
     def decode(path):
-        return load_video(path, keyframe_size=model.config.keyframe_size, motion_size=model.config.motion_size,
+        return load_video(path, keyframe_size=config.keyframe_size, motion_size=config.motion_size,
                           max_motion_frames=max_motion_frames)
 
     records = []
