@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from vqa2cli.batch import Prefetcher, ScoreRecord, error_message, expand_paths
+from vqa2cli.batch import Prefetcher, ScoreRecord, error_message, expand_paths, fd_lines
 from vqa2cli.errors import InputError
 
 
@@ -132,3 +132,16 @@ def test_score_record_fields():
     assert list(ScoreRecord(path="a").to_dict()) == [
         "path", "score", "level", "probs", "model", "duration_s", "keyframes", "motion_frames", "seconds", "error",
     ]
+
+
+def test_fd_lines_reads_a_pipe_without_buffering(tmp_path):
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, b"a.mp4\nb\xff.mp4\r\n")
+    lines = fd_lines(read_fd)
+    # the first lines are available before the writer closes: stdin paths stream in
+    assert next(lines) == "a.mp4"
+    assert next(lines) == os.fsdecode(b"b\xff.mp4\r")
+    os.write(write_fd, b"last.mp4")
+    os.close(write_fd)
+    assert list(lines) == ["last.mp4"]
+    os.close(read_fd)

@@ -3,8 +3,10 @@ subprocesses where only a real process will do (import cost, SIGINT, pipes)."""
 
 import io
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +94,193 @@ def test_models_csv_and_default_jsonl_when_piped(vqa2):
     code, out, _ = vqa2("models")
     assert code == 0 and [json.loads(line)["name"] for line in out.splitlines()] == [e.name for e in registry()]
 
+
+
+# --- end to end with the tiny model ----------------------------------------------------------------
+
+RECORD_FIELDS = ["path", "score", "level", "probs", "model", "duration_s", "keyframes", "motion_frames", "seconds", "error"]
+
+
+@pytest.fixture(scope="session")
+def clips_dir(tmp_path_factory):
+    """Two good clips in a folder, with a subfolder holding a third (for --recursive)."""
+    from tests.fixtures.clips import make_clip
+
+    root = tmp_path_factory.mktemp("clips")
+    make_clip(root / "a.mp4", seconds=1, size=(64, 48))
+    make_clip(root / "b.mkv", seconds=2, fps=12, size=(48, 64))
+    (root / "sub").mkdir()
+    make_clip(root / "sub" / "c.mp4", seconds=1, size=(64, 48))
+    return root
+
+
+def _check_success(record, path, model_dir):
+    assert list(record) == RECORD_FIELDS
+    assert record["path"] == str(path) and record["error"] is None
+    assert 0 <= record["score"] <= 1
+    assert set(record["probs"]) == {"high", "good", "fair", "poor", "low"}
+    assert abs(sum(record["probs"].values()) - 1) < 1e-6
+    assert record["level"] == max(record["probs"], key=record["probs"].get)
+    assert record["model"] == str(model_dir)
+    assert record["duration_s"] > 0 and record["keyframes"] >= 1 and record["motion_frames"] >= 4
+    assert record["seconds"] > 0
+
+
+def test_score_json(vqa2, clips_dir, tiny_model_dir):
+    code, out, err = vqa2("score", clips_dir, "--model", tiny_model_dir, "--json")
+    assert code == 0, err
+    records = json.loads(out)
+    assert [r["path"] for r in records] == [str(clips_dir / "a.mp4"), str(clips_dir / "b.mkv")]
+    for record in records:
+        _check_success(record, record["path"], tiny_model_dir)
+    assert records[1]["duration_s"] == pytest.approx(2.0, abs=0.1) and records[1]["keyframes"] == 2
+    assert "1 subdirectory skipped (use --recursive)" in err
+    assert "scored 2 video(s), 0 failed" in err
+
+
+def test_score_jsonl_recursive_and_batch_size(vqa2, clips_dir, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("VQA2_MODEL", str(tiny_model_dir))
+    code, out, err = vqa2("score", clips_dir, "--recursive", "--jsonl", "--quiet")
+    assert code == 0 and err == ""  # --quiet: no notes, no summary
+    one_by_one = [json.loads(line) for line in out.splitlines()]
+    assert [r["path"] for r in one_by_one] == [str(clips_dir / n) for n in ("a.mp4", "b.mkv", "sub/c.mp4")]
+
+    code, out, _ = vqa2("score", clips_dir, "-r", "--jsonl", "--batch-size", "2")
+    batched = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [r["path"] for r in batched] == [r["path"] for r in one_by_one]
+    for single, together in zip(one_by_one, batched):
+        _check_success(together, single["path"], tiny_model_dir)
+        assert together["score"] == pytest.approx(single["score"], abs=1e-4)
+
+
+def test_score_csv(vqa2, clips_dir, tiny_model_dir):
+    import csv
+
+    code, out, _ = vqa2("score", clips_dir / "a.mp4", clips_dir / "missing.mp4", "-m", tiny_model_dir, "--csv")
+    assert code == 1
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert list(rows[0]) == [
+        "path", "score", "level", "probs.high", "probs.good", "probs.fair", "probs.poor", "probs.low",
+        "model", "duration_s", "keyframes", "motion_frames", "seconds", "error",
+    ]
+    assert 0 <= float(rows[0]["score"]) <= 1 and rows[0]["error"] == ""
+    assert rows[1]["path"] == str(clips_dir / "missing.mp4") and rows[1]["score"] == ""
+    assert rows[1]["error"] == f"{clips_dir / 'missing.mp4'}: no such file"
+
+
+def test_score_piped_default_is_jsonl(vqa2, clips_dir, tiny_model_dir):
+    code, out, _ = vqa2("score", clips_dir / "a.mp4", "--model", tiny_model_dir)
+    assert code == 0 and len(out.splitlines()) == 1
+    _check_success(json.loads(out), clips_dir / "a.mp4", tiny_model_dir)
+
+
+def test_score_bad_file_zoo_never_stops_the_batch(vqa2, tmp_path, clips_dir, tiny_model_dir):
+    import shutil
+
+    from tests.fixtures.clips import BAD_FILES, build_bad_files, permissions_apply
+    from vqa2cli.batch import is_video_name
+
+    zoo = build_bad_files(tmp_path / "zoo")
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(clips_dir / "a.mp4", folder / "good.mp4")
+    (folder / "a_directory.mp4").mkdir()  # a folder named like a video: skipped without --recursive
+    for name in BAD_FILES:
+        if name in ("missing", "directory"):
+            continue
+        target = folder / zoo[name].name
+        if os.access(zoo[name], os.R_OK):
+            shutil.copy(zoo[name], target)
+        else:  # the mode-000 clip, when permissions apply: make our own
+            shutil.copy(clips_dir / "a.mp4", target)
+            target.chmod(0)
+    files = {name: folder / zoo[name].name for name in BAD_FILES if name not in ("missing", "directory")}
+    files["missing"] = folder / "missing.mp4"
+    # named explicitly: tried although not video-named (notes.txt, picture.png) or absent (missing.mp4)
+    explicit = [path for path in files.values() if not is_video_name(path.name) or not path.exists()]
+    code, out, err = vqa2("score", folder, *explicit, "--model", tiny_model_dir, "--json")
+
+    assert code == 1
+    assert "Traceback" not in err
+    records = {Path(r["path"]).name: r for r in json.loads(out)}
+    good = {"good.mp4"} | (set() if permissions_apply(files["unreadable"]) else {"unreadable.mp4"})
+    failed = {path.name for path in files.values()} - good
+    assert set(records) == good | failed
+    for name in good:
+        _check_success(records[name], folder / name, tiny_model_dir)
+    error_lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == len(failed)
+    for name in failed:
+        record = records[name]
+        assert record["score"] is None and record["probs"] is None
+        # one line naming the file and the reason, also on stderr
+        assert record["error"].startswith(str(record["path"]) + ": ") and "\n" not in record["error"]
+        assert f"error: {record['error']}" in error_lines
+    assert f"scored {len(good)} video(s), {len(failed)} failed" in err
+
+
+def test_score_paths_from_stdin(vqa2, clips_dir, tiny_model_dir):
+    stdin = f"{clips_dir / 'b.mkv'}\n\n{clips_dir / 'nope.mp4'}\n{clips_dir / 'sub'}\n"
+    code, out, err = vqa2("score", "-", "--model", tiny_model_dir, "--jsonl", stdin=stdin)
+    records = [json.loads(line) for line in out.splitlines()]
+    assert code == 1
+    assert [r["path"] for r in records] == [str(clips_dir / n) for n in ("b.mkv", "nope.mp4", "sub/c.mp4")]
+    assert records[1]["error"] == f"{clips_dir / 'nope.mp4'}: no such file"
+    _check_success(records[2], clips_dir / "sub" / "c.mp4", tiny_model_dir)
+
+
+def test_score_model_not_found_is_one_line_exit_2(vqa2, clips_dir, tmp_path):
+    code, out, err = vqa2("score", clips_dir, "--model", tmp_path / "no-such-model", "--json")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: model ") and "not found" in err
+
+
+def test_score_unusable_device_is_exit_2(vqa2, clips_dir, tiny_model_dir):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    code, out, err = vqa2("score", clips_dir, "--model", tiny_model_dir, "--device", "cuda")
+    assert code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_ask_streams_and_json_agrees(vqa2, clips_dir, tiny_model_dir):
+    question = "Is there any stuttering?"
+    code, out, err = vqa2("ask", clips_dir / "a.mp4", question, "-m", tiny_model_dir, "--max-new-tokens", "6")
+    assert code == 0, err
+    code, json_out, _ = vqa2("ask", clips_dir / "a.mp4", question, "-m", tiny_model_dir, "--max-new-tokens", "6", "--json")
+    answer = json.loads(json_out)
+    assert answer == {"path": str(clips_dir / "a.mp4"), "question": question, "answer": answer["answer"],
+                      "model": str(tiny_model_dir)}
+    assert answer["answer"] and out.strip() == answer["answer"]
+
+
+def test_ask_questions_file_decodes_once(vqa2, clips_dir, tiny_model_dir, tmp_path, monkeypatch):
+    import vqa2cli.video
+
+    calls = []
+    real_load_video = vqa2cli.video.load_video
+
+    def counting_load_video(*args, **kwargs):
+        calls.append(args[0])
+        return real_load_video(*args, **kwargs)
+
+    monkeypatch.setattr(vqa2cli.video, "load_video", counting_load_video)
+    questions = tmp_path / "questions.txt"
+    questions.write_text("Is it sharp?\n\nIs it noisy?\n")
+    args = ("ask", clips_dir / "a.mp4", "--questions", questions, "-m", tiny_model_dir, "--max-new-tokens", "4")
+    code, out, _ = vqa2(*args, "--json")
+    assert code == 0 and calls == [str(clips_dir / "a.mp4")]
+    answers = json.loads(out)
+    assert [a["question"] for a in answers] == ["Is it sharp?", "Is it noisy?"]
+
+    code, out, _ = vqa2(*args)
+    assert code == 0 and out.startswith("Q: Is it sharp?\nA: ") and "\n\nQ: Is it noisy?\nA: " in out
+
+
+def test_ask_bad_video_is_one_line_exit_1(vqa2, tmp_path, tiny_model_dir):
+    video = tmp_path / "empty.mp4"
+    video.write_bytes(b"")
+    code, out, err = vqa2("ask", video, "Sharp?", "-m", tiny_model_dir)
+    assert code == 1 and out == ""
+    assert err == f"error: {video}: empty file (0 bytes)\n"

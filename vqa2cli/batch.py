@@ -65,6 +65,27 @@ def _stdin_paths(stdin) -> Iterator[str]:
             yield path
 
 
+def fd_lines(fd: int) -> Iterator[str]:
+    """Lines of a file descriptor (stdin: 0), read with os.read and decoded as file names are.
+
+    For reading stdin in the prefetch thread: sys.stdin's buffered reader holds a lock while it
+    waits for input, and a daemon thread holding it makes the interpreter abort at exit
+    ("could not acquire lock for <stdin> at interpreter shutdown") after Ctrl-C. Decoding with
+    os.fsdecode also keeps paths that are not valid UTF-8 usable.
+    """
+    pending = b""
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield os.fsdecode(line)
+    if pending:
+        yield os.fsdecode(pending)
+
+
 def expand_paths(
     inputs: Iterable[str],
     recursive: bool = False,
@@ -75,7 +96,8 @@ def expand_paths(
 
     A directory gives the files with a video extension (VIDEO_EXTENSIONS) directly inside it, or in
     its whole tree with `recursive`, sorted by name; any other path is yielded as is, to be tried
-    (a missing file becomes an error record later). `-` reads paths from `stdin`, one per line, as
+    (a missing file becomes an error record later). `-` reads paths from `stdin` (an iterable of
+    lines: a text file, or `fd_lines(0)`), one per line, as
     they arrive, so `find ... | vqa2 score -` starts before `find` ends; a directory read there is
     expanded the same way. `warn` gets one-line notes (empty directories, skipped subdirectories).
     """
@@ -191,17 +213,23 @@ def score_videos(
     paths: Iterable[str],
     prompt: Optional[str] = None,
     max_motion_frames: int = 2000,
+    batch_size: int = 1,
     prefetch: int = DEFAULT_PREFETCH,
 ) -> Iterator[ScoreRecord]:
-    """One ScoreRecord per path, in order, scoring with the loaded `model` (a pipeline.VQA2).
+    """One ScoreRecord per path, in input order, scoring with the loaded `model` (a pipeline.VQA2).
 
-    Decoding is prefetched in the background (`prefetch` videos ahead). Input errors (bad files,
-    videos the model cannot take) become records with `error`; a SetupError (the model or device
-    failing as a whole) ends the batch with that exception after the records already yielded.
+    Decoding is prefetched in the background (`prefetch` videos ahead, at least `batch_size`).
+    With `batch_size` > 1, decoded videos are scored `batch_size` at a time in one forward pass;
+    a record's `seconds` is then its decoding time plus its share of the batch's compute. Input
+    errors (bad files, videos the model cannot take) become records with `error`; a SetupError
+    (the model or device failing as a whole) ends the batch with that exception after the records
+    already yielded.
     """
     from vqa2cli.video import load_video
 
     config = model.config
+    # the model's motion position table bounds the stream: decode no more than it can take
+    max_motion_frames = min(max_motion_frames, config.motion.max_frames)
 
     def decode(path):
         return load_video(
@@ -211,29 +239,63 @@ def score_videos(
             max_motion_frames=max_motion_frames,
         )
 
-    with Prefetcher(paths, decode, depth=prefetch) as prefetcher:
+    pending = []  # (record, sample or None, decode seconds), in input order
+
+    def flush():
+        records = _score_pending(model, pending, prompt, max_motion_frames)
+        pending.clear()  # drop the frames before yielding
+        return records
+
+    with Prefetcher(paths, decode, depth=max(prefetch, batch_size)) as prefetcher:
         for path, sample, error, decode_seconds in prefetcher:
-            if error is not None:
-                yield ScoreRecord(path=path, model=model.name, seconds=round(decode_seconds, 3), error=error)
-                continue
-            start = time.perf_counter()
-            record = ScoreRecord(
-                path=path,
-                model=model.name,
-                duration_s=round(float(sample.duration), 3),
-                keyframes=int(sample.keyframes.shape[0]),
-                motion_frames=int(sample.motion.shape[0]),
-            )
+            record = ScoreRecord(path=path, model=model.name, error=error)
+            if sample is not None:
+                record.duration_s = round(float(sample.duration), 3)
+                record.keyframes = int(sample.keyframes.shape[0])
+                record.motion_frames = int(sample.motion.shape[0])
+            pending.append((record, sample, decode_seconds))
+            del sample  # only `pending` keeps the frames
+            decoded = sum(1 for _, waiting, _ in pending if waiting is not None)
+            # a full batch goes to the model; failures with no video ahead of them go out at once
+            if decoded in (0, batch_size):
+                yield from flush()
+        yield from flush()
+
+
+def _score_pending(model, pending, prompt, max_motion_frames) -> list:
+    """Score the decoded samples of `pending` (in one batch when several), fill in their records."""
+    samples = [sample for _, sample, _ in pending if sample is not None]
+    done = [record for record, sample, _ in pending if sample is not None]
+    start = time.perf_counter()
+    results = None
+    if len(samples) > 1:
+        try:
+            results = model.score_batch(samples, prompt=prompt, max_motion_frames=max_motion_frames)
+        except SetupError:
+            raise
+        except Exception:  # e.g. out of memory for the batch: score them one by one to find the culprit
+            results = None
+    if results is not None:
+        share = (time.perf_counter() - start) / len(samples)
+        for record, result in zip(done, results):
+            _fill(record, result)
+            record.seconds = share
+    else:
+        for record, sample in zip(done, samples):
+            one_start = time.perf_counter()
             try:
-                result = model.score(sample, prompt=prompt, max_motion_frames=max_motion_frames)
+                _fill(record, model.score(sample, prompt=prompt, max_motion_frames=max_motion_frames))
             except SetupError:
                 raise
-            except Exception as failure:  # this video cannot be scored (e.g. out of memory); the batch goes on
-                record.error = error_message(path, failure)
-            else:
-                record.score = float(result.score)
-                record.level = result.level
-                record.probs = {level: float(p) for level, p in result.probs.items()}
-            del sample  # free the frames before waiting for the next video
-            record.seconds = round(decode_seconds + time.perf_counter() - start, 3)
-            yield record
+            except Exception as failure:  # this video cannot be scored; the batch goes on
+                record.error = error_message(record.path, failure)
+            record.seconds = time.perf_counter() - one_start
+    for record, _, decode_seconds in pending:
+        record.seconds = round(record.seconds + decode_seconds, 3)
+    return [record for record, _, _ in pending]
+
+
+def _fill(record: ScoreRecord, result):
+    record.score = float(result.score)
+    record.level = result.level.strip()
+    record.probs = {level.strip(): float(p) for level, p in result.probs.items()}

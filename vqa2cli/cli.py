@@ -189,14 +189,14 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, batch_siz
     reporter = Reporter.for_stderr(quiet)
     if "-" in paths and sys.stdin.isatty():
         reporter.note("reading video paths from stdin, one per line (end with Ctrl-D)")
+    # the model first: when it cannot load, its error is the only message
+    model = _load_model(reporter, model_name, device, quant, task="score")
     inputs = expand_paths(paths, recursive=recursive, stdin=_stdin_lines(), warn=reporter.note)
     # without stdin the whole list is known up front, which gives the progress bar its ETA
     total = None
     if "-" not in paths:
         inputs = list(inputs)
         total = len(inputs)
-
-    model = _load_model(reporter, model_name, device, quant, task="score")
     level_words = [word.strip() for word in model.config.level_words]
     writer = make_writer(fmt, sys.stdout, _score_columns(level_words), title=f"vqa2 score ({model.name})")
     scored = failed = 0

@@ -38,6 +38,7 @@ class Column:
     fmt: Callable[[Any], str] = str  # table cell text for a value that is not None
     justify: str = "left"
     in_table: bool = True  # False: CSV only, to keep the terminal table narrow
+    wide_only: bool = False  # in the table only on a terminal at least WIDE_TABLE columns wide
 
 
 def lookup(record: dict, key: str):
@@ -143,10 +144,15 @@ class CsvWriter(_Writer):
         self.stream.flush()
 
 
+WIDE_TABLE = 110
+
+
 class TableWriter(_Writer):
     """A rich table, printed on close (also after Ctrl-C) to a terminal.
 
-    Rows whose record has an `error` show it in an Error column (added only when some row failed).
+    Rows whose record has an `error` show it in an Error column (added only when some row failed),
+    without the record's path when the message starts with it. Right-justified (numeric) columns
+    never wrap; `wide_only` columns are left out on terminals narrower than WIDE_TABLE.
     """
 
     def __init__(self, stream, columns, title=None):
@@ -166,22 +172,27 @@ class TableWriter(_Writer):
         from rich.console import Console
         from rich.table import Table
 
-        columns = [column for column in self.columns if column.in_table]
+        console = Console(file=self.stream, highlight=False)
+        wide = console.width >= WIDE_TABLE
+        columns = [column for column in self.columns if column.in_table and (wide or not column.wide_only)]
         table = Table(title=self.title, title_justify="left")
         for column in columns:
-            table.add_column(column.header, justify=column.justify, overflow="fold")
+            numeric = column.justify == "right"
+            table.add_column(column.header, justify=column.justify, no_wrap=numeric, overflow="ellipsis" if numeric else "fold")
         with_errors = any(record.get("error") for record in self.rows)
         if with_errors:
-            table.add_column("Error", style="red", overflow="fold")
+            table.add_column("Error", style="red")
         for record in self.rows:
             cells = []
             for column in columns:
                 value = lookup(record, column.key)
                 cells.append("" if value is None else column.fmt(value))
             if with_errors:
-                cells.append(record.get("error") or "")
+                error = record.get("error") or ""
+                path = str(record.get("path"))
+                cells.append(error[len(path) + 2:] if error.startswith(path + ": ") else error)
             table.add_row(*cells)
-        Console(file=self.stream, highlight=False).print(table)
+        console.print(table)
         self.stream.flush()
 
 
