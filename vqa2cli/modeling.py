@@ -44,6 +44,7 @@ from transformers import Qwen2ForCausalLM, SiglipVisionModel
 
 from .config import MotionConfig, VQA2Config
 from .prompts import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from .video import normalize
 
 # What sits at each position of the LLM input (`MultimodalInputs.token_types`).
 TEXT, KEYFRAME, NEWLINE, MOTION, PAD = 0, 1, 2, 3, 4
@@ -63,11 +64,6 @@ def motion_splits(keyframe_indices: list[int], motion_indices: list[int]) -> lis
 
 class LongSequenceWarning(UserWarning):
     """The input is longer than anything the released checkpoints saw in training (10,000 embeddings)."""
-
-
-def _normalize_motion(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB -> float in [-1, 1]: mean=std=0.5, like the keyframes (not Kinetics statistics)."""
-    return frames.float().div(255.0).sub(0.5).div(0.5)
 
 
 def _mlp2x_gelu(in_features: int, hidden: int) -> nn.Sequential:
@@ -111,7 +107,8 @@ class MotionEncoder(nn.Module):
         """[t, 3, S, S] -> [t, C]: fast pathway of blocks 0..4, then spatial average pooling."""
         weight = self.blocks[0].multipathway_blocks[1].conv.weight
         if frames.dtype == torch.uint8:
-            frames = _normalize_motion(frames.to(weight.device))
+            # mean=std=0.5 like the keyframes (not Kinetics statistics), one chunk at a time
+            frames = normalize(frames.to(weight.device))
         x = frames.to(device=weight.device, dtype=weight.dtype).transpose(0, 1).unsqueeze(0)  # [1, 3, t, S, S]
         for block in self.blocks:
             x = block.multipathway_blocks[1](x)  # temporal stride 1: t kept
