@@ -1,0 +1,183 @@
+"""GPU benchmark: the released VQA² architecture (random weights) scoring a 10 s 1080p clip.
+
+For each precision asked for (default: 4-bit NF4 and bf16), builds the released-size model from the
+released config.json fields, fills it with random weights through the same per-tensor path as checkpoint
+loading (`quantization.load_weight`: bf16 tensors, NF4-quantized on arrival for the LLM's linears), then
+measures on CUDA:
+
+* load: seconds to build and fill the model (random weights, so no disk reads: NOT a checkpoint load time);
+* memory after load, and peak memory while scoring (`torch.cuda.max_memory_allocated`);
+* decode: seconds for `load_video` on the clip (CPU, PyAV);
+* score: seconds per `VQA2.score(sample)` on the decoded sample (model only; median of --runs after one
+  warm-up), with the sequence length it ran.
+
+Needs a CUDA GPU, bitsandbytes (4-bit/8-bit) and pytorchvideo; no network. Run from the repository root:
+
+    python tests/bench/bench_model_gpu.py                     # 4bit and none (bf16), 5 runs each
+    python tests/bench/bench_model_gpu.py --quant 4bit --runs 10 --json bench.json
+
+The clip is generated with PyAV (moving pattern, libx264, 30 fps, 1920x1080, 10 s = 300 frames), so the
+model sees 10 keyframes (+1 for the last partial second if any) and 300 motion frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+RELEASED_CONFIG = {  # fields of the published checkpoints' config.json (../shared/VQA2_REFERENCE.md)
+    "architectures": ["LlavaQwenForCausalLM"],
+    "model_type": "llava_qwen",
+    "mm_vision_tower": "google/siglip-so400m-patch14-384",
+    "mm_projector_type": "mlp2x_gelu",
+    "mm_hidden_size": 1152,
+    "mm_vision_select_layer": -2,
+    "mm_spatial_pool_mode": "bilinear",
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "vocab_size": 152064,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
+
+
+def random_model(config, device, precision, seed=0):
+    """A model of `config` with random weights, loaded tensor by tensor like a checkpoint."""
+    import torch
+
+    from vqa2cli.checkpoint import build_empty, expected_tensors, finish
+    from vqa2cli.quantization import load_weight, prepare
+
+    model = build_empty(config)
+    shapes = expected_tensors(model)
+    prepare(model, precision)
+    generator = torch.Generator().manual_seed(seed)
+    for name, shape in shapes.items():
+        module_name, _, attr = name.rpartition(".")
+        if attr == "num_batches_tracked":
+            tensor = torch.zeros(shape, dtype=torch.long)
+        elif attr == "running_var" or ("norm" in module_name.rsplit(".", 1)[-1] and attr == "weight"):
+            tensor = torch.ones(shape)  # variances and norm scales of 1 keep activations in range
+        elif name.endswith(("bias", "running_mean")):
+            tensor = torch.zeros(shape)
+        else:
+            tensor = torch.randn(shape, generator=generator, dtype=torch.bfloat16) * 0.02
+        load_weight(model.get_submodule(module_name), attr, tensor, device, precision.dtype)
+    return finish(model, device)
+
+
+def make_clip(path, seconds=10, fps=30, size=(1920, 1080)):
+    import av
+    import numpy as np
+
+    width, height = size
+    ys, xs = np.mgrid[0:height, 0:width]
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps, options={"preset": "ultrafast"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(seconds * fps):
+            rgb = np.stack([(xs + 8 * i) % 256, (ys + 4 * i) % 256, (xs + ys) // 16 % 256], axis=-1).astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def bench(quant, clip, runs):
+    import torch
+
+    from vqa2cli.config import VQA2Config
+    from vqa2cli.pipeline import VQA2
+    from vqa2cli.prompts import scoring_prompt, tokenize_prompt
+    from vqa2cli.quantization import choose_precision
+    from vqa2cli.tokenizer import build_tokenizer
+    from vqa2cli.video import load_video
+
+    device = torch.device("cuda")
+    precision = choose_precision(device, quant)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    model = random_model(VQA2Config.from_llava_qwen(RELEASED_CONFIG), device, precision)
+    torch.cuda.synchronize()
+    load_s = time.perf_counter() - start
+    loaded_bytes = torch.cuda.memory_allocated()
+    # A small Qwen2-style tokenizer (the real one is not reachable offline): only the few text tokens
+    # around the ~2,300 visual tokens differ from the released prompt.
+    vqa2 = VQA2(f"released-random-{quant}", model, build_tokenizer(), device, precision)
+
+    start = time.perf_counter()
+    sample = load_video(clip, keyframe_size=vqa2.config.keyframe_size, motion_size=vqa2.config.motion_size)
+    decode_s = time.perf_counter() - start
+    ids = tokenize_prompt(scoring_prompt(vqa2.config.prompt), vqa2.tokenizer)
+    tokens = len(ids) - 2 + sample.keyframes.shape[0] * vqa2.config.tokens_per_keyframe + 1 + sample.motion.shape[0]
+
+    vqa2.score(sample)  # warm-up: kernels, allocator
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times, results = [], []
+    for _ in range(runs):
+        start = time.perf_counter()
+        results.append(vqa2.score(sample))
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    record = {
+        "quant": precision.describe(),
+        "gpu": torch.cuda.get_device_name(device),
+        "load_s_random_weights": round(load_s, 2),
+        "memory_after_load_gib": round(loaded_bytes / 2**30, 2),
+        "peak_memory_scoring_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "decode_s": round(decode_s, 3),
+        "score_s_median": round(statistics.median(times), 4),
+        "score_s_all": [round(t, 4) for t in times],
+        "keyframes": int(sample.keyframes.shape[0]),
+        "motion_frames": int(sample.motion.shape[0]),
+        "sequence_length": int(tokens),
+        "repeatable": all(r == results[0] for r in results),
+    }
+    del vqa2, model, sample
+    return record
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quant", action="append", choices=["4bit", "8bit", "none"],
+                        help="precision(s) to measure (repeatable); default: 4bit and none (bf16)")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--clip", help="use this video instead of the generated 10 s 1080p clip")
+    parser.add_argument("--json", help="also write the records to this file")
+    args = parser.parse_args()
+
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("bench_model_gpu.py needs a CUDA GPU")
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = args.clip or make_clip(Path(tmp) / "clip_1080p_10s.mp4")
+        records = []
+        for quant in args.quant or ["4bit", "none"]:
+            record = bench(quant, clip, args.runs)
+            print(json.dumps(record), flush=True)
+            records.append(record)
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
