@@ -1,3 +1,4 @@
+import dataclasses
 import math
 import warnings
 
@@ -7,7 +8,8 @@ import torch.nn.functional as F
 
 from tests.fixtures.models import make_tiny_model, tiny_video
 from vqa2cli import prompts
-from vqa2cli.config import VQA2Config, tiny_config
+from vqa2cli.config import VQA2Config
+from vqa2cli.config import tiny_config as make_tiny_config
 from vqa2cli.modeling import KEYFRAME, MOTION, NEWLINE, PAD, TEXT, LongSequenceWarning, VQA2Model, motion_splits
 
 IMG = prompts.IMAGE_TOKEN_INDEX
@@ -140,7 +142,7 @@ def test_official_layout_positions(tiny_model, tiny_config, tiny_tokenizer):
 
 
 def test_per_second_layout_positions(tiny_config, tiny_tokenizer):
-    config = tiny_config.__class__(**{**tiny_config.__dict__, "token_layout": "per_second"})
+    config = dataclasses.replace(tiny_config, token_layout="per_second")
     model = make_tiny_model(config)
     keyframes, motion = tiny_video(config, num_keyframes=2, num_motion=8)
     with torch.no_grad():
@@ -264,7 +266,7 @@ def test_generate_returns_new_tokens_and_streams(tiny_model, tiny_config, tiny_t
 
 
 def test_long_sequence_warns(tiny_model, tiny_config, tiny_tokenizer):
-    config = tiny_config.__class__(**{**tiny_config.__dict__, "max_training_length": 50})
+    config = dataclasses.replace(tiny_config, max_training_length=50)
     model = make_tiny_model(config)
     keyframes, motion = tiny_video(config)
     with pytest.warns(LongSequenceWarning):
@@ -338,7 +340,7 @@ def test_batched_generation_matches_single(tiny_model, tiny_config, tiny_tokeniz
 
 
 def test_config_json_round_trip(tmp_path):
-    config = tiny_config(token_layout="per_second", prompt="streaming")
+    config = make_tiny_config(token_layout="per_second", prompt="streaming")
     path = tmp_path / "config.json"
     config.save(path)
     assert '"format": "vqa2"' in path.read_text()
@@ -350,11 +352,11 @@ def test_config_json_round_trip(tmp_path):
     with pytest.raises(ValueError, match="unknown vqa2 config fields: bogus"):
         VQA2Config.from_dict({**config.to_dict(), "bogus": 1})
     with pytest.raises(ValueError, match="token_layout"):
-        tiny_config(token_layout="interleaved")
+        make_tiny_config(token_layout="interleaved")
     with pytest.raises(ValueError, match="unknown motion config fields: depth"):
         VQA2Config.from_dict({**config.to_dict(), "motion": {"depth": 50}})
     with pytest.raises(ValueError, match="keyframe_size"):
-        tiny_config(keyframe_size=64)
+        make_tiny_config(keyframe_size=64)
 
 
 def test_config_from_llava_qwen():
@@ -365,7 +367,7 @@ def test_config_from_llava_qwen():
     assert (config.motion.model_depth, config.motion.feature_size, config.motion.max_frames) == (50, 256, 2000)
     assert config.text.hidden_size == 3584 and config.text.rope_theta == 1e6
     assert (config.keyframe_size, config.motion_size, config.token_layout, config.prompt) == (384, 384, "official", "streaming")
-    assert tiny_config().motion.feature_size == 64
+    assert make_tiny_config().motion.feature_size == 64
     for bad, match in (
         ({"model_type": "qwen2"}, "llava_qwen"),
         ({"mm_vision_tower": "openai/clip-vit-large-patch14"}, "unknown vision tower"),
