@@ -102,7 +102,7 @@ def load_weight(module: torch.nn.Module, attr: str, tensor: torch.Tensor, device
     """
     if attr == "weight" and _is_bnb(module):
         bnb = _import_bnb()
-        data = tensor.to(dtype)
+        data = tensor.to(device=device, dtype=dtype)  # convert where it is fastest; quantized there next
         if isinstance(module, bnb.nn.Linear4bit):
             param = bnb.nn.Params4bit(
                 data, requires_grad=False, compress_statistics=module.weight.compress_statistics,
