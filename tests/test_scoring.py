@@ -43,6 +43,25 @@ def test_level_token_ids(tiny_tokenizer):
         level_token_ids(tiny_tokenizer, words=(" highgoodfairpoorlow",))
 
 
+class _QwenLike:
+    """Answers like the released Qwen2 tokenizer, except for the level-word ids given."""
+
+    def __init__(self, ids):
+        self.ids = dict(zip((" high", " good", " fair", " poor", " low"), ids))
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [self.ids[text]]}
+
+    def convert_tokens_to_ids(self, token):
+        return {"<|im_start|>": 151644}[token]
+
+
+def test_level_token_ids_checks_qwen2_ids():
+    assert level_token_ids(_QwenLike((1550, 1661, 6624, 7852, 3347))) == [1550, 1661, 6624, 7852, 3347]
+    with pytest.raises(ValueError, match="release"):
+        level_token_ids(_QwenLike((1550, 1661, 6624, 3347, 7852)))
+
+
 @pytest.mark.parametrize("mos,level", [
     (0, "low"), (19.99, "low"), (20, "poor"), (39.9, "poor"), (40, "fair"), (59.9, "fair"),
     (60, "good"), (79.99, "good"), (80, "high"), (100, "high"),

@@ -12,17 +12,23 @@ import math
 from .config import LEVEL_WORDS
 
 LEVEL_WEIGHTS = (1.0, 0.75, 0.5, 0.25, 0.0)
-QWEN2_LEVEL_IDS = (1550, 1661, 6624, 7852, 3347)  # the level words in the released Qwen2 tokenizer
+# The release's scoring scripts hard-code these ids of the level words in Qwen2's tokenizer.
+QWEN2_LEVEL_IDS = (1550, 1661, 6624, 7852, 3347)
+QWEN2_IM_START_ID = 151644
 
 
 def level_token_ids(tokenizer, words=LEVEL_WORDS) -> list[int]:
-    """Vocabulary ids of the level words; each must be exactly one token."""
+    """Vocabulary ids of the level words; each must be exactly one token. For a Qwen2 tokenizer
+    (recognised by `<|im_start|>` = 151644) the default words must map to the release's ids."""
     ids = []
     for word in words:
         word_ids = tokenizer(word, add_special_tokens=False)["input_ids"]
         if len(word_ids) != 1:
             raise ValueError(f"level word {word!r} is {len(word_ids)} tokens in this tokenizer, expected 1")
         ids.append(word_ids[0])
+    qwen2 = tokenizer.convert_tokens_to_ids("<|im_start|>") == QWEN2_IM_START_ID
+    if qwen2 and tuple(words) == LEVEL_WORDS and tuple(ids) != QWEN2_LEVEL_IDS:
+        raise ValueError(f"Qwen2 tokenizer maps the level words to {ids}, not the release's {list(QWEN2_LEVEL_IDS)}")
     return ids
 
 
