@@ -299,10 +299,12 @@ def test_user_clips_are_cropped_resized_and_distorted(tmp_path):
     clips = tmp_path / "clips"
     (clips / "sub").mkdir(parents=True)
     write_clip(clips / "sub" / "a.mp4")
+    write_clip(clips / "short.mp4", seconds=0.2)
     (clips / "broken.mp4").write_bytes(b"not a video")
     meta = synth.generate_dataset(tmp_path / "out", small_settings(count=4, fps=10.0, seconds=1.0), clips_dir=clips)
     assert meta["clips"] == 4 and not meta["failed"]
-    assert len(meta["skipped_sources"]) == 1 and "broken.mp4" in meta["skipped_sources"][0]
+    broken, short = meta["skipped_sources"]
+    assert "broken.mp4: cannot read video" in broken and "short.mp4: too short" in short
     rows = list(csv.DictReader(open(tmp_path / "out" / "manifest.csv")))
     assert {row["source"] for row in rows} == {"sub/a.mp4"}
     for row in rows:

@@ -342,8 +342,9 @@ def probe_clip(path):
                 duration = float(stream.duration * stream.time_base)
             elif container.duration is not None:
                 duration = container.duration / 1_000_000
-            else:
-                duration = 0.0
+            else:  # no duration in the headers (some streamed formats): find the last frame's time
+                last = max((float(f.time) for f in container.decode(stream) if f.time is not None), default=0.0)
+                duration = last + (1.0 / fps if fps else 0.0)
     except (av.FFmpegError, IndexError, OSError) as error:
         reason = "no video stream" if isinstance(error, IndexError) else str(error).splitlines()[0]
         raise InputError(f"{path}: cannot read video ({reason})") from None
@@ -745,6 +746,10 @@ def generate_dataset(out, settings: SynthSettings, clips_dir=None, overwrite=Fal
                 duration, fps = probe_clip(clip)
             except InputError as error:
                 skipped.append(str(error))
+                continue
+            usable_fps = min(settings.fps, fps) if fps > 0 else settings.fps
+            if math.floor(duration * usable_fps) - 1 < 4:  # the margin plan_dataset keeps
+                skipped.append(f"{clip}: too short ({duration:.2f} s) to make a clip of at least 4 frames")
                 continue
             sources.append((clip.relative_to(root).as_posix(), duration, fps))
         if not sources:
