@@ -119,7 +119,7 @@ def test_motion_buffer_survives_an_undercount():
     buffer = _MotionBuffer(expected=10, limit=8, size=2)
     for i in range(200):
         if buffer.wants(i):
-            buffer.add(i, np.full((2, 2, 3), i % 256, np.uint8))
+            buffer.add(i, np.full((3, 2, 2), i % 256, np.uint8))
         assert len(buffer.indices) <= 8 and buffer.frames.shape[0] <= 8
     frames, indices = buffer.result()
     assert len(indices) in (4, 8) and len(indices) % 4 == 0
@@ -133,7 +133,7 @@ def test_motion_buffer_grows_when_all_frames_fit():
     buffer = _MotionBuffer(expected=3, limit=100, size=2)
     for i in range(30):
         assert buffer.wants(i)
-        buffer.add(i, np.full((2, 2, 3), i, np.uint8))
+        buffer.add(i, np.full((3, 2, 2), i, np.uint8))
     frames, indices = buffer.result()
     assert indices == list(range(28))
     assert [int(f[0, 0, 0]) for f in frames] == indices
