@@ -40,6 +40,20 @@ def test_keyframe_branch_shapes_and_pooling(tiny_model, tiny_config):
     assert p == math.ceil(g / 2)
 
 
+def test_released_geometry_with_tiny_widths():
+    """384 px keyframes, 14 px patches: 27x27 = 729 tokens pooled to 14x14 = 196, as released."""
+    from vqa2cli.config import VisionConfig
+
+    vision = VisionConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    config = make_tiny_config(vision=vision, pooled_grid=14, keyframe_size=384, motion_size=384)
+    model = make_tiny_model(config)
+    keyframes, motion = tiny_video(config, num_keyframes=2, num_motion=4)
+    with torch.no_grad():
+        assert model.vision_tower.embeddings(keyframes).shape == (2, 729, 32)
+        assert model.encode_keyframes(keyframes).shape == (2 * 196 + 1, config.text.hidden_size)
+        assert model.encode_motion(motion).shape == (4, config.text.hidden_size)
+
+
 def test_vision_tower_is_cut_and_headless(tiny_model, tiny_config):
     assert len(tiny_model.vision_tower.encoder.layers) == tiny_config.vision.num_hidden_layers
     assert not hasattr(tiny_model.vision_tower, "head")
