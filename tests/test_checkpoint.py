@@ -173,6 +173,17 @@ def test_missing_shard_is_reported(tiny_official_checkpoint, tmp_path):
         ck.load_official(directory)
 
 
+
+def test_tensor_in_two_shards_is_reported(tiny_official_checkpoint, tmp_path):
+    directory = _copy(tiny_official_checkpoint, tmp_path)
+    first, *_, last = sorted(directory.glob("model-*.safetensors"))
+    key, tensor = next(iter(load_file(first).items()))
+    tensors = load_file(last)
+    tensors[key] = tensor
+    save_file(tensors, last)
+    with pytest.raises(CheckpointError, match=f"tensor {key} is also in {first.name}"):
+        ck.load_official(directory)
+
 # ---- LLaVA-OneVision base + SlowFast Kinetics weights ------------------------------------------------
 
 

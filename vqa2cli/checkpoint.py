@@ -89,6 +89,8 @@ def _read_headers(files: list[Path]) -> dict[str, TensorRef]:
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for key in f.keys():
+                    if key in refs:
+                        raise CheckpointError(f"{file}: tensor {key} is also in {refs[key].file.name}")
                     refs[key] = TensorRef(file, key, tuple(f.get_slice(key).get_shape()))
         except (OSError, ValueError, SafetensorError) as error:
             raise CheckpointError(f"{file}: not a readable safetensors file ({_first_line(error)})") from error
