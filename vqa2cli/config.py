@@ -116,6 +116,9 @@ class TextConfig:
 
 @dataclass
 class VQA2Config:
+    """A whole VQA² model. Defaults = the released architecture (see `from_llava_qwen`); `tiny_config`
+    gives a small one. `prompt` is the checkpoint's own scoring prompt kind: ugc, streaming, enhanced."""
+
     vision: VisionConfig = field(default_factory=VisionConfig)
     motion: MotionConfig = field(default_factory=MotionConfig)
     text: TextConfig = field(default_factory=TextConfig)
