@@ -43,7 +43,6 @@ VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".m
 FORMAT_VERSION = 1
 
 
-
 @dataclass(frozen=True)
 class DistortionType:
     name: str  # identifier in the manifest
@@ -109,8 +108,10 @@ class ContentSettings:
             raise SetupError(f"unknown content kind(s) {unknown or '(none given)'}; choose from {', '.join(CONTENT_KINDS)}")
         for name in ("speed", "detail", "objects"):
             lo, hi = getattr(self, name)
-            if not (0 <= lo <= hi):
-                raise SetupError(f"content {name} range must be 0 <= LO <= HI, got {lo},{hi}")
+            if not (0 <= lo <= hi) or (name == "speed" and lo == 0):
+                # speed 0 would make still clips, on which stutter cannot be seen
+                floor = "0 < LO" if name == "speed" else "0 <= LO"
+                raise SetupError(f"--{name} must be {floor} <= HI, got {lo},{hi}")
 
 
 @dataclass
@@ -500,7 +501,7 @@ class DistortionRenderer:
             self.holds = self._freeze_schedule(s, fps)
             self.held = None
         elif self.name == "flicker":
-            freq = rng.uniform(2.0, min(4.0, 0.45 * fps))
+            freq = rng.uniform(min(2.0, 0.3 * fps), min(4.0, 0.45 * fps))  # below Nyquist at any rate
             phase = rng.uniform(0, 2 * np.pi)
             amp = 0.035 * s * 255.0
             t = np.arange(n_frames) / fps
