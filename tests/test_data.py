@@ -15,7 +15,7 @@ from vqa2cli.scoring import mos_to_level
 
 
 
-def make_clip(path, width, height, frames, fps):
+def make_clip(path, width, height, frames, fps, level=None):
     import av
     import numpy as np
 
@@ -23,7 +23,7 @@ def make_clip(path, width, height, frames, fps):
         stream = container.add_stream("mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for i in range(frames):
-            image = np.full((height, width, 3), i * 20, dtype=np.uint8)
+            image = np.full((height, width, 3), i * 20 if level is None else level, dtype=np.uint8)
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode())
     return path

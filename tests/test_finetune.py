@@ -1,0 +1,261 @@
+"""Fine-tuning end to end on the tiny model: data made here, a few steps each, all on CPU."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.fixtures.checkpoints import write_tiny_model_dir
+from tests.test_data import make_clip
+from vqa2cli.errors import DataError, SetupError
+from vqa2cli.finetune import (
+    FinetuneOptions,
+    checkpoint_dirs,
+    load_checkpoint,
+    lr_factor,
+    run,
+    save_checkpoint,
+    shard_order,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return write_tiny_model_dir(tmp_path_factory.mktemp("base") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Four 64x64, 8-frame clips, two bright and two dark, and a CSV per stage about them."""
+    folder = tmp_path_factory.mktemp("data")
+    for name, level in (("b1", 220), ("b2", 200), ("d1", 30), ("d2", 50)):
+        make_clip(folder / f"{name}.mp4", width=64, height=64, frames=8, fps=8, level=level)
+    bright = {"b1": True, "b2": True, "d1": False, "d2": False}
+    (folder / "s1").mkdir()
+    (folder / "s2").mkdir()
+    (folder / "s3").mkdir()
+    for name in bright:  # each data folder holds its videos (a symlink out of it would be refused)
+        for stage in ("s1", "s2", "s3"):
+            os.link(folder / f"{name}.mp4", folder / stage / f"{name}.mp4")
+    (folder / "s1" / "d.csv").write_text("video,distortion,kind\n" + "".join(
+        f"{n}.mp4,{'overexposure' if b else 'underexposure'},spatial\n" for n, b in bright.items()))
+    (folder / "s2" / "d.csv").write_text("video,mos\n" + "".join(
+        f"{n}.mp4,{4.5 if b else 1.5}\n" for n, b in bright.items()))
+    (folder / "s3" / "d.csv").write_text("video,question,answer\n" + "".join(
+        f"{n}.mp4,Is this video bright?,{'yes' if b else 'no'}\n" for n, b in bright.items()))
+    return folder
+
+
+def options(base, folder, out, stage=3, **kw):
+    defaults = dict(stage=stage, data=str(folder / f"s{stage}"), model=str(base), output=str(out), lr=1e-3,
+                    max_steps=2, save_every=1000, device="cpu", mos_range=(1, 5) if stage == 2 else None)
+    defaults.update(kw)
+    return FinetuneOptions(**defaults)
+
+
+def weights(path):
+    return load_file(Path(path) / "model.safetensors")
+
+
+def changed(before, after):
+    """Top-level parts whose tensors changed, and those that did not."""
+    moved, still = set(), set()
+    for name, tensor in before.items():
+        part = name.split(".")[0]
+        if name.startswith("language_model.model.embed_tokens."):
+            part = "embed_tokens"
+        (moved if not torch.equal(tensor, after[name]) else still).add(part)
+    return moved, still - moved
+
+
+def quiet(_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def trained(base, data, tmp_path_factory):
+    """A short full fine-tune (stage 3) shared by the tests that look at its outputs."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    result = run(options(base, data, out, max_steps=12, lr=5e-3, vision_lr=5e-3), say=quiet)
+    return out, result
+
+
+def test_loss_falls_on_a_learnable_set(trained):
+    out, result = trained
+    assert result.step == 12 and not result.interrupted
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 12
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.7 * first, losses
+
+
+def test_the_output_folder_is_a_model_that_scores_and_answers(trained, data):
+    out, result = trained
+    card = (out / "README.md").read_text()
+    assert "- stage: 3 (quality understanding)" in card and "- steps: 12" in card and f"{result.loss:.4f}" in card
+    assert [p.name for p in checkpoint_dirs(out)] == ["step-00000012"]
+    from vqa2cli.pipeline import load_model
+
+    model = load_model(str(out), device="cpu", quant="none")
+    scored = model.score(str(data / "b1.mp4"))
+    assert 0.0 <= scored.score <= 1.0 and set(scored.probs) == {"high", "good", "fair", "poor", "low"}
+    answer = model.ask(str(data / "b1.mp4"), "Is this video bright?", max_new_tokens=4)
+    assert isinstance(answer, str)
+
+
+@pytest.mark.parametrize("stage, extra, trained, frozen", [
+    (1, {}, {"vision_tower", "mm_projector"},
+     {"motion_encoder", "motion_projector", "language_model", "image_newline", "embed_tokens"}),
+    (1, {"part": "motion"}, {"motion_encoder", "motion_projector"},
+     {"vision_tower", "mm_projector", "language_model", "image_newline", "embed_tokens"}),
+    (2, {}, {"vision_tower", "mm_projector", "image_newline", "motion_encoder", "motion_projector", "language_model"},
+     {"embed_tokens"}),
+    (3, {"train": ("mm_projector",)}, {"mm_projector"},
+     {"vision_tower", "motion_encoder", "motion_projector", "language_model", "image_newline", "embed_tokens"}),
+])
+def test_each_stage_trains_only_its_parts(base, data, tmp_path, stage, extra, trained, frozen):
+    run(options(base, data, tmp_path / "run", stage=stage, max_steps=1, **extra), say=quiet)
+    moved, still = changed(weights(base), weights(tmp_path / "run"))
+    assert moved == trained and still == frozen
+
+
+def test_lora_is_merged_into_the_language_model(base, data, tmp_path):
+    run(options(base, data, tmp_path / "run", method="lora", train=("language_model",), max_steps=1), say=quiet)
+    before, after = weights(base), weights(tmp_path / "run")
+    assert set(after) == set(before)  # no adapter tensors left
+    differs = {name for name in before if not torch.equal(before[name], after[name])}
+    projections = {n for n in before if n.startswith("language_model.model.layers.") and "_proj." in n
+                   and n.endswith(".weight")}
+    assert differs == projections  # only the adapted linear layers (not norms, embeddings or lm_head)
+
+
+def test_qlora_trains_on_a_4bit_base_and_saves_full_precision(base, data, tmp_path):
+    result = run(options(base, data, tmp_path / "run", stage=2, method="qlora", train=("language_model",), max_steps=1),
+                 say=quiet)
+    assert result.step == 1
+    before, after = weights(base), weights(tmp_path / "run")
+    assert after.keys() == before.keys() and all(t.dtype == torch.float32 for t in after.values() if t.is_floating_point())
+    # a 4-bit-quantized layer (width >= 64) got an adapter folded into its original full-precision weight
+    name = "language_model.model.layers.0.mlp.up_proj.weight"
+    delta = (after[name] - before[name]).abs()
+    assert 0 < delta.max() < 0.1
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(base, data, tmp_path, monkeypatch):
+    lora = dict(max_steps=6, method="lora", train=("language_model", "mm_projector"))  # dropout draws from the RNG
+    whole = run(options(base, data, tmp_path / "whole", **lora), say=quiet)
+    assert whole.step == 6
+    # a real SIGINT during step 3: the run finishes that step, checkpoints it and stops
+    import vqa2cli.finetune as finetune
+
+    append = finetune._append_metrics
+
+    def append_and_interrupt(path, record):
+        append(path, record)
+        if record["step"] == 2:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(finetune, "_append_metrics", append_and_interrupt)
+    opts = options(base, data, tmp_path / "parts", **lora)
+    first = run(opts, say=quiet)
+    assert first.interrupted and first.step == 2 and first.checkpoint.name == "step-00000002"
+    assert not (tmp_path / "parts" / "model.safetensors").exists()
+    monkeypatch.setattr(finetune, "_append_metrics", append)
+    second = run(replace(opts, resume=True), say=quiet)
+    assert second.step == 6 and not second.interrupted
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "parts")
+    worst = max(float((a[n] - b[n]).abs().max()) for n in a)
+    assert worst <= 1e-6, worst
+    whole_log = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+    parts_log = (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["loss"] for x in whole_log] == pytest.approx([json.loads(x)["loss"] for x in parts_log],
+                                                                       abs=1e-6)
+
+
+def test_resume_refuses_changed_options(base, data, tmp_path):
+    opts = options(base, data, tmp_path / "run", max_steps=1)
+    run(opts, say=quiet)
+    with pytest.raises(SetupError, match="holds checkpoints of an earlier run"):
+        run(opts, say=quiet)
+    with pytest.raises(SetupError, match="lr: 0.001 then, 0.002 now"):
+        run(replace(opts, resume=True, lr=2e-3), say=quiet)
+
+
+def test_invalid_records_stop_before_training_or_are_skipped(base, data, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("b1", "d1"):
+        os.link(data / f"{name}.mp4", bad / f"{name}.mp4")
+    (bad / "d.csv").write_text("video,question,answer\nb1.mp4,q?,yes\nnope.mp4,q?,no\n../x.mp4,q?,no\nd1.mp4,q?,no\n")
+    lines = []
+    with pytest.raises(DataError, match="2 of 4 records in .* are invalid"):
+        run(options(base, bad.parent, tmp_path / "run", data=str(bad)), say=lines.append)
+    assert lines[0] == "d.csv: 2 of 4 records are invalid:"
+    assert lines[1].startswith("  d.csv line 3: video 'nope.mp4': file not found")
+    assert "d.csv line 4: video path '../x.mp4' leaves the data folder" in lines[2]
+    assert not checkpoint_dirs(tmp_path / "run")
+    assert (tmp_path / "run" / "invalid_records.txt").read_text().count("\n") == 2
+    result = run(options(base, bad.parent, tmp_path / "run", data=str(bad), skip_invalid=True, max_steps=1),
+                 say=lines.append)
+    assert result.step == 1 and "skipping 2 invalid records; training on 2" in lines
+
+
+def test_output_folder_is_never_clobbered(base, data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SetupError, match="not empty"):
+        run(options(base, data, out), say=quiet)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path, monkeypatch):
+    tensors = {"w": torch.ones(3)}
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, tensors, {"step": torch.tensor(step)}, {"step": step}, keep=2)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000002", "step-00000003"]
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, 4, {"w": torch.zeros(3)}, {}, {"step": 4}, keep=2)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000002", "step-00000003"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+    loaded, state, meta = load_checkpoint(checkpoint_dirs(tmp_path)[-1])
+    assert torch.equal(loaded["w"], torch.ones(3)) and meta["step"] == 3 and int(state["step"]) == 3
+
+
+def test_checkpoint_state_is_never_unpickled(tmp_path):
+    path = save_checkpoint(tmp_path, 1, {"w": torch.ones(1)}, {}, {"step": 1}, keep=1)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    import pickle
+
+    (path / "state.pt").write_bytes(pickle.dumps({"x": Evil()}))
+    with pytest.raises(SetupError, match="cannot be read"):
+        load_checkpoint(path)
+
+
+def test_schedule_and_sharding():
+    total = 100
+    factors = [lr_factor(s, total) for s in range(total)]
+    assert factors[0] == pytest.approx(1 / 3) and factors[2] == 1.0  # 3 warm-up steps
+    assert all(a >= b for a, b in zip(factors[2:], factors[3:])) and factors[-1] < 0.01
+    shards = [shard_order(5, epoch=0, seed=0, rank=r, world=2) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 3 and set(shards[0] + shards[1]) == set(range(5))
+    assert shard_order(5, 1, 0, 0, 1) != shard_order(5, 0, 0, 0, 1)  # a new order each epoch
