@@ -132,7 +132,7 @@ def run(monkeypatch, capsys, *args):
 def test_command_scores_a_set_with_the_tiny_model(synth_set, tmp_path, tiny_model_dir, monkeypatch, capsys):
     predictions = tmp_path / "preds.csv"
     code, out, err = run(monkeypatch, capsys, synth_set / "labels.csv", "--model", tiny_model_dir,
-                         "--device", "cpu", "--json", "--predictions", predictions)
+                         "--device", "cpu", "--json", "--predictions", predictions, "--batch-size", 2)
     assert code == 0, err
     (summary,) = json.loads(out)
     assert summary["kind"] == "scores" and summary["items"] == 6 and summary["failed"] == 0

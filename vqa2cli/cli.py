@@ -472,9 +472,12 @@ def _prediction_writer(path, columns):
               help="Longest motion stream; longer videos are sampled evenly down to it.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
               help="Longest answer (question sets).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Videos scored in one forward pass (score sets).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary; errors are still reported.")
 @output_format_options
-def eval_(labels, model_name, device, quant, predictions_path, max_motion_frames, max_new_tokens, quiet, fmt):
+def eval_(labels, model_name, device, quant, predictions_path, max_motion_frames, max_new_tokens, batch_size, quiet,
+          fmt):
     """Evaluate a model on a labelled set, with the standard VQA protocol.
 
     LABELS is a CSV whose header says what it holds (`video` may stand for `path`):
@@ -521,7 +524,7 @@ def eval_(labels, model_name, device, quant, predictions_path, max_motion_frames
         model = _load_model(reporter, model_name, device, quant, task="score" if label_set.kind == "scores" else "ask")
         reporter.start("Evaluating", total=len(label_set.rows))
         _, summary = evaluate(model, label_set, max_motion_frames=max_motion_frames, max_new_tokens=max_new_tokens,
-                              on_record=on_record)
+                              on_record=on_record, batch_size=batch_size)
     except KeyboardInterrupt:
         interrupted = True
         _ignore_further_interrupts()

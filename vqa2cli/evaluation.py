@@ -101,13 +101,14 @@ def read_labels(path) -> LabelSet:
     return labels
 
 
-def evaluate_scores(model, labels: LabelSet, max_motion_frames=2000, on_record: Callable = None):
+def evaluate_scores(model, labels: LabelSet, max_motion_frames=2000, on_record: Callable = None, batch_size=1):
     """Score every video; returns (prediction records, summary). `on_record(record)` sees each as it ends."""
     from vqa2cli import metrics
     from vqa2cli.batch import score_videos
 
     records = []
-    scores = score_videos(model, (str(row.video) for row in labels.rows), max_motion_frames=max_motion_frames)
+    scores = score_videos(model, (str(row.video) for row in labels.rows), max_motion_frames=max_motion_frames,
+                          batch_size=batch_size)
     try:
         for row, scored in zip(labels.rows, scores):
             error = scored.error.replace(str(row.video), row.path) if scored.error else None
@@ -194,9 +195,11 @@ def _summary(model, labels, records, ok):
     }
 
 
-def evaluate(model, labels: LabelSet, max_motion_frames=2000, max_new_tokens=64, on_record: Callable = None):
+def evaluate(model, labels: LabelSet, max_motion_frames=2000, max_new_tokens=64, on_record: Callable = None,
+             batch_size=1):
+    """Run the evaluation the label file asks for: (prediction records, summary)."""
     if labels.kind == "scores":
-        return evaluate_scores(model, labels, max_motion_frames, on_record)
+        return evaluate_scores(model, labels, max_motion_frames, on_record, batch_size)
     return evaluate_questions(model, labels, max_motion_frames, max_new_tokens, on_record)
 
 
