@@ -313,6 +313,22 @@ def test_user_clips_are_cropped_resized_and_distorted(tmp_path):
         assert 0 <= float(row["start"]) <= 3 - 1.0
 
 
+def test_interrupted_run_labels_the_clips_it_made(tmp_path):
+    made = []
+
+    def on_clip(plan, error):
+        made.append(plan.video)
+        if len(made) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        synth.generate_dataset(tmp_path / "out", small_settings(), on_clip=on_clip)
+    labels = list(csv.DictReader(open(tmp_path / "out" / "labels.csv")))
+    assert [row["path"] for row in labels] == made
+    assert json.loads((tmp_path / "out" / "synth.json").read_text())["interrupted"] is True
+    assert sorted(p.name for p in (tmp_path / "out" / "videos").iterdir()) == ["clip_00000.mp4", "clip_00001.mp4"]
+
+
 def test_clips_folder_without_videos_is_a_setup_error(tmp_path):
     (tmp_path / "clips").mkdir()
     with pytest.raises(SetupError, match="no video files"):

@@ -436,9 +436,13 @@ def synth(out, clips_dir, count, seed, size, fps, seconds, crf, content, speed, 
         reporter.advance()
 
     start = time.perf_counter()
-    with reporter:
-        reporter.start("Making clips", total=count)
-        meta = generate_dataset(out, settings, clips_dir=clips_dir, overwrite=overwrite, on_clip=on_clip)
+    try:
+        with reporter:
+            reporter.start("Making clips", total=count)
+            meta = generate_dataset(out, settings, clips_dir=clips_dir, overwrite=overwrite, on_clip=on_clip)
+    except KeyboardInterrupt:
+        reporter.note(f"interrupted: the clips made so far are labelled in {out}")
+        return EXIT_INTERRUPTED
     for message in meta["skipped_sources"]:
         reporter.note(f"skipped: {message}")
     if not quiet:

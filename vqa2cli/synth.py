@@ -565,21 +565,25 @@ def encode_clip(path, frames, width, height, fps, crf=0):
 
     tmp = Path(str(path) + ".part")
     written = 0
-    with av.open(str(tmp), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "veryfast"}
-        stream.codec_context.thread_count = 1  # reproducible bitstreams; tiny clips encode fast anyway
-        for frame in frames:
-            image = np.clip(np.rint(frame), 0, 255).astype(np.uint8)
-            # Convert to yuv420p ourselves: left to the encoder, the RGB conversion was measured to give
-            # different bitstreams run to run (about 1 encode in 6), and then different decoded frames.
-            video_frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
-            for packet in stream.encode(video_frame):
+    try:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.options = {"crf": str(crf), "preset": "veryfast"}
+            stream.codec_context.thread_count = 1  # tiny clips encode fast anyway
+            for frame in frames:
+                image = np.clip(np.rint(frame), 0, 255).astype(np.uint8)
+                # Converting to yuv420p here rather than in the encoder removed one source of run-to-run
+                # differences in the bitstream; lossy x264 still varies now and then (see SynthSettings.crf).
+                video_frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
+                for packet in stream.encode(video_frame):
+                    container.mux(packet)
+                written += 1
+            for packet in stream.encode():
                 container.mux(packet)
-            written += 1
-        for packet in stream.encode():
-            container.mux(packet)
+    except BaseException:  # a bad source clip, Ctrl-C: leave no half-written file behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return written
 
@@ -701,7 +705,7 @@ class SynthSettings:
     fps: float = 12.0
     seconds: float = 4.0
     # 0 = lossless: decoded frames are then identical run to run whatever the encoder decides (x264
-    # was measured to make slightly different lossy bitstreams from identical input, 1 clip in ~60).
+    # was measured to make slightly different lossy bitstreams from identical input, ~1 clip in 60).
     crf: int = 0
     content: ContentSettings = field(default_factory=ContentSettings)
 
@@ -731,7 +735,8 @@ def find_clips(clips_dir) -> list:
 
 def generate_dataset(out, settings: SynthSettings, clips_dir=None, overwrite=False, on_clip=None) -> dict:
     """Write videos/ and the label files into `out`. `on_clip(plan, error_or_None)` reports progress.
-    Returns a summary dict. Unreadable user clips are skipped (named in the summary)."""
+    Returns a summary dict. Unreadable user clips are skipped (named in the summary). On Ctrl-C the
+    clips made so far are labelled (synth.json says `interrupted`) before KeyboardInterrupt goes on."""
     settings.validate()
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -758,18 +763,24 @@ def generate_dataset(out, settings: SynthSettings, clips_dir=None, overwrite=Fal
     plans = plan_dataset(settings, sources)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     done, failed = [], []
-    for plan in plans:
-        try:
-            _render(out, plan, settings, clips_dir)
-        except InputError as error:
-            failed.append(str(error))
+    interrupted = False
+    try:
+        for plan in plans:
+            try:
+                _render(out, plan, settings, clips_dir)
+            except InputError as error:
+                failed.append(str(error))
+                if on_clip:
+                    on_clip(plan, error)
+                continue
+            done.append(plan)
             if on_clip:
-                on_clip(plan, error)
-            continue
-        done.append(plan)
-        if on_clip:
-            on_clip(plan, None)
+                on_clip(plan, None)
+    except KeyboardInterrupt:
+        interrupted = True  # label what was made, then stop
     if not done:
+        if interrupted:
+            raise KeyboardInterrupt
         raise SetupError(f"no clip could be made ({failed[0]})")
     for name, text in label_files(done, settings.seed).items():
         _write_atomic(out / name, text)
@@ -778,12 +789,15 @@ def generate_dataset(out, settings: SynthSettings, clips_dir=None, overwrite=Fal
         "settings": {**asdict(settings), "content": asdict(settings.content)},
         "clips_dir": str(clips_dir) if clips_dir is not None else None,
         "clips": len(done),
+        "interrupted": interrupted,
         "failed": failed,
         "skipped_sources": skipped,
         "mos": {"clean": CLEAN_MOS, "max_impairment": MAX_IMPAIRMENT, "exponent": IMPAIRMENT_EXPONENT,
                 "partial_weight": PARTIAL_WEIGHT},
     }
     _write_atomic(out / "synth.json", json.dumps(meta, indent=1, default=list) + "\n")
+    if interrupted:
+        raise KeyboardInterrupt
     return meta
 
 
