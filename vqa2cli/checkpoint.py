@@ -54,6 +54,7 @@ OFFICIAL_INDEX = "model.safetensors.index.json"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 SHOWN = 5  # names listed in an error before "+N more"
+MAP_WINDOW = 256 * 2**20  # bytes read through one memory map before it is released (see `fill`)
 
 
 def official_to_ours(name: str) -> str | None:
@@ -187,10 +188,20 @@ def fill(model: torch.nn.Module, refs: dict[str, TensorRef], device: torch.devic
     for name, ref in refs.items():
         by_file.setdefault(ref.file, []).append((name, ref))
     for file, items in by_file.items():
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name, ref in items:
-                module_name, _, attr = name.rpartition(".")
-                load_weight(model.get_submodule(module_name), attr, f.get_tensor(ref.key), device, dtype)
+        # safe_open memory-maps the file and the pages read stay resident until it is closed: reopening
+        # every MAP_WINDOW bytes keeps a big single-file model from costing twice its size in RAM.
+        start = 0
+        while start < len(items):
+            mapped = 0
+            with safe_open(file, framework="pt", device="cpu") as f:
+                while start < len(items) and mapped < MAP_WINDOW:
+                    name, ref = items[start]
+                    tensor = f.get_tensor(ref.key)
+                    mapped += tensor.numel() * tensor.element_size()
+                    module_name, _, attr = name.rpartition(".")
+                    load_weight(model.get_submodule(module_name), attr, tensor, device, dtype)
+                    del tensor
+                    start += 1
 
 
 def finish(model: torch.nn.Module, device: torch.device):
