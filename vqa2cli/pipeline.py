@@ -154,6 +154,8 @@ class VQA2:
         from vqa2cli.scoring import score_from_logits
 
         samples = [self._sample(v, max_motion_frames) for v in videos]
+        if not samples:
+            return []
         ids = self._ids(self._score_text(prompt))
         with torch.inference_mode():
             out = self.model(
