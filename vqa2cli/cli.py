@@ -394,7 +394,7 @@ def _parse_range(kind):
               "are identical run to run); 10-18 are near-lossless and smaller.")
 @click.option("--content", default=",".join(("texture", "gradient", "shapes", "zoom")), show_default=True,
               help="Procedural content kinds to draw from (comma-separated).")
-@click.option("--speed", default="0.5,3", show_default=True, callback=_parse_range(float), metavar="LO,HI",
+@click.option("--speed", default="1,3", show_default=True, callback=_parse_range(float), metavar="LO,HI",
               help="Procedural motion, pixels per frame at 128 px.")
 @click.option("--detail", default="0.9,1.5", show_default=True, callback=_parse_range(float), metavar="LO,HI",
               help="Procedural texture slope: 1 is natural-image-like, higher is smoother.")

@@ -98,7 +98,8 @@ class ContentSettings:
     """Variety of procedural clips; a held-out set should use other values (and another seed)."""
 
     kinds: tuple = CONTENT_KINDS
-    speed: tuple = (0.5, 3.0)  # camera/object speed, pixels per frame at 128 px (scaled with frame size)
+    # camera/object speed, pixels per frame at 128 px (scaled with frame size); slower hides stutter
+    speed: tuple = (1.0, 3.0)
     detail: tuple = (0.9, 1.5)  # spectral slope of textures: 1 is natural-image-like, higher is smoother
     objects: tuple = (2, 6)  # moving shapes in 'shapes' clips
 
