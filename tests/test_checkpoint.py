@@ -200,13 +200,13 @@ def _tiny_pyth(path, seed=1):
 
 def test_pyth_is_read_with_weights_only(tmp_path):
     state = _tiny_pyth(tmp_path / "slowfast.pyth")
-    tensors = ck.slowfast_refs(tmp_path / "slowfast.pyth")
+    tensors = ck.read_slowfast(tmp_path / "slowfast.pyth")
     assert set(tensors) == {f"motion_encoder.{k}" for k in state if k.split(".")[1] in "01234"}
     assert not any(k.startswith("motion_encoder.blocks.5") for k in tensors)  # the head is dropped
     # A pickled module (like JZHWS/slowfast's slowfast.pth) is refused, not unpickled.
     torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")
     with pytest.raises(CheckpointError, match="refusing to unpickle"):
-        ck.slowfast_refs(tmp_path / "module.pth")
+        ck.read_slowfast(tmp_path / "module.pth")
 
 
 def test_build_from_plain_onevision(tiny_official_checkpoint, tmp_path):

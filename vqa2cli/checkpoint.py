@@ -280,15 +280,8 @@ def load_official(
     model = build_empty(config)
     expected = all_expected = expected_tensors(model)  # before quantization swaps modules
     prepare(model, precision)
-    found = {}
-    unknown = {}
-    for key, ref in _read_headers(official_files(directory)).items():
-        ours = official_to_ours(key)
-        if ours is None:
-            unknown[key] = ref  # reported as unexpected under its own name
-        else:
-            found[ours] = ref
-    found.update(unknown)
+    # Our name -> tensor; a name outside the mapping keeps its own and is reported as unexpected.
+    found = {official_to_ours(key) or key: ref for key, ref in _read_headers(official_files(directory)).items()}
 
     motion_expected = {n for n in expected if n.startswith(MOTION_PREFIXES)}
     fresh_motion = allow_missing_motion and not motion_expected & found.keys()
@@ -299,7 +292,7 @@ def load_official(
                 f"checkpoint {directory} has no motion weights: pass the SlowFast Kinetics weights "
                 "(pytorchvideo's SLOWFAST_8x8_R50.pyth) to initialise the motion encoder"
             )
-        slowfast = slowfast_refs(slowfast_weights)
+        slowfast = read_slowfast(slowfast_weights)
         expected = {n: s for n, s in expected.items() if n not in motion_expected}
 
     check_tensors(expected, found, f"checkpoint {directory}", display=lambda n: ours_to_official(n) or n)
@@ -387,7 +380,7 @@ def save_official(model, tokenizer, directory: str | os.PathLike, max_shard_byte
 # ---- pytorchvideo SlowFast Kinetics weights ------------------------------------------------------------
 
 
-def slowfast_refs(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_slowfast(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Blocks 0..4 of pytorchvideo's SlowFast state dict (`.pyth`: `{"model_state": {...}}`, or a bare
     state dict), under our names (`motion_encoder.blocks.{i}.*`). The classification head (blocks 5+) is
     dropped. Only plain tensors are unpickled (`weights_only=True`)."""
@@ -416,15 +409,6 @@ def slowfast_refs(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def check_slowfast(expected: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], path):
     found = {n: TensorRef(Path(path), n.removeprefix("motion_encoder."), tuple(t.shape)) for n, t in tensors.items()}
     check_tensors(expected, found, f"SlowFast weights {path}", display=lambda n: n.removeprefix("motion_encoder."))
-
-
-def load_slowfast(model: torch.nn.Module, path: str | os.PathLike):
-    """Overwrite the SlowFast blocks of a loaded (unquantized) model with Kinetics weights, strictly."""
-    tensors = slowfast_refs(path)
-    expected = {n: tuple(t.shape) for n, t in model.state_dict().items() if n.startswith("motion_encoder.blocks.")}
-    check_slowfast(expected, tensors, path)
-    with torch.no_grad():
-        model.load_state_dict(tensors, strict=False)
 
 
 # ---- our model directory -------------------------------------------------------------------------------
