@@ -284,3 +284,62 @@ def test_ask_bad_video_is_one_line_exit_1(vqa2, tmp_path, tiny_model_dir):
     code, out, err = vqa2("ask", video, "Sharp?", "-m", tiny_model_dir)
     assert code == 1 and out == ""
     assert err == f"error: {video}: empty file (0 bytes)\n"
+
+
+# --- real processes: Ctrl-C and closed pipes -------------------------------------------------------
+
+
+def _vqa2_process(*args, **popen):
+    return subprocess.Popen(
+        [sys.executable, "-m", "vqa2cli", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **popen,
+    )
+
+
+def test_sigint_mid_batch_leaves_valid_json(clips_dir, tiny_model_dir):
+    import signal
+    import threading
+    import time
+
+    # paths stream in on stdin, which stays open: the batch is never over before the interrupt,
+    # whether it lands while the model computes or while the command waits for more paths
+    process = _vqa2_process("score", "-", "--model", tiny_model_dir, "--json", stdin=subprocess.PIPE)
+    process.stdin.write(f"{clips_dir / 'a.mp4'}\n".encode() * 20)
+    process.stdin.flush()
+    received = bytearray()
+
+    def read_stdout():
+        while chunk := process.stdout.read1(4096):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=read_stdout)
+    reader.start()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and b"}" not in received:  # the first record is out
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    reader.join()
+    err = process.stderr.read().decode()
+    assert process.returncode == 130, err
+    records = json.loads(received)
+    assert 1 <= len(records) <= 20
+    for record in records:
+        _check_success(record, clips_dir / "a.mp4", tiny_model_dir)
+    assert "Traceback" not in err and "interrupted:" in err
+
+
+def test_closed_stdout_pipe_stops_quietly(clips_dir, tiny_model_dir):
+    process = _vqa2_process("score", *[clips_dir / "a.mp4"] * 20, "--model", tiny_model_dir, "--jsonl")
+    first = process.stdout.readline()  # like `| head -1`
+    process.stdout.close()
+    process.wait(timeout=300)
+    err = process.stderr.read().decode()
+    assert json.loads(first)["error"] is None
+    # click's own handling of EPIPE: exit 1, nothing on stderr
+    assert process.returncode == 1 and err == ""

@@ -24,7 +24,6 @@ from vqa2cli.errors import SetupError, Vqa2Error
 
 EXIT_FAILED = 1  # some inputs failed
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what `vqa2 ... | head` would give a C program
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -657,9 +656,4 @@ def main():
     except Vqa2Error as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(1)
-    except BrokenPipeError:
-        # the reader went away (`vqa2 score … | head`): stop quietly; point stdout at /dev/null so
-        # the interpreter's final flush does not print a second error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(EXIT_BROKEN_PIPE)
     sys.exit(exit_code if isinstance(exit_code, int) else 0)
