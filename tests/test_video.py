@@ -118,8 +118,9 @@ def test_motion_buffer_survives_an_undercount():
     # The packet count said 10 frames; the decoder delivers 200. Storage must stay within the cap.
     buffer = _MotionBuffer(expected=10, limit=8, size=2)
     for i in range(200):
-        if buffer.wants(i):
-            buffer.add(i, np.full((3, 2, 2), i % 256, np.uint8))
+        slot = buffer.slot(i) if buffer.wants(i) else None
+        if slot is not None:
+            slot[...] = i % 256
         assert len(buffer.indices) <= 8 and buffer.frames.shape[0] <= 8
     frames, indices = buffer.result()
     assert len(indices) in (4, 8) and len(indices) % 4 == 0
@@ -133,7 +134,7 @@ def test_motion_buffer_grows_when_all_frames_fit():
     buffer = _MotionBuffer(expected=3, limit=100, size=2)
     for i in range(30):
         assert buffer.wants(i)
-        buffer.add(i, np.full((3, 2, 2), i, np.uint8))
+        buffer.slot(i)[...] = i
     frames, indices = buffer.result()
     assert indices == list(range(28))
     assert [int(f[0, 0, 0]) for f in frames] == indices
@@ -258,6 +259,16 @@ def test_audio_stream_is_ignored(tmp_path):
     check_sample(sample, 25, 25)
 
 
+@pytest.mark.parametrize("suffix", ["gif", "png"])
+def test_animations_are_videos(tmp_path, suffix):
+    pictures = [Image.fromarray(frame_pattern(i, 32, 24)) for i in range(12)]
+    path = tmp_path / f"anim.{suffix}"
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=100, loop=0)
+    sample = load_video(path, keyframe_size=32, motion_size=24)
+    check_sample(sample, 12, 10)
+    assert sample.keyframe_indices == [0, 10]
+
+
 def test_lazy_export(clip):
     assert vqa2cli.load_video is load_video
     assert vqa2cli.VideoError is VideoError
@@ -274,6 +285,7 @@ EXPECTED_REASON = {
     "audio_only": "no video stream",
     "image_png": "still image",
     "image_jpg": "still image",
+    "still_gif": "still image",
     "truncated_mp4": "not a video",
     "garbled": "no decodable video frames",
     "empty_stream": "not a video",

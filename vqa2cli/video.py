@@ -13,23 +13,27 @@
   uniformly in time: the k-th motion frame is source frame ``k * N // T`` with T the cap rounded
   down to a multiple of 4. Clips with 1-3 frames repeat their last frame up to 4 (SlowFast's motion
   stream needs a multiple of 4). Motion frames are resized by libswscale's bicubic filter straight
-  from the decoder's YUV (many frames, so speed matters); keyframes that are also motion frames are
-  shared when both sizes agree.
+  from the decoder's YUV to planar RGB (many frames, so speed matters); keyframes that are also
+  motion frames are shared when both sizes agree.
 
-Resize fidelity, measured on 1080p yuv420p H.264 (natural photo panned, and synthetic test pattern
-with noise) against the release's path (full-size RGB, then PIL bicubic) at 384 px, per channel on
-the 0-255 scale: keyframes are identical (same path); motion frames differ by mean 2.3 / p99 13 /
-max 29 on the photo (luma alone: mean 0.6), mostly from chroma siting, because swscale resamples
-the half-size chroma planes directly instead of upsampling them first. The two-step swscale path
-(full-size RGB, then scale) is closer (mean 0.3) but costs about twice as much per frame, and the
-fully exact PIL path about four times as much, which would miss the decode-speed target.
+Resize fidelity and cost, measured on 1080p yuv420p H.264 at 384 px against the release's path
+(full-size RGB, then PIL bicubic), per channel on the 0-255 scale, CPU per frame on this project's
+machine: keyframes are identical (they take that path: ~0.7 ms RGB conversion + ~15 ms PIL). Motion
+frames (swscale bicubic, planar gbrp output): mean 1.3 / p99 4 / max 8 on a panned natural photo,
+mean 1.2 / p99 13 / max 57 on a saturated noisy test pattern, ~2-2.5 ms. The remaining difference
+is chroma siting (swscale resamples the half-size chroma planes, the release replicates them to full
+size first). Rejected: packed rgb24 output (mean 2.3 / max 29 on the photo, and slower: its output
+stage subsamples chroma), RGB at full size then swscale (mean 0.3, ~9 ms), PIL for every frame
+(exact, ~16 ms; several times the decoder's own cost).
 
 Timing comes from presentation timestamps. Before decoding, one cheap pass over the packets (no
 decoding) counts the frames and reads their timestamps; it gives the frame count that the motion
 subsampling needs up front (containers such as webm/mkv declare none) and the frame rate:
 ``fps = frames / duration`` with ``duration = last pts - first pts + the last frame's duration``
 (the mean interval when that is unknown), which is the nominal rate for constant-rate video and the
-average rate for variable-rate video. When timestamps are missing the container's rate is used.
+average rate for variable-rate video. The container's nominal rate replaces it when the two agree
+within 1% (timestamps rounded to milliseconds, as in mkv, would blur 30000/1001) or when timestamps
+are missing.
 Keyframe indices are counted in decoded (presentation) order. If the decoder yields more frames
 than packets were counted, the motion stream stays within the cap by dropping every other stored
 frame and halving the sampling rate, so memory is bounded by the output in every case.
@@ -41,8 +45,9 @@ grayscale, palette).
 Damage: decoding goes on past packets the decoder rejects and past a read error (a truncated or
 damaged file ends the stream there). A sample is returned as long as at least one frame decodes; what
 was lost is reported in `VideoSample.warnings`. A video with no decodable frame raises `VideoError`.
-Still images (png, jpg, ... opened by FFmpeg's image demuxers) are rejected as not a video; animated
-formats (gif, apng) are videos.
+A still image (png, jpg, a one-frame gif, ...) is rejected as not a video rather than taken as a
+one-frame clip: scoring a photo as video would be meaningless. Animated gif and apng are videos
+(animated WebP is not: FFmpeg's WebP decoder reads still pictures only).
 """
 
 from __future__ import annotations
@@ -64,8 +69,9 @@ MEAN = 0.5
 STD = 0.5
 
 _MOTION_INTERPOLATION = Interpolation.BICUBIC
-# FFmpeg demuxers that read single pictures; "yuv4mpegpipe" is a video format and does not match.
-_IMAGE_FORMATS = ("image2", "image2pipe")
+# FFmpeg demuxers for pictures (plus every "*_pipe" one; "yuv4mpegpipe" is video and does not match),
+# and animation formats that may hold a single picture.
+_PICTURE_FORMATS = ("image2", "image2pipe", "gif", "apng")
 
 
 class VideoError(InputError):
@@ -173,8 +179,6 @@ def _video_stream(path: str, container):
         if container.streams.audio:
             raise VideoError(path, "no video stream (audio only)")
         raise VideoError(path, f"no video stream (format {fmt})")
-    if fmt in _IMAGE_FORMATS or fmt.endswith("_pipe"):
-        raise VideoError(path, f"a still image ({fmt.removesuffix('_pipe')}), not a video")
     if fmt == "tty":
         raise VideoError(path, "a text file, not a video")
     stream = streams[0]
@@ -259,20 +263,21 @@ class _MotionBuffer:
     def wants(self, index: int) -> bool:
         return index == len(self.indices) * self.num // self.den
 
-    def add(self, index: int, chw: np.ndarray) -> None:
+    def slot(self, index: int) -> np.ndarray | None:
+        """Where wanted frame `index` goes ([3, S, S], to be filled), or None once halving dropped it."""
         n = len(self.indices)
         if n == self.frames.shape[0]:
             if n >= self.limit:
                 self._halve()
                 if not self.wants(index):
-                    return
+                    return None
                 n = len(self.indices)
             else:
                 grown = torch.empty((min(2 * n, self.limit), *self.frames.shape[1:]), dtype=torch.uint8)
                 grown[:n] = self.frames[:n]
                 self.frames = grown
-        np.copyto(self.frames[n].numpy(), chw)
         self.indices.append(index)
+        return self.frames[n].numpy()
 
     def _halve(self) -> None:
         kept = self.indices[::2]
@@ -301,8 +306,14 @@ def _decode(path: str, probe: _Probe, keyframe_size: int, motion_size: int,
             max_motion_frames: int) -> VideoSample:
     step = max(1, round(probe.fps))
     expected = max(probe.packets, 1)
-    motion = _MotionBuffer(expected, max_motion_frames - max_motion_frames % 4, motion_size)
-    keyframes = torch.empty((math.ceil(expected / step), 3, keyframe_size, keyframe_size))
+    try:
+        motion = _MotionBuffer(expected, max_motion_frames - max_motion_frames % 4, motion_size)
+        keyframes = torch.empty((math.ceil(expected / step), 3, keyframe_size, keyframe_size))
+    except RuntimeError:  # torch's allocator: the output itself does not fit in memory
+        gb = (min(expected, max_motion_frames) * 3 * motion_size**2
+              + math.ceil(expected / step) * 12 * keyframe_size**2) / 1e9
+        raise VideoError(path, f"too long to hold in memory: its {expected} frames need {gb:.1f} GB "
+                               f"of keyframes and motion frames") from None
     keyframe_indices: list[int] = []
     warnings: list[str] = []
     reformatter = VideoReformatter()
@@ -321,8 +332,7 @@ def _decode(path: str, probe: _Probe, keyframe_size: int, motion_size: int,
         read_error = None
 
         def take(frame) -> None:
-            nonlocal index, quarter_turns, width, height, last_duration
-            nonlocal keyframes, corrupt
+            nonlocal index, quarter_turns, width, height, last_duration, corrupt
             if index == 0:
                 quarter_turns = round((frame.rotation or 0) / 90) % 4
                 width, height = frame.width, frame.height
@@ -333,6 +343,15 @@ def _decode(path: str, probe: _Probe, keyframe_size: int, motion_size: int,
             if frame.pts is not None and frame.time_base:
                 times.append(float(frame.pts * frame.time_base))
                 last_duration = float(frame.duration * frame.time_base) if frame.duration else 0.0
+            try:
+                convert(frame)
+            except av.FFmpegError as e:
+                raise VideoError(path, f"cannot convert {frame.format.name} pixels to RGB "
+                                       f"({_ffmpeg_reason(e)})") from None
+            index += 1
+
+        def convert(frame) -> None:
+            nonlocal keyframes
             shared = None
             if index % step == 0:
                 rgb = _exact_resize(frame, keyframe_size, quarter_turns)
@@ -345,11 +364,11 @@ def _decode(path: str, probe: _Probe, keyframe_size: int, motion_size: int,
                 keyframe_indices.append(index)
                 if keyframe_size == motion_size:
                     shared = rgb.transpose(2, 0, 1)
-            if motion.wants(index):
-                if shared is None:
-                    shared = _fast_resize(reformatter, frame, motion_size, quarter_turns)
-                motion.add(index, shared)
-            index += 1
+            slot = motion.slot(index) if motion.wants(index) else None
+            if slot is not None and shared is not None:
+                np.copyto(slot, shared)
+            elif slot is not None:
+                _fast_resize_into(slot, reformatter, frame, quarter_turns)
 
         demux = container.demux(stream)
         while True:
@@ -375,15 +394,21 @@ def _decode(path: str, probe: _Probe, keyframe_size: int, motion_size: int,
                     take(frame)
             except av.FFmpegError:
                 pass
+        fmt = container.format.name
     finally:
         container.close()
 
+    picture = fmt in _PICTURE_FORMATS or fmt.endswith("_pipe")
+    if picture and index <= 1:
+        # Deliberate: one picture is not a video (animated gif/apng are).
+        kind = "a still image" if index else "an image FFmpeg cannot decode"
+        raise VideoError(path, f"{kind} ({fmt.removesuffix('_pipe')}), not a video")
     read_error = read_error or probe.read_error
     if index == 0:
         if probe.packets == 0:
             detail = "the video stream holds no data"
         else:
-            detail = f"all {probe.packets} packets are corrupt or truncated"
+            detail = f"{_count(probe.packets, 'packet')}, none decodable (corrupt or truncated)"
         raise VideoError(path, f"no decodable video frames ({detail})")
 
     times.sort()  # damaged streams can yield frames out of order
@@ -444,20 +469,19 @@ def _exact_resize(frame, size: int, quarter_turns: int) -> np.ndarray:
     return np.array(image)
 
 
-def _fast_resize(reformatter: VideoReformatter, frame, size: int, quarter_turns: int) -> np.ndarray:
-    """swscale bicubic from the decoder's pixel format straight to size x size planar RGB, [3, S, S].
+def _fast_resize_into(out: np.ndarray, reformatter: VideoReformatter, frame, quarter_turns: int) -> None:
+    """swscale bicubic from the decoder's pixel format straight to planar RGB in `out` ([3, S, S]).
 
     Planar output (gbrp) is both faster and closer to the release than packed rgb24, whose output
     stage subsamples chroma horizontally. One thread: the decoder's threads already fill the cores.
     """
+    size = out.shape[-1]
     planar = reformatter.reformat(frame, width=size, height=size, format="gbrp",
                                   interpolation=_MOTION_INTERPOLATION, threads=1)
-    chw = np.empty((3, size, size), np.uint8)
     for channel, plane in zip((1, 2, 0), planar.planes):  # planes are G, B, R
-        rows = np.frombuffer(plane, np.uint8).reshape(size, plane.line_size)
-        chw[channel] = rows[:, :size]
-    # Square output: rotating after the resize equals resizing the rotated frame.
-    return np.ascontiguousarray(np.rot90(chw, quarter_turns, axes=(1, 2))) if quarter_turns else chw
+        rows = np.frombuffer(plane, np.uint8).reshape(size, plane.line_size)[:, :size]
+        # Square output: rotating after the resize equals resizing the rotated frame.
+        out[channel] = np.rot90(rows, quarter_turns) if quarter_turns else rows
 
 
 def _count(n: int, noun: str) -> str:
