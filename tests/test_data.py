@@ -3,6 +3,7 @@ import os
 
 import pytest
 
+from tests.fixtures.clips import make_clip
 from vqa2cli.data import (
     SCORE_QUESTION,
     find_data_file,
@@ -14,24 +15,9 @@ from vqa2cli.errors import DataError
 from vqa2cli.scoring import mos_to_level
 
 
-
-def make_clip(path, width, height, frames, fps, level=None):
-    import av
-    import numpy as np
-
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for i in range(frames):
-            image = np.full((height, width, 3), i * 20 if level is None else level, dtype=np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-        container.mux(stream.encode())
-    return path
-
-
 @pytest.fixture(scope="module")
 def clip_bytes(tmp_path_factory):
-    path = make_clip(tmp_path_factory.mktemp("clip") / "c.mp4", width=64, height=64, frames=8, fps=8)
+    path = make_clip(tmp_path_factory.mktemp("clip") / "c.mp4", size=(64, 64), frames=8, fps=8)
     return path.read_bytes()
 
 
