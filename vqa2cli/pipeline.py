@@ -61,9 +61,9 @@ def load_model(
     Hugging Face repo id. `quant`: "auto" (4-bit NF4 on CUDA, none on CPU), "4bit", "8bit" or "none".
     `dtype` of the unquantized weights: default bf16 on CUDA, float32 on CPU.
     """
-    resolved = registry.resolve(name_or_path, task)
-    device = resolve_device(device)
+    device = resolve_device(device)  # before resolving: a bad option must not wait for a download
     precision = choose_precision(device, quant, dtype)
+    resolved = registry.resolve(name_or_path, task)
     path = resolved.path
     if checkpoint.is_model_dir(path):
         model, tokenizer = checkpoint.load_model_dir(path, device=device, precision=precision)
@@ -75,8 +75,8 @@ def load_model(
         tokenizer = checkpoint.load_tokenizer(path)
     else:
         raise ModelNotFoundError(
-            f"{path} is not a model directory: its config.json has neither \"format\": \"vqa2\" "
-            "nor \"model_type\": \"llava_qwen\""
+            f"{path} is not a model directory (no config.json with \"format\": \"vqa2\" "
+            "or \"model_type\": \"llava_qwen\")"
         )
     model.requires_grad_(False)
     return VQA2(resolved.name, model, tokenizer, device, precision)
