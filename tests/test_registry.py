@@ -1,6 +1,9 @@
 """Model registry and Hugging Face cache resolution, all offline (HF_HOME in a temporary directory)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -125,3 +128,11 @@ def test_shipped_path_entry(monkeypatch, tmp_path):
         assert status.present and status.size_bytes == 2
     finally:
         registry.registry.cache_clear()
+
+
+def test_registry_does_not_import_torch():
+    """`vqa2 models` lists models without paying for torch/transformers."""
+    code = "import sys, vqa2cli.registry as r; r.list_models(); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.stdout.strip() == "[]"
