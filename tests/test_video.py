@@ -140,6 +140,15 @@ def test_motion_buffer_grows_when_all_frames_fit():
     assert [int(f[0, 0, 0]) for f in frames] == indices
 
 
+def test_output_too_big_for_memory_is_a_video_error(clip, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(torch, "empty", refuse)
+    with pytest.raises(VideoError, match="too long to hold in memory"):
+        load_video(clip)
+
+
 def test_max_motion_frames_must_allow_four():
     with pytest.raises(ValueError):
         load_video("unused.mp4", max_motion_frames=3)

@@ -39,7 +39,8 @@ than packets were counted, the motion stream stays within the cap by dropping ev
 frame and halving the sampling rate, so memory is bounded by the output in every case.
 
 Rotation from the display matrix is applied (multiples of 90°; mirroring is not), so frames come out
-upright and `width`/`height` are the displayed size. Any pixel format swscale reads works (10-bit,
+upright and `width`/`height` are the displayed size (in stored pixels: a non-square sample aspect
+ratio is not applied, the resize to a square ignores aspect ratio anyway). Any pixel format swscale reads works (10-bit,
 grayscale, palette).
 
 Damage: decoding goes on past packets the decoder rejects and past a read error (a truncated or
@@ -208,7 +209,7 @@ def _probe(path: str) -> _Probe:
             declared_seconds = float(stream.duration * tb)
         else:
             declared_seconds = (container.duration or 0) / av.time_base
-        count = 0
+        count = discarded = 0
         first = last = None
         last_duration = 0
         read_error = None
@@ -221,7 +222,10 @@ def _probe(path: str) -> _Probe:
             except av.FFmpegError as e:
                 read_error = _ffmpeg_reason(e)
                 break
-            if packet.size == 0 or packet.is_discard:
+            if packet.size == 0:
+                continue
+            if packet.is_discard:  # cut by an edit list: decoded for reference, never shown
+                discarded += 1
                 continue
             count += 1
             ts = packet.pts if packet.pts is not None else packet.dts
@@ -241,7 +245,7 @@ def _probe(path: str) -> _Probe:
             fps = float(rate)
         if not 0.1 < fps < 1000.0:
             fps = 25.0  # FFmpeg's own assumption for streams without any timing
-        return _Probe(count, declared, declared_seconds, fps, read_error)
+        return _Probe(count, max(declared - discarded, 0), declared_seconds, fps, read_error)
     finally:
         container.close()
 
