@@ -51,7 +51,7 @@ def model_options(func):
         type=click.Choice(["auto", "4bit", "8bit", "none"]),
         default="auto",
         show_default=True,
-        help="Weight quantization (auto: 4-bit on a GPU too small for the model, else none).",
+        help="Weight quantization (auto: 4-bit language model on CUDA, none on CPU).",
     )(func)
     func = click.option(
         "--device",
@@ -326,10 +326,10 @@ def models(fmt):
     from vqa2cli.registry import list_models
 
     columns = [
-        Column("name", "Name"),
+        Column("name", "Name", no_wrap=True),
         Column("purpose", "Purpose"),
-        Column("repo_id", "Source"),
-        Column("default_for", "Default for", lambda tasks: ", ".join(tasks)),
+        Column("repo_id", "Source", no_wrap=True),
+        Column("default_for", "Default", lambda tasks: ", ".join(tasks)),
         Column("present", "Present", lambda present: "yes" if present else "no"),
         Column("size_bytes", "Size", lambda size: human_size(size) if size else "-", "right"),
         Column("path", "Path", in_table=False),

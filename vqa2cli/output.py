@@ -39,6 +39,7 @@ class Column:
     justify: str = "left"
     in_table: bool = True  # False: CSV only, to keep the terminal table narrow
     wide_only: bool = False  # in the table only on a terminal at least WIDE_TABLE columns wide
+    no_wrap: bool = False  # keep table cells whole (names to copy and paste); numbers never wrap
 
 
 def lookup(record: dict, key: str):
@@ -177,8 +178,8 @@ class TableWriter(_Writer):
         columns = [column for column in self.columns if column.in_table and (wide or not column.wide_only)]
         table = Table(title=self.title, title_justify="left")
         for column in columns:
-            numeric = column.justify == "right"
-            table.add_column(column.header, justify=column.justify, no_wrap=numeric, overflow="ellipsis" if numeric else "fold")
+            whole = column.no_wrap or column.justify == "right"
+            table.add_column(column.header, justify=column.justify, no_wrap=whole, overflow="ellipsis" if whole else "fold")
         with_errors = any(record.get("error") for record in self.rows)
         if with_errors:
             table.add_column("Error", style="red")
