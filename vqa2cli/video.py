@@ -101,7 +101,7 @@ class VideoSample:
 
 def normalize(frames: torch.Tensor) -> torch.Tensor:
     """uint8 RGB frames -> float32 scaled to [0, 1] and normalised with mean = std = 0.5."""
-    return frames.to(torch.float32).div_(255.0).sub_(MEAN).div_(STD)
+    return frames.to(torch.float32).div(255.0).sub_(MEAN).div_(STD)
 
 
 def _normalize_into(out: np.ndarray, rgb: np.ndarray) -> None:
