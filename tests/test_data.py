@@ -106,7 +106,7 @@ def test_release_json_with_array_index_and_line(folder):
         {"id": "z", "video": "sub/b.mp4", "conversations": [
             {"role": "user", "content": "What is the main motion distortion?"}, {"role": "assistant", "content": "Judder."},
             {"from": "human", "value": "And?"}, {"from": "gpt", "value": "Nothing else."}]},
-        {"id": "w", "image": "a.mp4", "conversations": [{"from": "human", "value": "<image> one slot"},
+        {"id": "w", "image": "a.mp4", "conversations": [{"from": "human", "value": "<image><image><image>"},
                                                          {"from": "gpt", "value": "x"}]},
         {"id": "v", "image": ["a.mp4", "a.mp4"], "conversations": []},
     ]
@@ -120,7 +120,7 @@ def test_release_json_with_array_index_and_line(folder):
     assert len(data.records[1].turns) == 4
     assert [p.where.split(" (")[0] for p in data.problems] == ["d.json [1]", "d.json [3]", "d.json [4]"]
     assert "turn 0 must be from human" in data.problems[0].message
-    assert "holds 1 <image> slots" in data.problems[1].message
+    assert "holds 3 <image> slots; at most 2" in data.problems[1].message
     assert "lists of images are not supported" in data.problems[2].message
 
 

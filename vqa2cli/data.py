@@ -5,8 +5,9 @@ Formats (DATA is the file, or a folder holding exactly one ``*.json``/``*.jsonl`
 * LLaVA-style JSON (an array) or JSONL (one object a line), as in the VQA² release:
   ``{"id", "image": "<video path>", "conversations": [{"from": "human"|"gpt", "value": ...}], "gt_score"?}``
   (``"video"`` is accepted for ``"image"``, ``role``/``content`` with ``user``/``assistant`` for ``from``/``value``).
-  The first human turn either holds the two ``<image>`` slots (keyframes, then motion) exactly as the release's
-  data does, or none, and then it is a bare question wrapped at training time in the same prompt ``vqa2 ask`` uses.
+  The first human turn either holds its ``<image>`` slots as the release's data does (two: keyframes, then
+  motion; one: keyframes only, like the streaming scorer's prompt), or none, and then it is a bare question
+  wrapped at training time in the same prompt ``vqa2 ask`` uses.
 * CSV with a header; per stage: 1 ``video,distortion[,kind]``, 2 ``video,mos`` (needs ``mos_range``),
   3 ``video,question,answer``. Extra columns are ignored.
 
@@ -316,8 +317,8 @@ def _json_record(where: str, item, root: Path, stage: int) -> Record | Problem:
     if turns[-1][0] != "gpt":
         return Problem(where, "the last turn must be from gpt (an answer to learn)")
     slots = turns[0][1].count(IMAGE_SLOT)
-    if slots not in (0, 2):
-        return Problem(where, f"the first turn holds {slots} {IMAGE_SLOT} slots; expected 2 (keyframes, motion) or 0")
+    if slots > 2:
+        return Problem(where, f"the first turn holds {slots} {IMAGE_SLOT} slots; at most 2 (keyframes, motion)")
     kind = None
     if stage == 1:
         match = re.search(r"\b(spatial|motion)\s+distortion", turns[0][1], re.IGNORECASE)

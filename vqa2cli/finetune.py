@@ -32,6 +32,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -466,23 +467,29 @@ def _clock(seconds: float) -> str:
 
 
 class StopSignal:
-    """First SIGINT/SIGTERM: finish the optimizer step, save, stop. A second SIGINT aborts at once."""
+    """First SIGINT/SIGTERM: finish the optimizer step, save, stop. A second SIGINT aborts at once, except
+    under torchrun/accelerate, whose launcher forwards the user's Ctrl-C to ranks that already got it."""
 
-    def __init__(self, say):
+    def __init__(self, say, abort_on_second: bool):
         self.say = say
+        self.abort_on_second = abort_on_second
         self.requested = False
         self.previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if self.requested:
+            if self.abort_on_second and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.requested = True
-        self.say("\nstopping: finishing this step and saving a checkpoint (Ctrl-C again to abort at once)")
+        again = " (Ctrl-C again to abort at once)" if self.abort_on_second else ""
+        self.say(f"\nstopping: finishing this step and saving a checkpoint{again}")
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -700,7 +707,7 @@ def _run(options: FinetuneOptions, procs: Processes, say) -> FinetuneResult:
     if step < total:
         say(f"{n} records, {procs.world} process(es), {steps_per_epoch} steps per epoch, {total} steps")
     began = time.monotonic()
-    with StopSignal(say) as stop, ThreadPoolExecutor(max_workers=1) as pool:
+    with StopSignal(say, abort_on_second=procs.world == 1) as stop, ThreadPoolExecutor(max_workers=1) as pool:
         jobs = micro_jobs()
         pending = deque()
         micro_losses = []
@@ -827,6 +834,9 @@ def write_model(options: FinetuneOptions, parts, trained: dict[str, torch.Tensor
     if any(".lora_" in name for name in trained):
         merge_lora(model)
     model.requires_grad_(False)
+    prompt = trained_prompt(dataset) if options.stage == 2 else None
+    if prompt:  # `vqa2 score` then asks the fine-tuned model what it was trained on
+        model.config.prompt = prompt
     card = model_card(options, parts, dataset, step, loss, base_name, save_dtype)
     # save_model_dir replaces its target whole; the output folder also holds checkpoints and the log, so
     # the model is written beside them and its files moved in, config.json last (it marks a model dir).
@@ -836,6 +846,17 @@ def write_model(options: FinetuneOptions, parts, trained: dict[str, torch.Tensor
     for file in files:
         os.replace(file, output / file.name)
     shutil.rmtree(staging)
+
+
+def trained_prompt(dataset: Dataset) -> str | None:
+    """The scoring prompt kind all stage-2 records were trained with, when they share one."""
+    from vqa2cli.prompts import ENHANCED_USER, STREAMING_USER, UGC_USER
+
+    for kind, user in (("ugc", UGC_USER), ("streaming", STREAMING_USER), ("enhanced", ENHANCED_USER)):
+        # streaming data puts stalling information before the scorer's question
+        if all(record.turns[0][1].endswith(user) for record in dataset.records):
+            return kind
+    return None
 
 
 def model_card(options: FinetuneOptions, parts, dataset: Dataset, step: int, loss: float | None, base_name: str,
@@ -857,6 +878,7 @@ def model_card(options: FinetuneOptions, parts, dataset: Dataset, step: int, los
         f"- learning rate: {options.lr:g} (vision tower {vision_lr:g}), cosine, {WARMUP_RATIO:.0%} warm-up",
         f"- final training loss: {loss:.4f}" if loss is not None else "- final training loss: n/a",
         f"- weights: {str(dtype).removeprefix('torch.')}",
+        f"- scoring prompt: {trained_prompt(dataset) or 'as the base model'}" if options.stage == 2 else "",
         "",
         "Use it with `vqa2 score --model DIR` or `vqa2 ask --model DIR`. The training loss is not an evaluation: "
         "check the model on held-out videos before relying on it.",
