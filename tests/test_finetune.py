@@ -316,3 +316,26 @@ def test_cli_exit_codes_report_interrupt_and_resume(base, data, tmp_path, monkey
     code, err = vqa2(data / "s2", *common, "--mos-range", 1, 5, "--resume")
     assert code == 0 and "resuming from" in err and "done: 3 steps" in err
     assert (out / "config.json").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_parameter_selection_by_submodule_name():
+    from tests.fixtures.models import make_tiny_model
+    from vqa2cli.finetune import configure_model
+
+    lora = FinetuneOptions(stage=3, data="", model="", output="", method="lora")
+    model = make_tiny_model()
+    trainable = configure_model(model, lora, ("language_model.model.layers.1", "language_model.lm_head", "mm_projector"))
+    adapted = {n.split(".lora_")[0] for n in trainable if ".lora_" in n}
+    assert adapted == {f"language_model.model.layers.1.{m}" for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    full = {n for n in trainable if ".lora_" not in n}
+    assert full == {"language_model.lm_head.weight", *(n for n, _ in model.mm_projector.named_parameters(
+        prefix="mm_projector"))}  # lm_head has no projection to adapt: it trains fully
+    full_model = make_tiny_model()
+    names = configure_model(full_model, replace(lora, method="full"), ("language_model",))
+    assert "language_model.model.embed_tokens.weight" not in names and "language_model.lm_head.weight" in names
+    names = configure_model(full_model, replace(lora, method="full"), ("language_model.model.embed_tokens",))
+    assert names == ["language_model.model.embed_tokens.weight"]
+    with pytest.raises(SetupError, match="'vision' names no parameters"):
+        configure_model(make_tiny_model(), lora, ("vision",))

@@ -125,19 +125,18 @@ def stage_parts(stage: int, part: str | None, records: list[Record]) -> tuple[st
     return STAGE1_PARTS[part]
 
 
+def _under(name: str, part: str) -> bool:
+    return name == part or name.startswith(part + ".")
+
+
 def select_trainable(model: torch.nn.Module, parts: tuple[str, ...]) -> list[str]:
     """Set requires_grad on the parameters under `parts` (submodule names or dotted paths), the text
     embeddings excepted unless named; everything else frozen. Returns the trainable names."""
-    names = [name for name, _ in model.named_parameters()]
-    for part in parts:
-        if not any(name == part or name.startswith(part + ".") for name in names):
-            known = ", ".join(PARTS)
-            raise SetupError(f"--train: {part!r} names no parameters of the model (parts: {known})")
-    explicit_embeddings = any(p == EMBEDDINGS or p.startswith(EMBEDDINGS + ".") for p in parts)
+    explicit_embeddings = any(_under(p, EMBEDDINGS) for p in parts)
     trainable = []
     for name, param in model.named_parameters():
-        wanted = any(name == p or name.startswith(p + ".") for p in parts)
-        if name.startswith(EMBEDDINGS + ".") and not explicit_embeddings:
+        wanted = any(_under(name, p) for p in parts)
+        if _under(name, EMBEDDINGS) and not explicit_embeddings:
             wanted = False
         param.requires_grad_(wanted)
         if wanted:
@@ -145,12 +144,12 @@ def select_trainable(model: torch.nn.Module, parts: tuple[str, ...]) -> list[str
     return trainable
 
 
-def add_lora(model: torch.nn.Module, options: FinetuneOptions) -> None:
-    """LoRA adapters on the decoder's linear layers (in place; 4-bit layers get bitsandbytes adapters)."""
+def add_lora(model: torch.nn.Module, options: FinetuneOptions, targets: list[str]) -> None:
+    """LoRA adapters on the named linear layers, in place (4-bit layers get bitsandbytes adapters)."""
     import peft
 
     config = peft.LoraConfig(
-        r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout, target_modules=LORA_TARGETS
+        r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout, target_modules=targets
     )
     peft.inject_adapter_in_model(config, model)
 
@@ -168,33 +167,34 @@ def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def configure_model(model, options: FinetuneOptions, parts: tuple[str, ...]) -> list[str]:
-    """Freeze, add adapters, make trained tensors float32; the names of the trainable parameters."""
-    lora = options.method in ("lora", "qlora")
-    llm_trained = any(p == "language_model" or p.startswith(LLM_PREFIX) for p in parts)
-    full_parts = tuple(p for p in parts if not (lora and (p == "language_model" or p.startswith(LLM_PREFIX))))
-    if lora and llm_trained:
-        add_lora(model, options)  # freezes everything but the adapters
-    select_trainable_keep_lora(model, full_parts)
+    """Freeze, add adapters, make trained tensors float32; the names of the trainable parameters.
+
+    With lora/qlora, the decoder projections inside the selected LLM parts get adapters and the rest of
+    those parts stays frozen; an LLM part without any projection (lm_head, a norm) trains fully."""
+    names = [name for name, _ in model.named_parameters()]
+    for part in parts:
+        if not any(_under(name, part) for name in names):
+            raise SetupError(f"--train: {part!r} names no parameters of the model (parts: {', '.join(PARTS)})")
+    targets, full_parts = [], parts
+    if options.method in ("lora", "qlora"):
+        projections = [name for name, _ in model.named_modules() if re.fullmatch(LORA_TARGETS, name)]
+        targets = [t for t in projections if any(_under(p, LLM_PREFIX[:-1]) and _under(t, p) for p in parts)]
+        full_parts = tuple(p for p in parts if not any(_under(t, p) for t in targets))
+    if targets:
+        add_lora(model, options, targets)
+    select_trainable(model, full_parts)
+    for name, param in model.named_parameters():
+        if ".lora_" in name:
+            param.requires_grad_(True)
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise SetupError("nothing to train: the selected parts have no trainable parameters")
     with torch.no_grad():
-        for _, param in model.named_parameters():
-            if param.requires_grad and param.dtype != torch.float32:
+        for name in trainable:
+            param = model.get_parameter(name)
+            if param.dtype != torch.float32:
                 param.data = param.data.float()  # optimizer updates at lr 2e-6 vanish in bf16
     return trainable
-
-
-def select_trainable_keep_lora(model, parts: tuple[str, ...]) -> None:
-    lora_params = {name for name, _ in model.named_parameters() if ".lora_" in name}
-    if parts:
-        select_trainable(model, parts)
-    else:
-        for param in model.parameters():
-            param.requires_grad_(False)
-    for name, param in model.named_parameters():
-        if name in lora_params:
-            param.requires_grad_(True)
 
 
 def set_train_mode(model: torch.nn.Module) -> None:
@@ -612,8 +612,12 @@ def _run(options: FinetuneOptions, procs: Processes, say) -> FinetuneResult:
     set_train_mode(model)
     named = dict(model.named_parameters())
     n_trained = sum(named[n].numel() for n in trainable)
+    adapters = any(".lora_" in n for n in trainable)
     say(f"training {', '.join(parts)} ({n_trained:,} parameters in {len(trainable)} tensors"
-        f"{', LoRA on the language model' if any('.lora_' in n for n in trainable) else ''})")
+        f"{', LoRA on the language model' if adapters else ''})")
+    if options.method != "full" and not adapters:
+        say(f"note: no language-model layer is trained, so --method {options.method} has nothing to adapt: "
+            "the selected parts train fully")
 
     groups = [
         {"params": [named[n] for n in trainable if not n.startswith(VISION_PREFIX)], "lr": options.lr},
