@@ -118,7 +118,8 @@ def test_the_output_folder_is_a_model_that_scores_and_answers(trained, data):
      {"motion_encoder", "motion_projector", "language_model", "image_newline", "embed_tokens"}),
     (1, {"part": "motion"}, {"motion_encoder", "motion_projector"},
      {"vision_tower", "mm_projector", "language_model", "image_newline", "embed_tokens"}),
-    (2, {}, {"vision_tower", "mm_projector", "image_newline", "motion_encoder", "motion_projector", "language_model"},
+    (2, {"gradient_checkpointing": True},
+     {"vision_tower", "mm_projector", "image_newline", "motion_encoder", "motion_projector", "language_model"},
      {"embed_tokens"}),
     (3, {"train": ("mm_projector",)}, {"mm_projector"},
      {"vision_tower", "motion_encoder", "motion_projector", "language_model", "image_newline", "embed_tokens"}),
@@ -339,3 +340,24 @@ def test_parameter_selection_by_submodule_name():
     assert names == ["language_model.model.embed_tokens.weight"]
     with pytest.raises(SetupError, match="'vision' names no parameters"):
         configure_model(make_tiny_model(), lora, ("vision",))
+
+
+def test_answer_loss_equals_the_full_sequence_loss(tiny_model, tiny_tokenizer, tiny_config):
+    from tests.fixtures.models import tiny_video
+    from vqa2cli.finetune import answer_loss, answer_span
+    from vqa2cli.prompts import UGC_USER, training_example
+
+    rows = [training_example([{"from": "human", "value": UGC_USER}, {"from": "gpt", "value": "Good, very good."}],
+                             tiny_tokenizer),
+            training_example([{"from": "human", "value": "<image><image>Is it sharp?"}, {"from": "gpt", "value": "No."},
+                              {"from": "human", "value": "Why?"}, {"from": "gpt", "value": "Blur."}], tiny_tokenizer)]
+    ids = [torch.tensor(r[0]) for r in rows]
+    labels = [torch.tensor(r[1]) for r in rows]
+    videos = [tiny_video(tiny_config, num_keyframes=2, num_motion=8, seed=s) for s in (0, 1)]
+    keyframes, motion = [v[0] for v in videos], [v[1] for v in videos]
+    with torch.no_grad():
+        full = tiny_model(ids, keyframes, motion, labels=labels).loss
+        keep = answer_span(labels)
+        short = tiny_model(ids, keyframes, motion, logits_to_keep=keep).logits
+    assert short.shape[1] == keep < 30
+    assert float(answer_loss(short, labels, keep)) == pytest.approx(float(full), rel=1e-5)

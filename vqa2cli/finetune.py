@@ -23,6 +23,7 @@ the previous checkpoints untouched.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -424,6 +425,37 @@ def build_example(record: Record, sample, tokenizer):
     return torch.tensor(ids), torch.tensor(labels), sample.keyframes, sample.motion
 
 
+def answer_span(labels) -> int:
+    """How many positions at the end of the (left-padded) sequences the loss needs: from the one before the
+    first supervised token to the last. Everything supervised is text after the video blocks, so this
+    counts the same in token ids as in the expanded embeddings."""
+    from vqa2cli.prompts import IGNORE_INDEX
+
+    span = 0
+    for row in labels:
+        supervised = (row != IGNORE_INDEX).nonzero()
+        if len(supervised):
+            span = max(span, len(row) - int(supervised[0]) + 1)
+    return max(span, 2)
+
+
+def answer_loss(logits: torch.Tensor, labels, keep: int) -> torch.Tensor:
+    """Mean next-token cross-entropy over the answer tokens, from the last `keep` logits of each row.
+
+    Same value as the language model's own loss on the full sequence, without materialising logits for
+    the thousands of video positions (at 152k vocabulary words each)."""
+    from vqa2cli.prompts import IGNORE_INDEX
+
+    tail = torch.full((len(labels), keep), IGNORE_INDEX, dtype=torch.long)
+    for b, row in enumerate(labels):
+        piece = row[-keep:]
+        tail[b, keep - len(piece):] = piece
+    tail = tail.to(logits.device)
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().flatten(0, 1), tail[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
 # ---- progress ------------------------------------------------------------------------------------------
 
 
@@ -731,14 +763,17 @@ def _run(options: FinetuneOptions, procs: Processes, say) -> FinetuneResult:
             if usable:
                 last = m == n_micro - 1
                 sync = last or procs.world == 1
-                context = train_model.no_sync() if (procs.world > 1 and not sync) else _nullcontext()
-                with context, torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                context = train_model.no_sync() if (procs.world > 1 and not sync) else contextlib.nullcontext()
+                with context, torch.autocast(procs.device.type, dtype=torch.bfloat16, enabled=amp):
                     ids, labels, keyframes, motion = zip(*examples)
+                    keep = answer_span(labels)
                     out = train_model(input_ids=list(ids), keyframes=list(keyframes), motion=list(motion),
-                                      labels=list(labels))
-                    (out.loss / n_micro).backward()
+                                      logits_to_keep=keep)
+                    micro_loss = answer_loss(out.logits, labels, keep)
+                    del out  # the logits of a long video are large: free them before the next forward
+                    (micro_loss / n_micro).backward()
                 synced = sync
-                micro_losses.append(float(out.loss.detach()))
+                micro_losses.append(float(micro_loss.detach()))
             if m < n_micro - 1:
                 continue
             # end of an optimizer step
@@ -785,14 +820,6 @@ def _run(options: FinetuneOptions, procs: Processes, say) -> FinetuneResult:
             torch.cuda.empty_cache()
         write_model(options, parts, final, output, dataset, step, loss, base_name, cuda)
     return FinetuneResult(output, step, total, loss, False, saved)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _all_reduce_grads(params, procs: Processes) -> None:
