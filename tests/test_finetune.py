@@ -172,6 +172,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(base, data, tmp_path, mon
     assert first.interrupted and first.step == 2 and first.checkpoint.name == "step-00000002"
     assert not (tmp_path / "parts" / "model.safetensors").exists()
     monkeypatch.setattr(finetune, "_append_metrics", append)
+    with open(tmp_path / "parts" / "metrics.jsonl", "a") as log:
+        log.write('{"step": 3, "lo')  # a line cut short by a crash after the checkpoint
     second = run(replace(opts, resume=True), say=quiet)
     assert second.step == 6 and not second.interrupted
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "parts")

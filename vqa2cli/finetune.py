@@ -399,7 +399,8 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
 def _fingerprint(dataset: Dataset) -> str:
     digest = hashlib.sha256()
     for record in dataset.records:
-        digest.update(json.dumps([str(record.video), record.turns]).encode())
+        # relative paths: the same data resumed from another mount point is still the same data
+        digest.update(json.dumps([str(record.video.relative_to(dataset.root)), record.turns]).encode())
     return digest.hexdigest()[:16]
 
 
@@ -814,7 +815,10 @@ def _run(options: FinetuneOptions, procs: Processes, say) -> FinetuneResult:
     procs.barrier()
     if procs.main:
         say(f"writing the fine-tuned model to {output}")
-        final = {n: named[n].detach().to("cpu", copy=True) for n in trainable}
+        # trained weights go to the CPU in the saved precision at once (a 7B model's fp32 copy is 30 GB)
+        out_dtype = save_dtype(options, cuda)
+        final = {n: named[n].detach().to("cpu", dtype=named[n].dtype if ".lora_" in n else out_dtype, copy=True)
+                 for n in trainable}
         del train_model, model, optimizer, scheduler, named, trained_params
         if cuda:
             torch.cuda.empty_cache()
@@ -840,11 +844,25 @@ def _trim_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    kept = [line for line in lines if _logged_step(line) <= step]
     if len(kept) != len(lines):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics line; infinity for a line cut short by a crash (so it is dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def save_dtype(options: FinetuneOptions, cuda: bool) -> torch.dtype:
+    from vqa2cli.quantization import DTYPES
+
+    return DTYPES[options.save_dtype] if options.save_dtype else (torch.bfloat16 if cuda else torch.float32)
 
 
 def write_model(options: FinetuneOptions, parts, trained: dict[str, torch.Tensor], output: Path, dataset: Dataset,
@@ -852,23 +870,23 @@ def write_model(options: FinetuneOptions, parts, trained: dict[str, torch.Tensor
     """The fine-tuned model as a vqa2 model directory in `output`: the base weights (unquantized, on CPU)
     with the trained tensors put in and any LoRA merged."""
     from vqa2cli.checkpoint import save_model_dir
-    from vqa2cli.quantization import DTYPES, Precision
+    from vqa2cli.quantization import Precision
 
-    save_dtype = DTYPES[options.save_dtype] if options.save_dtype else (torch.bfloat16 if cuda else torch.float32)
-    model, tokenizer, _ = load_base(options, torch.device("cpu"), Precision("none", save_dtype))
+    dtype = save_dtype(options, cuda)
+    model, tokenizer, _ = load_base(options, torch.device("cpu"), Precision("none", dtype))
     lora_options = FinetuneOptions(**{**asdict(options), "method": "lora" if options.method == "qlora" else options.method})
     configure_model(model, lora_options, parts)
     named = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in trained.items():
-            named[name].data = tensor.to(save_dtype)
+            named[name].data = tensor.to(dtype)
     if any(".lora_" in name for name in trained):
         merge_lora(model)
     model.requires_grad_(False)
     prompt = trained_prompt(dataset) if options.stage == 2 else None
     if prompt:  # `vqa2 score` then asks the fine-tuned model what it was trained on
         model.config.prompt = prompt
-    card = model_card(options, parts, dataset, step, loss, base_name, save_dtype)
+    card = model_card(options, parts, dataset, step, loss, base_name, dtype)
     # save_model_dir replaces its target whole; the output folder also holds checkpoints and the log, so
     # the model is written beside them and its files moved in, config.json last (it marks a model dir).
     staging = output / f".model-{os.getpid()}"
