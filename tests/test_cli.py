@@ -140,8 +140,11 @@ def test_score_json(vqa2, clips_dir, tiny_model_dir):
 
 def test_score_jsonl_recursive_and_batch_size(vqa2, clips_dir, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("VQA2_MODEL", str(tiny_model_dir))
-    code, out, err = vqa2("score", clips_dir, "--recursive", "--jsonl", "--quiet")
-    assert code == 0 and err == ""  # --quiet: no notes, no summary
+    code, out, err = vqa2("score", clips_dir, "--jsonl", "--quiet")
+    assert code == 0 and len(out.splitlines()) == 2
+    assert err == ""  # --quiet: no note about the skipped subfolder, no summary
+
+    code, out, _ = vqa2("score", clips_dir, "--recursive", "--jsonl")
     one_by_one = [json.loads(line) for line in out.splitlines()]
     assert [r["path"] for r in one_by_one] == [str(clips_dir / n) for n in ("a.mp4", "b.mkv", "sub/c.mp4")]
 

@@ -156,7 +156,7 @@ def _score_columns(level_words):
     help="Videos the model scores in one forward pass.",
 )
 @click.option("-r", "--recursive", is_flag=True, help="Look for videos in subdirectories too.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary; errors are still reported.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr: no progress bar, notes or summary.")
 @output_format_options
 def score(paths, model_name, device, quant, prompt, max_motion_frames, batch_size, recursive, quiet, fmt):
     """Score the quality of videos: 0 (worst) to 1 (best), and a level from low to high.
@@ -185,12 +185,14 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, batch_siz
     from vqa2cli.output import Reporter, default_format, make_writer
 
     fmt = fmt or default_format(sys.stdout)
-    reporter = Reporter.for_stderr(quiet)
-    if "-" in paths and sys.stdin.isatty():
+    # records streamed to the terminal are their own progress, and a live bar redrawn on the same
+    # screen would overwrite them: the bar is for tables (printed at the end) and redirected output
+    reporter = Reporter.for_stderr(quiet or (fmt != "table" and sys.stdout.isatty()))
+    if "-" in paths and sys.stdin.isatty() and not quiet:
         reporter.note("reading video paths from stdin, one per line (end with Ctrl-D)")
     # the model first: when it cannot load, its error is the only message
     model = _load_model(reporter, model_name, device, quant, task="score")
-    inputs = expand_paths(paths, recursive=recursive, stdin=_stdin_lines(), warn=reporter.note)
+    inputs = expand_paths(paths, recursive=recursive, stdin=_stdin_lines(), warn=None if quiet else reporter.note)
     # without stdin the whole list is known up front, which gives the progress bar its ETA
     total = None
     if "-" not in paths:
