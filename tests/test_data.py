@@ -102,9 +102,11 @@ def test_release_json_with_array_index_and_line(folder):
     records = [
         {"id": "x", "image": "a.mp4", "frames per sec": 1, "gt_score": 3.2,
          "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": "Good."}]},
-        {"id": "y", "image": "a.mp4", "conversations": [{"from": "gpt", "value": "Good."}, {"from": "human", "value": "q"}]},
+        {"id": "y", "image": "a.mp4",
+         "conversations": [{"from": "gpt", "value": "Good."}, {"from": "human", "value": "q"}]},
         {"id": "z", "video": "sub/b.mp4", "conversations": [
-            {"role": "user", "content": "What is the main motion distortion?"}, {"role": "assistant", "content": "Judder."},
+            {"role": "user", "content": "What is the main motion distortion?"},
+            {"role": "assistant", "content": "Judder."},
             {"from": "human", "value": "And?"}, {"from": "gpt", "value": "Nothing else."}]},
         {"id": "w", "image": "a.mp4", "conversations": [{"from": "human", "value": "<image><image><image>"},
                                                          {"from": "gpt", "value": "x"}]},
@@ -126,7 +128,8 @@ def test_release_json_with_array_index_and_line(folder):
 
 def test_jsonl_reports_lines_including_bad_json(folder):
     good = {"image": "a.mp4", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
-    write(folder / "d.jsonl", json.dumps(good) + "\n\n{not json\n" + json.dumps({**good, "image": "/etc/passwd"}) + "\n")
+    absolute = json.dumps({**good, "image": "/etc/passwd"})
+    write(folder / "d.jsonl", json.dumps(good) + "\n\n{not json\n" + absolute + "\n")
     data = load_dataset(folder, stage=3)
     assert [r.where for r in data.records] == ["d.jsonl line 1"]
     assert [p.where for p in data.problems] == ["d.jsonl line 3", "d.jsonl line 4"]

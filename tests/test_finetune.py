@@ -145,7 +145,8 @@ def test_qlora_trains_on_a_4bit_base_and_saves_full_precision(base, data, tmp_pa
                  say=quiet)
     assert result.step == 1
     before, after = weights(base), weights(tmp_path / "run")
-    assert after.keys() == before.keys() and all(t.dtype == torch.float32 for t in after.values() if t.is_floating_point())
+    assert after.keys() == before.keys()
+    assert all(t.dtype == torch.float32 for t in after.values() if t.is_floating_point())
     # a 4-bit-quantized layer (width >= 64) got an adapter folded into its original full-precision weight
     name = "language_model.model.layers.0.mlp.up_proj.weight"
     delta = (after[name] - before[name]).abs()
@@ -327,7 +328,8 @@ def test_parameter_selection_by_submodule_name():
 
     lora = FinetuneOptions(stage=3, data="", model="", output="", method="lora")
     model = make_tiny_model()
-    trainable = configure_model(model, lora, ("language_model.model.layers.1", "language_model.lm_head", "mm_projector"))
+    parts = ("language_model.model.layers.1", "language_model.lm_head", "mm_projector")
+    trainable = configure_model(model, lora, parts)
     adapted = {n.split(".lora_")[0] for n in trainable if ".lora_" in n}
     assert adapted == {f"language_model.model.layers.1.{m}" for m in (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -363,3 +365,17 @@ def test_answer_loss_equals_the_full_sequence_loss(tiny_model, tiny_tokenizer, t
         short = tiny_model(ids, keyframes, motion, logits_to_keep=keep).logits
     assert short.shape[1] == keep < 30
     assert float(answer_loss(short, labels, keep)) == pytest.approx(float(full), rel=1e-5)
+
+
+def test_rng_state_round_trips_through_a_safe_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    from vqa2cli.finetune import rng_state, set_rng_state
+
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    random.random(), np.random.rand(), torch.rand(3)  # move every generator on
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected

@@ -37,7 +37,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -56,6 +56,7 @@ LLM_PREFIX = "language_model."
 # The decoder's linear layers (attention and MLP projections); lm_head stays as it is.
 LORA_TARGETS = r"language_model\.model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 METHODS = ("full", "lora", "qlora")
+STAGE_NAMES = ("distortion recognition", "quality scoring", "quality understanding")
 WARMUP_RATIO = 0.03
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -391,8 +392,8 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
         tensors = load_file(path / "trainable.safetensors")
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as error:  # unreadable or not plain data: refuse rather than unpickle
-        raise SetupError(f"checkpoint {path} cannot be read ({str(error).splitlines()[0] if str(error) else error!r})") \
-            from error
+        reason = str(error).splitlines()[0] if str(error) else repr(error)
+        raise SetupError(f"checkpoint {path} cannot be read ({reason})") from error
     return tensors, state, meta
 
 
@@ -580,7 +581,9 @@ def load_base(options: FinetuneOptions, device: torch.device, precision):
         )
         tokenizer = checkpoint.load_tokenizer(path)
     else:
-        raise SetupError(f"--model {options.model}: {path} is neither a vqa2 model directory nor a llava_qwen checkpoint")
+        raise SetupError(
+            f"--model {options.model}: {path} is neither a vqa2 model directory nor a llava_qwen checkpoint"
+        )
     return model, tokenizer, resolved.name
 
 
@@ -874,19 +877,21 @@ def write_model(options: FinetuneOptions, parts, trained: dict[str, torch.Tensor
 
     dtype = save_dtype(options, cuda)
     model, tokenizer, _ = load_base(options, torch.device("cpu"), Precision("none", dtype))
-    lora_options = FinetuneOptions(**{**asdict(options), "method": "lora" if options.method == "qlora" else options.method})
+    # same adapters as in training, on full-precision base weights
+    lora_options = replace(options, method="lora" if options.method == "qlora" else options.method)
     configure_model(model, lora_options, parts)
     named = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in trained.items():
             named[name].data = tensor.to(dtype)
-    if any(".lora_" in name for name in trained):
+    adapters = any(".lora_" in name for name in trained)
+    if adapters:
         merge_lora(model)
     model.requires_grad_(False)
     prompt = trained_prompt(dataset) if options.stage == 2 else None
     if prompt:  # `vqa2 score` then asks the fine-tuned model what it was trained on
         model.config.prompt = prompt
-    card = model_card(options, parts, dataset, step, loss, base_name, dtype)
+    card = model_card(options, parts, dataset, step, loss, base_name, dtype, adapters)
     # save_model_dir replaces its target whole; the output folder also holds checkpoints and the log, so
     # the model is written beside them and its files moved in, config.json last (it marks a model dir).
     staging = output / f".model-{os.getpid()}"
@@ -909,7 +914,7 @@ def trained_prompt(dataset: Dataset) -> str | None:
 
 
 def model_card(options: FinetuneOptions, parts, dataset: Dataset, step: int, loss: float | None, base_name: str,
-               dtype: torch.dtype) -> str:
+               dtype: torch.dtype, adapters: bool) -> str:
     vision_lr = options.vision_lr if options.vision_lr is not None else options.lr / 5
     lines = [
         "# VQA² fine-tune",
@@ -917,9 +922,9 @@ def model_card(options: FinetuneOptions, parts, dataset: Dataset, step: int, los
         f"Fine-tuned with `vqa2 finetune` (vqa2 {__version__}) on {datetime.now(timezone.utc):%Y-%m-%d}.",
         "",
         f"- base model: `{base_name}`",
-        f"- stage: {options.stage} ({('distortion recognition', 'quality scoring', 'quality understanding')[options.stage - 1]})",
-        f"- method: {options.method}" + (f" (LoRA r={options.lora_r}, alpha={options.lora_alpha}, merged into the weights)"
-                                         if options.method != "full" else ""),
+        f"- stage: {options.stage} ({STAGE_NAMES[options.stage - 1]})",
+        f"- method: {options.method}"
+        + (f" (LoRA r={options.lora_r}, alpha={options.lora_alpha}, merged into the weights)" if adapters else ""),
         f"- trained parts: {', '.join(parts)}",
         f"- data: `{dataset.path.name}`, {len(dataset.records)} records"
         + (f" ({len(dataset.problems)} invalid records skipped)" if dataset.problems else ""),
