@@ -379,3 +379,13 @@ def test_rng_state_round_trips_through_a_safe_load(tmp_path):
     random.random(), np.random.rand(), torch.rand(3)  # move every generator on
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+
+def test_starts_from_an_official_llava_qwen_checkpoint(tiny_official_checkpoint, data, tmp_path):
+    result = run(options(tiny_official_checkpoint, data, tmp_path / "run", stage=2, max_steps=1), say=quiet)
+    assert result.step == 1
+    from vqa2cli.checkpoint import is_model_dir, load_model_dir
+
+    assert is_model_dir(tmp_path / "run")
+    model, _ = load_model_dir(tmp_path / "run")
+    assert model.config.prompt == "ugc"
