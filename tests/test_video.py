@@ -114,6 +114,21 @@ def test_motion_cap_subsamples_uniformly(tmp_path, frames, cap):
     assert sample.keyframe_indices == rule(frames, 25)  # the cap never touches keyframes
 
 
+@pytest.mark.parametrize("seconds,cap", [(10, 4), (10, 10), (9.5, 3), (3, 40)])
+def test_keyframe_cap_spreads_seconds_uniformly(tmp_path, seconds, cap):
+    frames = round(seconds * 10)
+    path = make_clip(tmp_path / "long.mkv", frames=frames, fps=10, size=(16, 16), codec="ffv1",
+                     pattern=index_pattern)
+    sample = load_video(path, keyframe_size=16, motion_size=16, max_keyframes=cap)
+    candidates = rule(frames, 10)
+    if len(candidates) <= cap:
+        assert sample.keyframe_indices == candidates
+    else:
+        assert sample.keyframe_indices == [candidates[k * len(candidates) // cap] for k in range(cap)]
+    assert sample.keyframes.shape[0] == len(sample.keyframe_indices) == min(cap, len(candidates))
+    assert frame_numbers(sample.motion) == sample.motion_indices  # motion is untouched by the cap
+
+
 def test_motion_buffer_survives_an_undercount():
     # The packet count said 10 frames; the decoder delivers 200. Storage must stay within the cap.
     buffer = _MotionBuffer(expected=10, limit=8, size=2)

@@ -5,7 +5,11 @@
 * **Keyframes**: frame index ``i * round(fps)`` for i = 0, 1, ... while the index is inside the clip,
   i.e. one per whole second plus one for the frames left over after the last whole second (the
   release's rule). Any clip with a decodable frame gets at least one keyframe (index 0), so clips under
-  a second and one-frame clips work. Keyframes are resized exactly like the release does it: the
+  a second and one-frame clips work. Clips longer than ``max_keyframes`` seconds keep that many of
+  these keyframes, spread uniformly over the clip (the j-th candidate for j = ``k * K // M``): 40
+  keyframes of 196 tokens plus a full motion stream of 2000 stay within the 10,000 embeddings the
+  checkpoints were trained on, and 600 keyframes of a 10-minute clip would overflow the LLM's context
+  (and 1 GB of memory). Keyframes are resized exactly like the release does it: the
   full-resolution RGB frame goes through PIL's bicubic resize to ``keyframe_size`` squared (aspect
   ratio not kept), then is scaled to [0, 1] and normalised with mean = std = 0.5 (float32).
 * **Motion stream**: all decoded frames, truncated to a multiple of 4, kept as uint8 RGB (the model
@@ -113,7 +117,7 @@ def _normalize_into(out: np.ndarray, rgb: np.ndarray) -> None:
 
 
 def load_video(path, keyframe_size: int = 384, motion_size: int = 384,
-               max_motion_frames: int = 2000) -> VideoSample:
+               max_motion_frames: int = 2000, max_keyframes: int = 40) -> VideoSample:
     """Decode `path` once into keyframes and the motion stream (see the module docstring).
 
     Raises `VideoError` (one line naming the file and the reason) for anything that is not a usable
@@ -124,11 +128,14 @@ def load_video(path, keyframe_size: int = 384, motion_size: int = 384,
             raise ValueError(f"{name} must be at least 1, got {value}")
     if int(max_motion_frames) < 4:
         raise ValueError(f"max_motion_frames must be at least 4, got {max_motion_frames}")
+    if int(max_keyframes) < 1:
+        raise ValueError(f"max_keyframes must be at least 1, got {max_keyframes}")
     path = os.fspath(path)
     _check_file(path)
     try:
         probe = _probe(path)
-        return _decode(path, probe, int(keyframe_size), int(motion_size), int(max_motion_frames))
+        return _decode(path, probe, int(keyframe_size), int(motion_size), int(max_motion_frames),
+                       int(max_keyframes))
     except VideoError:
         raise
     except av.FFmpegError as e:
@@ -306,16 +313,28 @@ def _trimmed(buffer: torch.Tensor, n: int) -> torch.Tensor:
     return buffer[:n].clone() if n < 0.75 * buffer.shape[0] else buffer[:n]
 
 
+def _keyframe_rule(expected: int, step: int, max_keyframes: int):
+    """Whether decoded frame `index` is a keyframe: every `step`-th frame, or, past the cap, the
+    cap's worth of those candidates spread uniformly."""
+    candidates = math.ceil(expected / step)
+    if candidates <= max_keyframes:
+        return lambda index: index % step == 0
+    chosen = {k * candidates // max_keyframes * step for k in range(max_keyframes)}
+    return chosen.__contains__
+
+
 def _decode(path: str, probe: _Probe, keyframe_size: int, motion_size: int,
-            max_motion_frames: int) -> VideoSample:
+            max_motion_frames: int, max_keyframes: int) -> VideoSample:
     step = max(1, round(probe.fps))
     expected = max(probe.packets, 1)
+    is_keyframe = _keyframe_rule(expected, step, max_keyframes)
     try:
         motion = _MotionBuffer(expected, max_motion_frames - max_motion_frames % 4, motion_size)
-        keyframes = torch.empty((math.ceil(expected / step), 3, keyframe_size, keyframe_size))
+        keyframes = torch.empty((min(math.ceil(expected / step), max_keyframes), 3, keyframe_size,
+                                 keyframe_size))
     except RuntimeError:  # torch's allocator: the output itself does not fit in memory
         gb = (min(expected, max_motion_frames) * 3 * motion_size**2
-              + math.ceil(expected / step) * 12 * keyframe_size**2) / 1e9
+              + min(math.ceil(expected / step), max_keyframes) * 12 * keyframe_size**2) / 1e9
         raise VideoError(path, f"too long to hold in memory: its {expected} frames need {gb:.1f} GB "
                                f"of keyframes and motion frames") from None
     keyframe_indices: list[int] = []
@@ -357,7 +376,8 @@ def _decode(path: str, probe: _Probe, keyframe_size: int, motion_size: int,
         def convert(frame) -> None:
             nonlocal keyframes
             shared = None
-            if index % step == 0:
+            # The count check holds the cap when the decoder yields more frames than were counted.
+            if is_keyframe(index) and len(keyframe_indices) < max_keyframes:
                 rgb = _exact_resize(frame, keyframe_size, quarter_turns)
                 n = len(keyframe_indices)
                 if n == keyframes.shape[0]:
