@@ -389,3 +389,21 @@ def test_starts_from_an_official_llava_qwen_checkpoint(tiny_official_checkpoint,
     assert is_model_dir(tmp_path / "run")
     model, _ = load_model_dir(tmp_path / "run")
     assert model.config.prompt == "ugc"
+
+
+def test_plain_onevision_base_keeps_its_fresh_motion_weights(tiny_official_checkpoint, data, tmp_path):
+    """A LLaVA-OneVision base has no motion projector: the loader draws one. Stage 1 spatial does not train
+    it, yet the checkpoint and the final model must hold the very draw the run used."""
+    from tests.test_checkpoint import _copy, _rewrite, _tiny_pyth
+
+    base = _copy(tiny_official_checkpoint, tmp_path)
+    _rewrite(base, drop=lambda key: key.startswith(("model.slowfast.", "model.slowfast_projector.")))
+    _tiny_pyth(tmp_path / "slowfast.pyth")
+    opts = options(base, data, tmp_path / "run", stage=1, max_steps=1, slowfast_weights=str(tmp_path / "slowfast.pyth"))
+    run(opts, say=quiet)
+    saved, _, _ = load_checkpoint(checkpoint_dirs(tmp_path / "run")[-1])
+    fresh = {n for n in saved if n.startswith(("motion_projector.", "motion_encoder.position_embedding."))}
+    assert fresh == {"motion_projector.0.weight", "motion_projector.0.bias", "motion_projector.2.weight",
+                     "motion_projector.2.bias", "motion_encoder.position_embedding.weight"}
+    final = weights(tmp_path / "run")
+    assert all(torch.equal(final[n], saved[n]) for n in fresh)

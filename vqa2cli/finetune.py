@@ -13,7 +13,8 @@ Output directory:
     DIR/config.json, model.safetensors, tokenizer files, README.md   the fine-tuned model (LoRA merged)
     DIR/metrics.jsonl                                                one line per optimizer step
     DIR/checkpoints/step-NNNNNNNN/                                   last `keep` checkpoints
-        trainable.safetensors   trained tensors (adapters, or the trained parts' weights)
+        trainable.safetensors   trained tensors (adapters, or the trained parts' weights), and the base's
+                                randomly initialised ones (see load_base)
         state.pt                optimizer, scheduler, RNG of every rank (plain tensors/containers:
                                 loaded with torch.load(weights_only=True))
         meta.json               step, data position, loss, the options that must match on --resume
@@ -56,6 +57,8 @@ LLM_PREFIX = "language_model."
 # The decoder's linear layers (attention and MLP projections); lm_head stays as it is.
 LORA_TARGETS = r"language_model\.model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 METHODS = ("full", "lora", "qlora")
+# What checkpoint.load_official initialises at random when the base has no motion weights.
+FRESH_MOTION = ("motion_projector.", "motion_encoder.position_embedding.")
 STAGE_NAMES = ("distortion recognition", "quality scoring", "quality understanding")
 WARMUP_RATIO = 0.03
 CHECKPOINTS = "checkpoints"
@@ -565,12 +568,16 @@ def _validated_data(options: FinetuneOptions, output: Path, procs: Processes, sa
 
 
 def load_base(options: FinetuneOptions, device: torch.device, precision):
-    """(model, tokenizer, name) of BASE: a vqa2 model directory, a registry name, or an official checkpoint
-    (a VQA² one, or a plain LLaVA-OneVision one plus --slowfast-weights)."""
+    """(model, tokenizer, name, fresh) of BASE: a vqa2 model directory, a registry name, or an official
+    checkpoint (a VQA² one, or a plain LLaVA-OneVision one plus --slowfast-weights). `fresh` names the
+    parameters the base files lack and the loader initialised at random (a LLaVA-OneVision base's motion
+    projector and position table): they are saved with the trained tensors, so a resumed run and the
+    final model use the same draw even where they are not trained."""
     from vqa2cli import checkpoint, registry
 
     resolved = registry.resolve(options.model, task="score")
     path = resolved.path
+    fresh = []
     if checkpoint.is_model_dir(path):
         model, tokenizer = checkpoint.load_model_dir(path, device=device, precision=precision)
     elif checkpoint.is_official(path):
@@ -580,11 +587,23 @@ def load_base(options: FinetuneOptions, device: torch.device, precision):
             allow_missing_motion=True, slowfast_weights=options.slowfast_weights,
         )
         tokenizer = checkpoint.load_tokenizer(path)
+        if not any(key.startswith("model.slowfast") for key in _official_keys(checkpoint.official_files(path))):
+            fresh = [n for n, _ in model.named_parameters() if n.startswith(FRESH_MOTION)]
     else:
         raise SetupError(
             f"--model {options.model}: {path} is neither a vqa2 model directory nor a llava_qwen checkpoint"
         )
-    return model, tokenizer, resolved.name
+    return model, tokenizer, resolved.name, fresh
+
+
+def _official_keys(files) -> set[str]:
+    from safetensors import safe_open
+
+    keys = set()
+    for file in files:
+        with safe_open(str(file), "pt") as handle:
+            keys.update(handle.keys())
+    return keys
 
 
 def _check_resume(meta: dict, run: dict, say) -> None:
@@ -640,8 +659,9 @@ def _run(options: FinetuneOptions, procs: Processes, say) -> FinetuneResult:
     dtype = torch.bfloat16 if amp else torch.float32
     precision = Precision("4bit" if options.method == "qlora" else "none", dtype)
     say(f"loading {options.model} ({options.method}, {precision.describe()}) on {procs.device}")
-    model, tokenizer, base_name = load_base(options, procs.device, precision)
+    model, tokenizer, base_name, fresh = load_base(options, procs.device, precision)
     trainable = configure_model(model, options, parts)
+    saved_names = trainable + [n for n in fresh if n not in trainable]  # what checkpoints hold
     if options.gradient_checkpointing:
         for module in (model.language_model, model.vision_tower):
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -683,8 +703,8 @@ def _run(options: FinetuneOptions, procs: Processes, say) -> FinetuneResult:
     if latest:
         tensors, state, meta = load_checkpoint(latest[0])
         _check_resume(meta, run_info, say)
-        missing = sorted(set(trainable) - tensors.keys())
-        extra = sorted(tensors.keys() - set(trainable))
+        missing = sorted(set(saved_names) - tensors.keys())
+        extra = sorted(tensors.keys() - set(saved_names))
         if missing or extra:
             raise SetupError(f"checkpoint {latest[0]} does not match the trained tensors "
                              f"(missing {missing[:3]}, unexpected {extra[:3]})")
@@ -738,7 +758,7 @@ def _run(options: FinetuneOptions, procs: Processes, say) -> FinetuneResult:
         meta = {"step": at_step, "epoch": at_epoch, "position": at_position, "loss": at_loss, "run": run_info,
                 "vqa2": __version__, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs}
-        return save_checkpoint(output, at_step, {n: named[n] for n in trainable}, state, meta, options.keep)
+        return save_checkpoint(output, at_step, {n: named[n] for n in saved_names}, state, meta, options.keep)
 
     progress = Progress(total, step) if procs.main else None
     saved = None
@@ -821,7 +841,7 @@ def _run(options: FinetuneOptions, procs: Processes, say) -> FinetuneResult:
         # trained weights go to the CPU in the saved precision at once (a 7B model's fp32 copy is 30 GB)
         out_dtype = save_dtype(options, cuda)
         final = {n: named[n].detach().to("cpu", dtype=named[n].dtype if ".lora_" in n else out_dtype, copy=True)
-                 for n in trainable}
+                 for n in saved_names}
         del train_model, model, optimizer, scheduler, named, trained_params
         if cuda:
             torch.cuda.empty_cache()
@@ -876,7 +896,7 @@ def write_model(options: FinetuneOptions, parts, trained: dict[str, torch.Tensor
     from vqa2cli.quantization import Precision
 
     dtype = save_dtype(options, cuda)
-    model, tokenizer, _ = load_base(options, torch.device("cpu"), Precision("none", dtype))
+    model, tokenizer, _, _ = load_base(options, torch.device("cpu"), Precision("none", dtype))
     # same adapters as in training, on full-precision base weights
     lora_options = replace(options, method="lora" if options.method == "qlora" else options.method)
     configure_model(model, lora_options, parts)
