@@ -346,3 +346,38 @@ def test_closed_stdout_pipe_stops_quietly(clips_dir, tiny_model_dir):
     assert json.loads(first)["error"] is None
     # click's own handling of EPIPE: exit 1, nothing on stderr
     assert process.returncode == 1 and err == ""
+
+
+def test_terminal_gets_a_table_and_a_progress_bar(clips_dir, tiny_model_dir):
+    import fcntl
+    import pty
+    import re
+    import struct
+    import termios
+
+    # stdout and stderr on one pseudo-terminal, as in an interactive shell
+    leader, follower = pty.openpty()
+    # 200 columns, so that long temporary paths stay on one line of the table
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+    env = {**os.environ, "COLUMNS": "200"}  # rich prefers COLUMNS, when set, to the terminal size
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vqa2cli", "score", clips_dir, "--model", tiny_model_dir],
+        stdin=subprocess.DEVNULL, stdout=follower, stderr=follower, close_fds=True, env=env,
+    )
+    os.close(follower)
+    screen = bytearray()
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        screen.extend(chunk)
+    process.wait(timeout=60)
+    os.close(leader)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode("utf-8", "replace"))  # colours, cursor moves
+    assert process.returncode == 0, text
+    assert "Scoring" in text and "2/2" in text  # the progress bar was drawn
+    assert "Path" in text and "Score" in text and "a.mp4" in text and "b.mkv" in text  # the table
+    assert "scored 2 video(s), 0 failed" in text and "Traceback" not in text and '{"path"' not in text
