@@ -145,3 +145,69 @@ def test_fd_lines_reads_a_pipe_without_buffering(tmp_path):
     os.close(write_fd)
     assert list(lines) == ["last.mp4"]
     os.close(read_fd)
+
+
+class _FakeModel:
+    """The VQA2 surface score_videos uses; scores from the clip's duration so results are checkable."""
+
+    name = "fake"
+
+    def __init__(self, fail_batches=False, unscorable=()):
+        from vqa2cli.config import tiny_config
+
+        self.config = tiny_config()
+        self.fail_batches = fail_batches
+        self.unscorable = set(unscorable)
+        self.batches = []
+
+    def _result(self, sample):
+        from vqa2cli.pipeline import ScoreResult
+
+        if sample.path in self.unscorable:
+            raise RuntimeError("out of memory")
+        return ScoreResult(sample.duration / 10, " good", {" good": 1.0})
+
+    def score(self, sample, prompt=None, max_motion_frames=2000):
+        return self._result(sample)
+
+    def score_batch(self, samples, prompt=None, max_motion_frames=2000):
+        self.batches.append([sample.path for sample in samples])
+        if self.fail_batches:
+            raise RuntimeError("out of memory")
+        return [self._result(sample) for sample in samples]
+
+
+@pytest.fixture(scope="module")
+def three_clips(tmp_path_factory):
+    from tests.fixtures.clips import make_clip
+
+    root = tmp_path_factory.mktemp("batch_clips")
+    return [str(make_clip(root / f"{seconds}s.mp4", seconds=seconds, fps=8, size=(32, 32))) for seconds in (1, 2, 3)]
+
+
+def test_score_videos_batches_in_order_around_failures(three_clips, tmp_path):
+    from vqa2cli.batch import score_videos
+
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"")
+    one, two, three = three_clips
+    model = _FakeModel()
+    records = list(score_videos(model, [one, str(bad), two, three], batch_size=2))
+    assert [r.path for r in records] == [one, str(bad), two, three]
+    assert model.batches == [[one, two]]  # the last one alone is scored by model.score
+    assert [r.score for r in records] == [pytest.approx(0.1), None, pytest.approx(0.2), pytest.approx(0.3)]
+    assert records[1].error == f"{bad}: empty file (0 bytes)"
+    assert records[0].level == "good" and records[0].probs == {"good": 1.0} and records[0].model == "fake"
+    assert records[2].keyframes == 2 and records[2].motion_frames > 0 and records[2].duration_s == pytest.approx(2)
+    assert all(r.seconds > 0 for r in records if r.error is None) and records[1].seconds >= 0
+
+
+def test_score_videos_failed_batch_falls_back_to_one_by_one(three_clips):
+    from vqa2cli.batch import score_videos
+
+    one, two, three = three_clips
+    model = _FakeModel(fail_batches=True, unscorable={two})
+    records = list(score_videos(model, three_clips, batch_size=3))
+    assert model.batches == [[one, two, three]]
+    assert [r.error for r in records] == [None, f"{two}: RuntimeError: out of memory", None]
+    assert records[2].score == pytest.approx(0.3)

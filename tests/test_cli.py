@@ -96,6 +96,21 @@ def test_models_csv_and_default_jsonl_when_piped(vqa2):
 
 
 
+def test_a_bug_is_one_line_unless_debugging(vqa2, monkeypatch):
+    import vqa2cli.registry
+
+    def broken():
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(vqa2cli.registry, "list_models", broken)
+    code, out, err = vqa2("models")
+    assert code == 1 and out == ""
+    assert err == "error: internal error (RuntimeError: boom second line); run with VQA2_DEBUG=1 for the traceback\n"
+    monkeypatch.setenv("VQA2_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="boom"):
+        vqa2("models")
+
+
 # --- end to end with the tiny model ----------------------------------------------------------------
 
 RECORD_FIELDS = ["path", "score", "level", "probs", "model", "duration_s", "keyframes", "motion_frames", "seconds", "error"]

@@ -109,6 +109,8 @@ def _ignore_further_interrupts():
 def _stdin_lines():
     from vqa2cli.batch import fd_lines
 
+    if sys.stdin is None:  # started with stdin closed: no paths there
+        return ()
     try:
         return fd_lines(sys.stdin.fileno())
     except (AttributeError, ValueError, OSError):  # replaced by a file-like object without a descriptor
@@ -188,7 +190,7 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, batch_siz
     # records streamed to the terminal are their own progress, and a live bar redrawn on the same
     # screen would overwrite them: the bar is for tables (printed at the end) and redirected output
     reporter = Reporter.for_stderr(quiet or (fmt != "table" and sys.stdout.isatty()))
-    if "-" in paths and sys.stdin.isatty() and not quiet:
+    if "-" in paths and sys.stdin is not None and sys.stdin.isatty() and not quiet:
         reporter.note("reading video paths from stdin, one per line (end with Ctrl-D)")
     # the model first: when it cannot load, its error is the only message
     model = _load_model(reporter, model_name, device, quant, task="score")
@@ -274,9 +276,8 @@ def ask(video, question, questions_file, model_name, device, quant, max_new_toke
       vqa2 ask clip.mp4 "Describe the sharpness and the noise." --json
       vqa2 ask clip.mp4 --questions questions.txt
     """
-    from vqa2cli.output import Reporter, to_json
-
-    questions = _read_questions(question, questions_file)
+    questions = _read_questions(question, questions_file)  # a usage error before any slow import
+    from vqa2cli.output import JsonArrayWriter, Reporter, to_json
     from vqa2cli.video import load_video
 
     reporter = Reporter.for_stderr(quiet)
@@ -292,19 +293,30 @@ def ask(video, question, questions_file, model_name, device, quant, max_new_toke
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    records = []
+    def record(question_text):
+        answer = model.ask(sample, question_text, max_new_tokens=max_new_tokens)
+        return {"path": video, "question": question_text, "answer": answer, "model": model.name}
+
+    if as_json and len(questions) == 1:
+        echo(to_json(record(questions[0]), indent=2) + "\n")
+        return 0
+    if as_json:
+        # streamed like `score --json`: answers so far stay a valid array after Ctrl-C
+        with JsonArrayWriter(sys.stdout) as writer:
+            try:
+                for question_text in questions:
+                    writer.write(record(question_text))
+            except KeyboardInterrupt:
+                _ignore_further_interrupts()
+                reporter.note(f"interrupted: {writer.count} of {len(questions)} question(s) answered")
+                return EXIT_INTERRUPTED
+        return 0
     for number, question_text in enumerate(questions, 1):
-        if as_json:
-            answer = model.ask(sample, question_text, max_new_tokens=max_new_tokens)
-            records.append({"path": video, "question": question_text, "answer": answer, "model": model.name})
-            continue
         if len(questions) > 1:
             blank_line = "\n" if number > 1 else ""
             echo(f"{blank_line}Q: {question_text}\nA: ")
         model.ask(sample, question_text, max_new_tokens=max_new_tokens, on_text=echo)
         echo("\n")
-    if as_json:
-        print(to_json(records[0] if len(records) == 1 else records, indent=2))
     return 0
 
 
@@ -657,5 +669,11 @@ def main():
         sys.exit(2)
     except Vqa2Error as error:
         click.echo(f"error: {error}", err=True)
+        sys.exit(1)
+    except Exception as error:  # a bug: still one line for the user, the traceback on request
+        if os.environ.get("VQA2_DEBUG"):
+            raise
+        message = " ".join(f"{type(error).__name__}: {error}".split())
+        click.echo(f"error: internal error ({message}); run with VQA2_DEBUG=1 for the traceback", err=True)
         sys.exit(1)
     sys.exit(exit_code if isinstance(exit_code, int) else 0)
