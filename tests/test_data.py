@@ -28,6 +28,9 @@ def folder(tmp_path, clip_bytes):
     (tmp_path / "data" / "a.mp4").write_bytes(clip_bytes)
     (tmp_path / "data" / "sub" / "b.mp4").write_bytes(clip_bytes)
     (tmp_path / "data" / "broken.mp4").write_bytes(b"not a video at all" * 10)
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "data" / "photo.png")
     (tmp_path / "outside.mp4").write_bytes(clip_bytes)
     return tmp_path / "data"
 
@@ -75,20 +78,22 @@ def test_invalid_csv_records_are_reported_with_line_numbers(folder):
           'a.mp4,,a\n'                                  # line 7
           'a.mp4,q\n'                                   # line 8
           '../outside.mp4,q,a\n'                        # line 9
-          'sub/b.mp4,q,a\n')                            # line 10
+          'sub/b.mp4,q,a\n'                             # line 10
+          'photo.png,q,a\n')                            # line 11
     data = load_dataset(folder, stage=3)
     assert [r.where for r in data.records] == ["d.csv line 2", "d.csv line 10"]
     assert data.records[0].turns[0] == ("human", "a question\nover two lines")
-    assert [p.where for p in data.problems] == [f"d.csv line {n}" for n in (4, 6, 7, 8, 9)]
+    assert [p.where for p in data.problems] == [f"d.csv line {n}" for n in (4, 6, 7, 8, 9, 11)]
     messages = [p.message for p in data.problems]
     assert "missing.mp4': file not found" in messages[0]
     assert "broken.mp4': cannot be decoded" in messages[1]
     assert messages[2] == "empty question"
     assert messages[3] == "2 fields, the header has 3"
     assert "leaves the data folder" in messages[4]
+    assert messages[5] == "video 'photo.png': a still image, not a video"
     report = format_problems(data, limit=2)
-    assert report[0] == "d.csv: 5 of 7 records are invalid:"
-    assert report[1].startswith("  d.csv line 4:") and report[-1] == "  ... and 3 more"
+    assert report[0] == "d.csv: 6 of 8 records are invalid:"
+    assert report[1].startswith("  d.csv line 4:") and report[-1] == "  ... and 4 more"
 
 
 def test_wrong_columns_for_the_stage(folder):

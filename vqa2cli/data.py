@@ -14,7 +14,8 @@ Formats (DATA is the file, or a folder holding exactly one ``*.json``/``*.jsonl`
 Video paths are relative to the data folder and may not leave it, through ``..`` or through a symlink.
 
 Validation is cheap on purpose: each distinct video file is opened and its first frame decoded (a few ms a
-file), not decoded in full; a file that breaks later in the stream is reported when training reaches it.
+file; two frames for picture formats, so a still image is refused as `load_video` would), not decoded in
+full; a file that breaks later in the stream is reported when training reaches it.
 Every problem is reported with its place: ``CSV line``, ``JSONL line``, or JSON array index (and line).
 """
 
@@ -106,16 +107,25 @@ def resolve_video_path(root: Path, value: str) -> Path:
 
 
 def probe_video(path: Path) -> str | None:
-    """None if the file opens and its first video frame decodes, else the reason it does not."""
+    """None if the file opens and its first video frame decodes, else the reason it does not.
+
+    Picture formats need a second frame: `load_video` refuses a still image (a png, a one-frame gif)."""
     import av
+
+    from vqa2cli.video import _PICTURE_FORMATS
 
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 return "no video stream"
+            fmt = container.format.name
+            needed = 2 if fmt in _PICTURE_FORMATS or fmt.endswith("_pipe") else 1
+            frames = 0
             for _ in container.decode(container.streams.video[0]):
-                return None
-            return "no frame could be decoded"
+                frames += 1
+                if frames == needed:
+                    return None
+            return "a still image, not a video" if frames else "no frame could be decoded"
     except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as error:
         return f"cannot be decoded ({error})"
 
