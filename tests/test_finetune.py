@@ -407,3 +407,11 @@ def test_plain_onevision_base_keeps_its_fresh_motion_weights(tiny_official_check
                      "motion_projector.2.bias", "motion_encoder.position_embedding.weight"}
     final = weights(tmp_path / "run")
     assert all(torch.equal(final[n], saved[n]) for n in fresh)
+
+
+def test_stage2_sets_the_scoring_prompt_it_trained_with(data, tmp_path):
+    streaming_base = write_tiny_model_dir(tmp_path / "base", prompt="streaming")
+    run(options(streaming_base, data, tmp_path / "run", stage=2, max_steps=1), say=quiet)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["prompt"] == "ugc"  # the CSV records carry the UGC scorer's question
+    assert "- scoring prompt: ugc" in (tmp_path / "run" / "README.md").read_text()
