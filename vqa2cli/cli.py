@@ -192,14 +192,21 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, batch_siz
     reporter = Reporter.for_stderr(quiet or (fmt != "table" and sys.stdout.isatty()))
     if "-" in paths and sys.stdin is not None and sys.stdin.isatty() and not quiet:
         reporter.note("reading video paths from stdin, one per line (end with Ctrl-D)")
-    # the model first: when it cannot load, its error is the only message
-    model = _load_model(reporter, model_name, device, quant, task="score")
-    inputs = expand_paths(paths, recursive=recursive, stdin=_stdin_lines(), warn=None if quiet else reporter.note)
-    # without stdin the whole list is known up front, which gives the progress bar its ETA
-    total = None
-    if "-" not in paths:
-        inputs = list(inputs)
-        total = len(inputs)
+    try:
+        # the model first: when it cannot load, its error is the only message
+        model = _load_model(reporter, model_name, device, quant, task="score")
+        inputs = expand_paths(paths, recursive=recursive, stdin=_stdin_lines(), warn=None if quiet else reporter.note)
+        # without stdin the whole list is known up front, which gives the progress bar its ETA
+        total = None
+        if "-" not in paths:
+            inputs = list(inputs)
+            total = len(inputs)
+    except KeyboardInterrupt:
+        _ignore_further_interrupts()
+        if fmt == "json":  # no results yet, but what reads our stdout still gets valid JSON
+            make_writer(fmt, sys.stdout, []).close()
+        reporter.note("interrupted before any video was scored")
+        return EXIT_INTERRUPTED
     level_words = [word.strip() for word in model.config.level_words]
     writer = make_writer(fmt, sys.stdout, _score_columns(level_words), title=f"vqa2 score ({model.name})")
     scored = failed = 0
