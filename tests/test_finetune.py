@@ -415,3 +415,25 @@ def test_stage2_sets_the_scoring_prompt_it_trained_with(data, tmp_path):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["prompt"] == "ugc"  # the CSV records carry the UGC scorer's question
     assert "- scoring prompt: ugc" in (tmp_path / "run" / "README.md").read_text()
+
+
+def test_a_video_that_fails_during_training_is_skipped(base, data, tmp_path, monkeypatch):
+    """Validation only probes the first frame: a video that fails later is skipped, named, and counted."""
+    import vqa2cli.video
+    from vqa2cli.video import VideoError
+
+    real = vqa2cli.video.load_video
+
+    def load_video(path, **kwargs):
+        if Path(path).name == "d1.mp4":
+            raise VideoError(str(path), "damaged after the first frame")
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(vqa2cli.video, "load_video", load_video)
+    lines = []
+    result = run(options(base, data, tmp_path / "run", max_steps=4), say=lines.append)  # one epoch: 4 records
+    assert result.step == 4 and result.loss is not None
+    assert sum("warning: skipped d.csv line 4:" in line and "d1.mp4" in line for line in lines) == 1
+    log = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["loss"] is None for entry in log].count(True) == 1 and log[-1]["skipped"] == 1
+    assert (tmp_path / "run" / "config.json").is_file()

@@ -475,14 +475,15 @@ class Progress:
         self.last_line = 0.0
         self.every = max(1, total // 20)
 
-    def update(self, step: int, loss: float, lr: float) -> None:
+    def update(self, step: int, loss: float | None, lr: float) -> None:
         elapsed = time.monotonic() - self.began
         done = step - self.start
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (self.total - step) / rate if rate > 0 else 0.0
         width = 24
         filled = int(width * step / max(1, self.total))
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  "
+        shown = f"{loss:.4f}" if loss is not None else "n/a (all videos failed)"
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] step {step}/{self.total}  loss {shown}  lr {lr:.2e}  "
                 f"{rate:.2f} step/s  ETA {_clock(eta)}")
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K")
@@ -811,14 +812,16 @@ def _run(options: FinetuneOptions, procs: Processes, say) -> FinetuneResult:
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step, epoch, position = s + 1, ep, pos
-            loss = procs.all_mean(sum(micro_losses) / len(micro_losses) if micro_losses else float("nan"))
+            # ranks skip micro-batches together, so they agree on whether this step had any
+            step_loss = procs.all_mean(sum(micro_losses) / len(micro_losses)) if micro_losses else None
+            loss = step_loss if step_loss is not None else loss  # the model card reports the last known one
             micro_losses = []
             if procs.main:
                 _append_metrics(output / METRICS, {
-                    "step": step, "epoch": round(ep + pos / shard_len, 4), "loss": loss, "lr": lr,
+                    "step": step, "epoch": round(ep + pos / shard_len, 4), "loss": step_loss, "lr": lr,
                     "grad_norm": grad_norm, "elapsed_s": round(time.monotonic() - began, 3), "skipped": skipped,
                 })
-                progress.update(step, loss, lr)
+                progress.update(step, step_loss, lr)
             stop_now = procs.all_max(1.0 if stop.requested else 0.0) > 0
             if step % options.save_every == 0 or step == total or stop_now:
                 saved = checkpoint_now(step, epoch, position, loss) or saved
