@@ -235,7 +235,9 @@ class Reporter:
 
     The spinner and the progress bar (count, rate, ETA) show only when `live` (stderr is a terminal
     and not --quiet); notes always print, one line each, above the bar when it is showing. Use as a
-    context manager so the bar is gone before a table is printed on stdout.
+    context manager so the bar is gone before a table is printed on stdout. While the bar shows,
+    rich sends whatever is written to `sys.stdout` above it, on stderr (stray library prints stay
+    out of the data): writers must be given the real stdout before `start()`.
     """
 
     def __init__(self, live: bool, unit: str = "videos"):
