@@ -437,3 +437,11 @@ def test_a_video_that_fails_during_training_is_skipped(base, data, tmp_path, mon
     log = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [entry["loss"] is None for entry in log].count(True) == 1 and log[-1]["skipped"] == 1
     assert (tmp_path / "run" / "config.json").is_file()
+
+
+def test_bare_questions_train_on_the_prompt_ask_sends():
+    from vqa2cli.finetune import ask_user_turn
+    from vqa2cli.prompts import chatml, question_prompt
+
+    trained = chatml([("user", ask_user_turn(" Is it sharp? ", 3, 48)), ("assistant", None)])
+    assert trained == question_prompt("Is it sharp?", num_keyframes=3, num_frames=48)
