@@ -265,6 +265,7 @@ def test_schedule_and_sharding():
     assert shard_order(5, 1, 0, 0, 1) != shard_order(5, 0, 0, 0, 1)  # a new order each epoch
 
 
+@pytest.mark.slow  # two fresh interpreters import torch and transformers: ~30 s on 2 cores
 def test_two_processes_on_gloo_match_one_process(base, data, tmp_path):
     """torchrun with 2 CPU ranks (DDP, gloo): rank r takes every other record, gradients are averaged, so 2
     steps equal 2 steps of one process that accumulates the same 2 records per step."""
