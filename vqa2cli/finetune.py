@@ -646,6 +646,10 @@ def _run(options: FinetuneOptions, procs: Processes, say) -> FinetuneResult:
     output = Path(options.output)
     _prepare_output(output, options.resume)
     dataset = _validated_data(options, output, procs, say)
+    if options.mos_range and not (options.stage == 2 and dataset.path.suffix.lower() == ".csv"):
+        say("note: --mos-range only applies to stage-2 CSV data; ignored")
+    if options.part and (options.stage != 1 or options.train):
+        say("note: --part only applies to stage 1 without --train; ignored")
     parts = tuple(options.train) if options.train else stage_parts(options.stage, options.part, dataset.records)
     vision_lr = options.vision_lr if options.vision_lr is not None else options.lr / 5
 
