@@ -84,6 +84,7 @@ def test_models_json(vqa2):
     for model in models:
         assert set(model) == {"name", "purpose", "repo_id", "prompt", "default_for", "present", "size_bytes", "path"}
         assert isinstance(model["present"], bool) and isinstance(model["size_bytes"], int)
+    assert [m["repo_id"] for m in models] == [entry.repo_id for entry in registry()]  # null: shipped
 
 
 def test_models_csv_and_default_jsonl_when_piped(vqa2):

@@ -115,3 +115,12 @@ def test_default_format_and_make_writer():
     assert isinstance(make_writer("csv", io.StringIO(), COLUMNS), CsvWriter)
     with pytest.raises(ValueError):
         make_writer("xml", io.StringIO(), COLUMNS)
+
+
+def test_table_missing_text_and_hidden_columns():
+    stream = io.StringIO()
+    columns = [Column("name", "Name"), Column("repo", "Source", missing="shipped"), Column("path", "Path", in_table=False)]
+    with TableWriter(stream, columns) as writer:
+        writer.write({"name": "tiny", "repo": None, "path": "/secret/place"})
+    text = stream.getvalue()
+    assert "shipped" in text and "Path" not in text and "/secret/place" not in text

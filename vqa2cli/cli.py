@@ -349,7 +349,7 @@ def models(fmt):
     columns = [
         Column("name", "Name", no_wrap=True),
         Column("purpose", "Purpose"),
-        Column("repo_id", "Source", no_wrap=True),
+        Column("repo_id", "Source", no_wrap=True, missing="shipped with vqa2"),
         Column("default_for", "Default", lambda tasks: ", ".join(tasks)),
         Column("present", "Present", lambda present: "yes" if present else "no"),
         Column("size_bytes", "Size", lambda size: human_size(size) if size else "-", "right"),
@@ -362,7 +362,7 @@ def models(fmt):
                 {
                     "name": entry.name,
                     "purpose": entry.purpose,
-                    "repo_id": entry.source,
+                    "repo_id": entry.repo_id,
                     "prompt": entry.prompt,
                     "default_for": list(entry.default_for),
                     "present": status.present,

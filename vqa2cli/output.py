@@ -40,6 +40,7 @@ class Column:
     in_table: bool = True  # False: CSV only, to keep the terminal table narrow
     wide_only: bool = False  # in the table only on a terminal at least WIDE_TABLE columns wide
     no_wrap: bool = False  # keep table cells whole (names to copy and paste); numbers never wrap
+    missing: str = ""  # table cell text for None
 
 
 def lookup(record: dict, key: str):
@@ -187,7 +188,7 @@ class TableWriter(_Writer):
             cells = []
             for column in columns:
                 value = lookup(record, column.key)
-                cells.append("" if value is None else column.fmt(value))
+                cells.append(column.missing if value is None else column.fmt(value))
             if with_errors:
                 error = record.get("error") or ""
                 path = str(record.get("path"))
