@@ -187,7 +187,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(base, data, tmp_path, mon
 
 
 def test_resume_refuses_changed_options(base, data, tmp_path):
-    opts = options(base, data, tmp_path / "run", max_steps=1)
+    opts = options(base, data, tmp_path / "run", max_steps=1, batch_size=3)  # 3 videos padded together
     run(opts, say=quiet)
     with pytest.raises(SetupError, match="holds checkpoints of an earlier run"):
         run(opts, say=quiet)
