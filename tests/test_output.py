@@ -1,6 +1,7 @@
 import csv
 import io
 import json
+import signal
 
 import pytest
 
@@ -14,6 +15,7 @@ from vqa2cli.output import (
     fmt_float,
     lookup,
     make_writer,
+    uninterrupted,
 )
 
 RECORDS = [
@@ -124,3 +126,38 @@ def test_table_missing_text_and_hidden_columns():
         writer.write({"name": "tiny", "repo": None, "path": "/secret/place"})
     text = stream.getvalue()
     assert "shipped" in text and "Path" not in text and "/secret/place" not in text
+
+
+class _InterruptedWhileWriting(io.StringIO):
+    """Ctrl-C arrives while the first record is being written."""
+
+    def __init__(self):
+        super().__init__()
+        self.interrupted = False
+
+    def write(self, text):
+        written = super().write(text)
+        if not self.interrupted:
+            self.interrupted = True
+            signal.raise_signal(signal.SIGINT)
+        return written
+
+
+def test_ctrl_c_mid_record_still_leaves_a_valid_array():
+    stream = _InterruptedWhileWriting()
+    with pytest.raises(KeyboardInterrupt):
+        with JsonArrayWriter(stream) as writer:
+            writer.write(RECORDS[0])  # the interrupt is delivered once the record is whole
+            writer.write(RECORDS[1])
+    assert writer.count == 1
+    assert json.loads(stream.getvalue()) == [RECORDS[0]]
+
+
+def test_uninterrupted_delivers_the_interrupt_at_the_end():
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with uninterrupted():
+            signal.raise_signal(signal.SIGINT)
+            done.append("rest of the block")
+    assert done == ["rest of the block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -19,7 +19,9 @@ import contextlib
 import csv
 import json
 import math
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -68,16 +70,49 @@ def to_json(record: dict, indent=None) -> str:
     return json.dumps(_json_safe(record), ensure_ascii=False, indent=indent)
 
 
+@contextlib.contextmanager
+def uninterrupted():
+    """Hold Ctrl-C (SIGINT) back until the block ends, then deliver it.
+
+    Writers wrap each record and their closing text in it, so an interrupt never leaves half a
+    record, or a record the writer does not know it wrote (and `]` closing an array it never opened).
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield  # handlers can only be set from the main thread; None: not ours to replace
+        return
+    caught = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            previous(signal.SIGINT, caught[0])  # the default handler raises KeyboardInterrupt here
+        elif caught and previous == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGINT)
+
+
 class _Writer:
     def __init__(self, stream):
         self.stream = stream
         self.count = 0
+        self._closed = False
 
     def write(self, record: dict):
-        self._write(record)
-        self.count += 1
+        with uninterrupted():
+            self._write(record)
+            self.count += 1
 
     def close(self):
+        """Finish the output (idempotent: a `finally` after a normal close adds nothing)."""
+        if self._closed:
+            return
+        with uninterrupted():
+            self._closed = True
+            self._close()
+
+    def _close(self):
         pass
 
     def __enter__(self):
@@ -102,18 +137,11 @@ class JsonArrayWriter(_Writer):
     The array is valid after `close()` however many records were written (zero gives `[]`).
     """
 
-    def __init__(self, stream):
-        super().__init__(stream)
-        self._closed = False
-
     def _write(self, record):
         self.stream.write(("[\n" if self.count == 0 else ",\n") + to_json(record))
         self.stream.flush()
 
-    def close(self):
-        if self._closed:
-            return
-        self._closed = True
+    def _close(self):
         self.stream.write("[]\n" if self.count == 0 else "\n]\n")
         self.stream.flush()
 
@@ -138,8 +166,9 @@ class CsvWriter(_Writer):
         super().__init__(stream)
         self.columns = list(columns)
         self._csv = csv.writer(stream, lineterminator="\n")
-        self._csv.writerow([column.key for column in self.columns])
-        stream.flush()
+        with uninterrupted():
+            self._csv.writerow([column.key for column in self.columns])
+            stream.flush()
 
     def _write(self, record):
         self._csv.writerow([_csv_cell(lookup(record, column.key)) for column in self.columns])
@@ -162,15 +191,11 @@ class TableWriter(_Writer):
         self.columns = list(columns)
         self.title = title
         self.rows = []
-        self._closed = False
 
     def _write(self, record):
         self.rows.append(record)
 
-    def close(self):
-        if self._closed:
-            return
-        self._closed = True
+    def _close(self):
         from rich.console import Console
         from rich.table import Table
 
