@@ -161,3 +161,9 @@ def test_uninterrupted_delivers_the_interrupt_at_the_end():
             done.append("rest of the block")
     assert done == ["rest of the block"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_human_size():
+    from vqa2cli.output import human_size
+
+    assert [human_size(n) for n in (999, 3_500_000, 16_400_000_000)] == ["999 B", "3.5 MB", "16.4 GB"]
