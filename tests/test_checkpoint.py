@@ -7,33 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.fixtures.checkpoints import RELEASED_CONFIG
 from tests.fixtures.models import make_tiny_model
 from vqa2cli import checkpoint as ck
 from vqa2cli.config import VQA2Config, tiny_config
 from vqa2cli.errors import CheckpointError
-
-RELEASED_CONFIG = {  # the fields of the published checkpoints' config.json (VQA2_REFERENCE.md)
-    "architectures": ["LlavaQwenForCausalLM"],
-    "model_type": "llava_qwen",
-    "mm_vision_tower": "google/siglip-so400m-patch14-384",
-    "mm_projector_type": "mlp2x_gelu",
-    "mm_hidden_size": 1152,
-    "mm_vision_select_layer": -2,
-    "mm_patch_merge_type": "spatial_unpad",
-    "mm_newline_position": "one_token",
-    "mm_spatial_pool_mode": "bilinear",
-    "hidden_size": 3584,
-    "intermediate_size": 18944,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 28,
-    "num_key_value_heads": 4,
-    "vocab_size": 152064,
-    "max_position_embeddings": 32768,
-    "rope_theta": 1000000.0,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": False,
-    "torch_dtype": "float16",
-}
 
 
 def _copy(src, tmp_path):
@@ -171,7 +149,6 @@ def test_missing_shard_is_reported(tiny_official_checkpoint, tmp_path):
     (directory / "model-00002-of-00005.safetensors").unlink()
     with pytest.raises(CheckpointError, match="shards missing: model-00002-of-00005.safetensors"):
         ck.load_official(directory)
-
 
 
 def test_tensor_in_two_shards_is_reported(tiny_official_checkpoint, tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.fixtures.checkpoints import RELEASED_CONFIG
 from tests.fixtures.models import make_tiny_model, tiny_video
 from vqa2cli import prompts
 from vqa2cli.config import VQA2Config
@@ -291,17 +292,6 @@ def test_long_sequence_warns(tiny_model, tiny_config, tiny_tokenizer):
 
 
 # ---- released size ----------------------------------------------------------------------------------
-
-RELEASED_CONFIG = {
-    "architectures": ["LlavaQwenForCausalLM"], "model_type": "llava_qwen",
-    "mm_vision_tower": "google/siglip-so400m-patch14-384", "mm_projector_type": "mlp2x_gelu",
-    "mm_hidden_size": 1152, "mm_vision_select_layer": -2, "mm_patch_merge_type": "spatial_unpad",
-    "mm_newline_position": "one_token", "mm_spatial_pool_mode": "bilinear", "torch_dtype": "float16",
-    "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-    "num_key_value_heads": 4, "vocab_size": 152064, "rope_theta": 1000000.0, "rms_norm_eps": 1e-06,
-    "max_position_embeddings": 32768, "tie_word_embeddings": False,
-}
-
 
 def test_released_architecture_on_meta():
     config = VQA2Config.from_llava_qwen(RELEASED_CONFIG)

@@ -204,6 +204,21 @@ class _Probe:
     read_error: str | None
 
 
+def _packets(container, stream, read_errors: list[str]):
+    """The stream's packets up to the end or the first read error, which lands in `read_errors`: a
+    truncated or damaged file ends there rather than raising."""
+    demux = container.demux(stream)
+    while True:
+        try:
+            packet = next(demux)
+        except StopIteration:
+            return
+        except av.FFmpegError as e:
+            read_errors.append(_ffmpeg_reason(e))
+            return
+        yield packet
+
+
 def _probe(path: str) -> _Probe:
     """Count the video packets and derive the frame rate from their timestamps, without decoding."""
     container = _open(path)
@@ -219,16 +234,8 @@ def _probe(path: str) -> _Probe:
         count = discarded = 0
         first = last = None
         last_duration = 0
-        read_error = None
-        demux = container.demux(stream)
-        while True:
-            try:
-                packet = next(demux)
-            except StopIteration:
-                break
-            except av.FFmpegError as e:
-                read_error = _ffmpeg_reason(e)
-                break
+        read_errors: list[str] = []
+        for packet in _packets(container, stream, read_errors):
             if packet.size == 0:
                 continue
             if packet.is_discard:  # cut by an edit list: decoded for reference, never shown
@@ -252,6 +259,7 @@ def _probe(path: str) -> _Probe:
             fps = float(rate)
         if not 0.1 < fps < 1000.0:
             fps = 25.0  # FFmpeg's own assumption for streams without any timing
+        read_error = read_errors[0] if read_errors else None
         return _Probe(count, max(declared - discarded, 0), declared_seconds, fps, read_error)
     finally:
         container.close()
@@ -352,7 +360,6 @@ def _decode(path: str, probe: _Probe, keyframe_size: int, motion_size: int,
         times: list[float] = []  # presentation times of the decoded frames
         last_duration = 0.0
         rejected = corrupt = 0
-        read_error = None
 
         def take(frame) -> None:
             nonlocal index, quarter_turns, width, height, last_duration, corrupt
@@ -394,15 +401,8 @@ def _decode(path: str, probe: _Probe, keyframe_size: int, motion_size: int,
             elif slot is not None:
                 _fast_resize_into(slot, reformatter, frame, quarter_turns)
 
-        demux = container.demux(stream)
-        while True:
-            try:
-                packet = next(demux)
-            except StopIteration:
-                break
-            except av.FFmpegError as e:
-                read_error = _ffmpeg_reason(e)
-                break
+        read_errors: list[str] = []
+        for packet in _packets(container, stream, read_errors):
             try:
                 frames = codec.decode(packet)
             except (av.error.DecoderNotFoundError, av.error.PatchWelcomeError) as e:
@@ -412,7 +412,7 @@ def _decode(path: str, probe: _Probe, keyframe_size: int, motion_size: int,
                 continue
             for frame in frames:
                 take(frame)
-        if read_error is not None:
+        if read_errors:  # demuxing stopped before the flush packet: drain the decoder here
             try:
                 for frame in codec.decode(None):
                     take(frame)
@@ -427,7 +427,7 @@ def _decode(path: str, probe: _Probe, keyframe_size: int, motion_size: int,
         # Deliberate: one picture is not a video (animated gif/apng are).
         kind = "a still image" if index else "an image FFmpeg cannot decode"
         raise VideoError(path, f"{kind} ({fmt.removesuffix('_pipe')}), not a video")
-    read_error = read_error or probe.read_error
+    read_error = read_errors[0] if read_errors else probe.read_error
     if index == 0:
         if probe.packets == 0:
             detail = "the video stream holds no data"

@@ -34,25 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-RELEASED_CONFIG = {  # fields of the published checkpoints' config.json (../shared/VQA2_REFERENCE.md)
-    "architectures": ["LlavaQwenForCausalLM"],
-    "model_type": "llava_qwen",
-    "mm_vision_tower": "google/siglip-so400m-patch14-384",
-    "mm_projector_type": "mlp2x_gelu",
-    "mm_hidden_size": 1152,
-    "mm_vision_select_layer": -2,
-    "mm_spatial_pool_mode": "bilinear",
-    "hidden_size": 3584,
-    "intermediate_size": 18944,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 28,
-    "num_key_value_heads": 4,
-    "vocab_size": 152064,
-    "max_position_embeddings": 32768,
-    "rope_theta": 1000000.0,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": False,
-}
+from tests.fixtures.checkpoints import RELEASED_CONFIG  # noqa: E402
 
 
 def random_model(config, device, precision, seed=0):
