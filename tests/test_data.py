@@ -86,11 +86,11 @@ def test_invalid_csv_records_are_reported_with_line_numbers(folder):
     assert [p.where for p in data.problems] == [f"d.csv line {n}" for n in (4, 6, 7, 8, 9, 11)]
     messages = [p.message for p in data.problems]
     assert "missing.mp4': file not found" in messages[0]
-    assert "broken.mp4': cannot be decoded" in messages[1]
+    assert "broken.mp4': not a video file" in messages[1]
     assert messages[2] == "empty question"
     assert messages[3] == "2 fields, the header has 3"
     assert "leaves the data folder" in messages[4]
-    assert messages[5] == "video 'photo.png': a still image, not a video"
+    assert messages[5] == "video 'photo.png': a still image (png), not a video"
     report = format_problems(data, limit=2)
     assert report[0] == "d.csv: 6 of 8 records are invalid:"
     assert report[1].startswith("  d.csv line 4:") and report[-1] == "  ... and 4 more"

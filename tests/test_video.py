@@ -12,7 +12,7 @@ from PIL import Image
 import vqa2cli
 from tests.fixtures.clips import BAD_FILES, frame_pattern, garble, make_clip, permissions_apply, truncate
 from vqa2cli.errors import InputError
-from vqa2cli.video import VideoError, VideoSample, _MotionBuffer, load_video, normalize
+from vqa2cli.video import VideoError, VideoSample, _MotionBuffer, check_video, load_video, normalize
 
 ONE_STEP = 1 / 127.5  # one uint8 level after normalisation
 
@@ -332,6 +332,25 @@ def test_bad_files_get_one_line_errors(bad_files, name):
     # No PyAV/OS exception chained behind it (a CLI printing the chain would show a traceback).
     error = caught.value
     assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_check_video_refuses_what_load_video_refuses(bad_files, name):
+    path = bad_files[name]
+    if name == "unreadable" and not permissions_apply(path):
+        pytest.skip("running as root: chmod 000 does not stop reads")
+    with pytest.raises(VideoError) as caught:
+        check_video(path)
+    message = str(caught.value)
+    assert str(path) in message and "\n" not in message
+    assert caught.value.__cause__ is None
+
+
+def test_check_video_accepts_videos_and_animations(tmp_path):
+    check_video(make_clip(tmp_path / "clip.webm", seconds=0.5, fps=10, size=(32, 24), codec="libvpx-vp9"))
+    pictures = [Image.fromarray(frame_pattern(i, 32, 24)) for i in range(3)]
+    pictures[0].save(tmp_path / "anim.gif", save_all=True, append_images=pictures[1:], duration=100)
+    check_video(tmp_path / "anim.gif")
 
 
 def test_truncated_clip_with_its_index_first_loads_with_a_warning(tmp_path):

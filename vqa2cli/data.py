@@ -107,27 +107,15 @@ def resolve_video_path(root: Path, value: str) -> Path:
 
 
 def probe_video(path: Path) -> str | None:
-    """None if the file opens and its first video frame decodes, else the reason it does not.
-
-    Picture formats need a second frame: `load_video` refuses a still image (a png, a one-frame gif)."""
-    import av
-
-    from vqa2cli.video import _PICTURE_FORMATS
+    """None if the file opens as a video and its first frame decodes, else the reason it does not
+    (`load_video`'s reasons; a still image is refused as it refuses it)."""
+    from vqa2cli.video import VideoError, check_video
 
     try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                return "no video stream"
-            fmt = container.format.name
-            needed = 2 if fmt in _PICTURE_FORMATS or fmt.endswith("_pipe") else 1
-            frames = 0
-            for _ in container.decode(container.streams.video[0]):
-                frames += 1
-                if frames == needed:
-                    return None
-            return "a still image, not a video" if frames else "no frame could be decoded"
-    except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as error:
-        return f"cannot be decoded ({error})"
+        check_video(path)
+    except VideoError as error:
+        return error.reason
+    return None
 
 
 def distortion_question(kind: str) -> str:

@@ -57,6 +57,7 @@ one-frame clip: scoring a photo as video would be meaningless. Animated gif and 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import stat
@@ -132,10 +133,46 @@ def load_video(path, keyframe_size: int = 384, motion_size: int = 384,
         raise ValueError(f"max_keyframes must be at least 1, got {max_keyframes}")
     path = os.fspath(path)
     _check_file(path)
-    try:
+    with _reported(path):
         probe = _probe(path)
         return _decode(path, probe, int(keyframe_size), int(motion_size), int(max_motion_frames),
                        int(max_keyframes))
+
+
+def check_video(path) -> None:
+    """Raise `VideoError`, with `load_video`'s reasons, unless `path` opens as a video whose first frame
+    decodes. Cheap (a frame or two, not the whole file): for validating many files up front."""
+    path = os.fspath(path)
+    _check_file(path)
+    with _reported(path):
+        container = _open(path)
+        try:
+            stream = _video_stream(path, container)
+            fmt = container.format.name
+            # A picture format with one frame is a still image, which load_video refuses.
+            needed = 2 if fmt in _PICTURE_FORMATS or fmt.endswith("_pipe") else 1
+            decoded = 0
+            for packet in _packets(container, stream, []):
+                try:
+                    decoded += len(packet.decode())
+                except (av.error.DecoderNotFoundError, av.error.PatchWelcomeError) as e:
+                    raise VideoError(path, f"unsupported video codec or feature: {_ffmpeg_reason(e)}") from None
+                except av.FFmpegError:
+                    continue
+                if decoded >= needed:
+                    return
+        finally:
+            container.close()
+    if decoded:
+        raise VideoError(path, f"a still image ({fmt.removesuffix('_pipe')}), not a video")
+    raise VideoError(path, "no decodable video frames")
+
+
+@contextlib.contextmanager
+def _reported(path: str):
+    """Turn PyAV and OS errors into one-line `VideoError`s naming the file."""
+    try:
+        yield
     except VideoError:
         raise
     except av.FFmpegError as e:
