@@ -7,31 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.fixtures.checkpoints import RELEASED_CONFIG
+from tests.fixtures.checkpoints import RELEASED_CONFIG, copy_checkpoint, rewrite_official, write_tiny_pyth
 from tests.fixtures.models import make_tiny_model
 from vqa2cli import checkpoint as ck
 from vqa2cli.config import VQA2Config, tiny_config
 from vqa2cli.errors import CheckpointError
-
-
-def _copy(src, tmp_path):
-    return shutil.copytree(src, tmp_path / "ckpt")
-
-
-def _rewrite(directory, drop=lambda key: False, add=None):
-    """Drop keys from / add keys to an official checkpoint, keeping shards and index consistent."""
-    index_path = directory / ck.OFFICIAL_INDEX
-    index = json.loads(index_path.read_text())
-    for file in sorted(set(index["weight_map"].values())):
-        tensors = {k: v for k, v in load_file(directory / file).items() if not drop(k)}
-        if add and file == index["weight_map"][next(iter(index["weight_map"]))]:
-            tensors.update(add)
-        save_file(tensors, directory / file, metadata={"format": "pt"})
-        for key in [k for k, f in index["weight_map"].items() if f == file and drop(k)]:
-            del index["weight_map"][key]
-        for key in add or {}:
-            index["weight_map"].setdefault(key, file)
-    index_path.write_text(json.dumps(index))
 
 
 # ---- name mapping ----------------------------------------------------------------------------------
@@ -113,9 +93,9 @@ def test_loads_exactly_the_saved_weights(tiny_official_checkpoint):
 
 
 def test_missing_key_is_reported(tiny_official_checkpoint, tmp_path):
-    directory = _copy(tiny_official_checkpoint, tmp_path)
+    directory = copy_checkpoint(tiny_official_checkpoint, tmp_path)
     gone = "model.layers.1.mlp.down_proj.weight"
-    _rewrite(directory, drop=lambda key: key == gone)
+    rewrite_official(directory, drop=lambda key: key == gone)
     with pytest.raises(CheckpointError) as info:
         ck.load_official(directory)
     message = str(info.value)
@@ -124,35 +104,35 @@ def test_missing_key_is_reported(tiny_official_checkpoint, tmp_path):
 
 
 def test_unexpected_key_is_reported(tiny_official_checkpoint, tmp_path):
-    directory = _copy(tiny_official_checkpoint, tmp_path)
-    _rewrite(directory, add={"model.vision_resampler.weight": torch.zeros(3)})
+    directory = copy_checkpoint(tiny_official_checkpoint, tmp_path)
+    rewrite_official(directory, add={"model.vision_resampler.weight": torch.zeros(3)})
     with pytest.raises(CheckpointError, match=r"1 unexpected \(model\.vision_resampler\.weight\)"):
         ck.load_official(directory)
 
 
 def test_many_missing_keys_are_truncated(tiny_official_checkpoint, tmp_path):
-    directory = _copy(tiny_official_checkpoint, tmp_path)
-    _rewrite(directory, drop=lambda key: key.startswith("model.layers.1."))
+    directory = copy_checkpoint(tiny_official_checkpoint, tmp_path)
+    rewrite_official(directory, drop=lambda key: key.startswith("model.layers.1."))
     with pytest.raises(CheckpointError, match=r"missing \(model\.layers\.1\.[^)]*, \+\d+ more\)"):
         ck.load_official(directory)
 
 
 def test_wrong_shape_is_reported(tiny_official_checkpoint, tmp_path):
-    directory = _copy(tiny_official_checkpoint, tmp_path)
-    _rewrite(directory, drop=lambda key: key == "model.image_newline", add={"model.image_newline": torch.zeros(7)})
+    directory = copy_checkpoint(tiny_official_checkpoint, tmp_path)
+    rewrite_official(directory, drop=lambda key: key == "model.image_newline", add={"model.image_newline": torch.zeros(7)})
     with pytest.raises(CheckpointError, match=r"1 with the wrong shape \(model\.image_newline \[7\] \(expected \[64\]\)\)"):
         ck.load_official(directory)
 
 
 def test_missing_shard_is_reported(tiny_official_checkpoint, tmp_path):
-    directory = _copy(tiny_official_checkpoint, tmp_path)
+    directory = copy_checkpoint(tiny_official_checkpoint, tmp_path)
     (directory / "model-00002-of-00005.safetensors").unlink()
     with pytest.raises(CheckpointError, match="shards missing: model-00002-of-00005.safetensors"):
         ck.load_official(directory)
 
 
 def test_tensor_in_two_shards_is_reported(tiny_official_checkpoint, tmp_path):
-    directory = _copy(tiny_official_checkpoint, tmp_path)
+    directory = copy_checkpoint(tiny_official_checkpoint, tmp_path)
     first, *_, last = sorted(directory.glob("model-*.safetensors"))
     key, tensor = next(iter(load_file(first).items()))
     tensors = load_file(last)
@@ -164,19 +144,9 @@ def test_tensor_in_two_shards_is_reported(tiny_official_checkpoint, tmp_path):
 # ---- LLaVA-OneVision base + SlowFast Kinetics weights ------------------------------------------------
 
 
-def _tiny_pyth(path, seed=1):
-    """A pytorchvideo-style Kinetics checkpoint of the tiny SlowFast: `model_state` of the whole network
-    (head included) plus non-tensor training metadata, as pytorchvideo/SlowFast save them."""
-    from vqa2cli._pytorchvideo import create_slowfast
-
-    torch.manual_seed(seed)
-    network = create_slowfast(**tiny_config().motion.slowfast_kwargs())
-    torch.save({"model_state": network.state_dict(), "epoch": 196, "cfg": "SLOWFAST_8x8_R50"}, path)
-    return network.state_dict()
-
 
 def test_pyth_is_read_with_weights_only(tmp_path):
-    state = _tiny_pyth(tmp_path / "slowfast.pyth")
+    state = write_tiny_pyth(tmp_path / "slowfast.pyth")
     tensors = ck.read_slowfast(tmp_path / "slowfast.pyth")
     assert set(tensors) == {f"motion_encoder.{k}" for k in state if k.split(".")[1] in "01234"}
     assert not any(k.startswith("motion_encoder.blocks.5") for k in tensors)  # the head is dropped
@@ -187,9 +157,9 @@ def test_pyth_is_read_with_weights_only(tmp_path):
 
 
 def test_build_from_plain_onevision(tiny_official_checkpoint, tmp_path):
-    directory = _copy(tiny_official_checkpoint, tmp_path)
-    _rewrite(directory, drop=lambda key: key.startswith(("model.slowfast.", "model.slowfast_projector.")))
-    state = _tiny_pyth(tmp_path / "slowfast.pyth")
+    directory = copy_checkpoint(tiny_official_checkpoint, tmp_path)
+    rewrite_official(directory, drop=lambda key: key.startswith(("model.slowfast.", "model.slowfast_projector.")))
+    state = write_tiny_pyth(tmp_path / "slowfast.pyth")
 
     with pytest.raises(CheckpointError, match=r"missing \(model\.slowfast"):
         ck.load_official(directory)  # strict by default
@@ -208,8 +178,8 @@ def test_build_from_plain_onevision(tiny_official_checkpoint, tmp_path):
 def test_slowfast_of_another_depth_is_rejected(tiny_official_checkpoint, tmp_path):
     from vqa2cli._pytorchvideo import create_slowfast
 
-    directory = _copy(tiny_official_checkpoint, tmp_path)
-    _rewrite(directory, drop=lambda key: key.startswith(("model.slowfast.", "model.slowfast_projector.")))
+    directory = copy_checkpoint(tiny_official_checkpoint, tmp_path)
+    rewrite_official(directory, drop=lambda key: key.startswith(("model.slowfast.", "model.slowfast_projector.")))
     network = create_slowfast(model_depth=50, stem_dim_outs=(16, 2))
     torch.save({"model_state": network.state_dict()}, tmp_path / "r50.pyth")
     with pytest.raises(CheckpointError, match=r"SlowFast weights .*r50\.pyth does not match the model: .*unexpected"):
@@ -217,9 +187,9 @@ def test_slowfast_of_another_depth_is_rejected(tiny_official_checkpoint, tmp_pat
 
 
 def test_partial_motion_weights_are_an_error_even_when_allowed(tiny_official_checkpoint, tmp_path):
-    directory = _copy(tiny_official_checkpoint, tmp_path)
-    _rewrite(directory, drop=lambda key: key.startswith("model.slowfast_projector."))
-    _tiny_pyth(tmp_path / "slowfast.pyth")
+    directory = copy_checkpoint(tiny_official_checkpoint, tmp_path)
+    rewrite_official(directory, drop=lambda key: key.startswith("model.slowfast_projector."))
+    write_tiny_pyth(tmp_path / "slowfast.pyth")
     with pytest.raises(CheckpointError, match=r"4 missing \(model\.slowfast_projector"):
         ck.load_official(directory, allow_missing_motion=True, slowfast_weights=tmp_path / "slowfast.pyth")
 

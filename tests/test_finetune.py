@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -395,11 +394,11 @@ def test_starts_from_an_official_llava_qwen_checkpoint(tiny_official_checkpoint,
 def test_plain_onevision_base_keeps_its_fresh_motion_weights(tiny_official_checkpoint, data, tmp_path):
     """A LLaVA-OneVision base has no motion projector: the loader draws one. Stage 1 spatial does not train
     it, yet the checkpoint and the final model must hold the very draw the run used."""
-    from tests.test_checkpoint import _copy, _rewrite, _tiny_pyth
+    from tests.fixtures.checkpoints import copy_checkpoint, rewrite_official, write_tiny_pyth
 
-    base = _copy(tiny_official_checkpoint, tmp_path)
-    _rewrite(base, drop=lambda key: key.startswith(("model.slowfast.", "model.slowfast_projector.")))
-    _tiny_pyth(tmp_path / "slowfast.pyth")
+    base = copy_checkpoint(tiny_official_checkpoint, tmp_path)
+    rewrite_official(base, drop=lambda key: key.startswith(("model.slowfast.", "model.slowfast_projector.")))
+    write_tiny_pyth(tmp_path / "slowfast.pyth")
     opts = options(base, data, tmp_path / "run", stage=1, max_steps=1, slowfast_weights=str(tmp_path / "slowfast.pyth"))
     run(opts, say=quiet)
     saved, _, _ = load_checkpoint(checkpoint_dirs(tmp_path / "run")[-1])
