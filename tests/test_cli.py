@@ -172,6 +172,14 @@ def test_score_jsonl_recursive_and_batch_size(vqa2, clips_dir, tiny_model_dir, m
         assert together["score"] == pytest.approx(single["score"], abs=1e-4)
 
 
+def test_score_frame_caps_reach_the_record(vqa2, clips_dir, tiny_model_dir):
+    code, out, err = vqa2("score", clips_dir / "b.mkv", "-m", tiny_model_dir, "--json",
+                          "--max-keyframes", "1", "--max-motion-frames", "8")
+    assert code == 0, err
+    [record] = json.loads(out)
+    assert record["keyframes"] == 1 and record["motion_frames"] == 8
+
+
 def test_score_csv(vqa2, clips_dir, tiny_model_dir):
     import csv
 

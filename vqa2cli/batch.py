@@ -213,6 +213,7 @@ def score_videos(
     paths: Iterable[str],
     prompt: Optional[str] = None,
     max_motion_frames: int = 2000,
+    max_keyframes: int = 40,
     batch_size: int = 1,
     prefetch: int = DEFAULT_PREFETCH,
 ) -> Iterator[ScoreRecord]:
@@ -237,6 +238,7 @@ def score_videos(
             keyframe_size=config.keyframe_size,
             motion_size=config.motion_size,
             max_motion_frames=max_motion_frames,
+            max_keyframes=max_keyframes,
         )
 
     pending = []  # (record, sample or None, decode seconds), in input order

@@ -44,6 +44,25 @@ def cli():
 # --- options shared by commands ------------------------------------------------------------------
 
 
+def sampling_options(func):
+    """--max-motion-frames, --max-keyframes: how much of a long video the model sees (`load_video`)."""
+    func = click.option(
+        "--max-keyframes",
+        type=click.IntRange(min=1),
+        default=40,
+        show_default=True,
+        help="Most keyframes (one per second); longer videos keep this many, spread evenly. 40 keeps "
+        "the input within the length the checkpoints were trained on.",
+    )(func)
+    return click.option(
+        "--max-motion-frames",
+        type=click.IntRange(min=4),
+        default=2000,
+        show_default=True,
+        help="Longest motion stream; longer videos are sampled evenly down to it.",
+    )(func)
+
+
 def model_options(func):
     """--model, --device, --quant: what `pipeline.load_model` needs."""
     func = click.option(
@@ -143,13 +162,7 @@ def _score_columns(level_words):
     default=None,
     help="Scoring prompt [default: the one the model was trained with].",
 )
-@click.option(
-    "--max-motion-frames",
-    type=click.IntRange(min=4),
-    default=2000,
-    show_default=True,
-    help="Longest motion stream; longer videos are sampled evenly down to it.",
-)
+@sampling_options
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
@@ -160,7 +173,8 @@ def _score_columns(level_words):
 @click.option("-r", "--recursive", is_flag=True, help="Look for videos in subdirectories too.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr: no progress bar, notes or summary.")
 @output_format_options
-def score(paths, model_name, device, quant, prompt, max_motion_frames, batch_size, recursive, quiet, fmt):
+def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyframes, batch_size, recursive, quiet,
+          fmt):
     """Score the quality of videos: 0 (worst) to 1 (best), and a level from low to high.
 
     PATH is a video file, a directory, or - to read paths from stdin (one per line). In a directory,
@@ -212,7 +226,8 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, batch_siz
     scored = failed = 0
     interrupted = False
     start = time.perf_counter()
-    records = score_videos(model, inputs, prompt=prompt, max_motion_frames=max_motion_frames, batch_size=batch_size)
+    records = score_videos(model, inputs, prompt=prompt, max_motion_frames=max_motion_frames,
+                           max_keyframes=max_keyframes, batch_size=batch_size)
     try:
         reporter.start("Scoring", total=total)
         for record in records:
@@ -262,16 +277,11 @@ def _read_questions(question, questions_file):
 )
 @model_options
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="Longest answer.")
-@click.option(
-    "--max-motion-frames",
-    type=click.IntRange(min=4),
-    default=2000,
-    show_default=True,
-    help="Longest motion stream; longer videos are sampled evenly down to it.",
-)
+@sampling_options
 @click.option("--json", "as_json", is_flag=True, help="Print {path, question, answer, model} (an array for several).")
 @click.option("-q", "--quiet", is_flag=True, help="No spinner while the model loads.")
-def ask(video, question, questions_file, model_name, device, quant, max_new_tokens, max_motion_frames, as_json, quiet):
+def ask(video, question, questions_file, model_name, device, quant, max_new_tokens, max_motion_frames, max_keyframes,
+        as_json, quiet):
     """Ask a question about the quality of a video; the answer streams as it is generated.
 
     With --questions, every question in the file is answered about the same video, which is
@@ -294,6 +304,7 @@ def ask(video, question, questions_file, model_name, device, quant, max_new_toke
         keyframe_size=model.config.keyframe_size,
         motion_size=model.config.motion_size,
         max_motion_frames=min(max_motion_frames, model.config.motion.max_frames),
+        max_keyframes=max_keyframes,
     )
 
     def echo(text):

@@ -107,7 +107,7 @@ class VQA2:
 
     # ---- inputs --------------------------------------------------------------------------------------
 
-    def _sample(self, video, max_motion_frames: int):
+    def _sample(self, video, max_motion_frames: int, max_keyframes: int):
         limit = self.config.motion.max_frames
         if hasattr(video, "keyframes") and hasattr(video, "motion"):  # a VideoSample (or alike)
             if video.motion.shape[0] > limit:
@@ -124,6 +124,7 @@ class VQA2:
                 keyframe_size=self.config.keyframe_size,
                 motion_size=self.config.motion_size,
                 max_motion_frames=min(max_motion_frames, limit),
+                max_keyframes=max_keyframes,
             )
         raise TypeError(f"video must be a path or a VideoSample, not {type(video).__name__}")
 
@@ -142,18 +143,22 @@ class VQA2:
 
     # ---- scoring -------------------------------------------------------------------------------------
 
-    def score(self, video, prompt: str | None = None, max_motion_frames: int = 2000) -> ScoreResult:
+    def score(self, video, prompt: str | None = None, max_motion_frames: int = 2000,
+              max_keyframes: int = 40) -> ScoreResult:
         """Quality of one video (a path or a `VideoSample`). `prompt`: the scoring prompt kind (ugc,
-        streaming, enhanced); default: the one the model was trained with."""
-        return self.score_batch([video], prompt=prompt, max_motion_frames=max_motion_frames)[0]
+        streaming, enhanced); default: the one the model was trained with. The frame caps apply when
+        `video` is a path (see `load_video`)."""
+        return self.score_batch([video], prompt=prompt, max_motion_frames=max_motion_frames,
+                                max_keyframes=max_keyframes)[0]
 
-    def score_batch(self, videos, prompt: str | None = None, max_motion_frames: int = 2000) -> list[ScoreResult]:
+    def score_batch(self, videos, prompt: str | None = None, max_motion_frames: int = 2000,
+                    max_keyframes: int = 40) -> list[ScoreResult]:
         """Several videos in one forward pass (left-padded). Results equal one-by-one scoring up to
         float rounding of the padded batch; use `score` where bitwise repeatability across batch
         compositions matters."""
         from vqa2cli.scoring import score_from_logits
 
-        samples = [self._sample(v, max_motion_frames) for v in videos]
+        samples = [self._sample(v, max_motion_frames, max_keyframes) for v in videos]
         if not samples:
             return []
         ids = self._ids(self._score_text(prompt))
@@ -178,7 +183,7 @@ class VQA2:
         pieces as it is generated. Returns the whole answer."""
         from vqa2cli.prompts import question_prompt
 
-        sample = self._sample(video, 2000)
+        sample = self._sample(video, max_motion_frames=2000, max_keyframes=40)
         text = question_prompt(question, num_keyframes=sample.keyframes.shape[0], num_frames=sample.motion.shape[0])
         streamer = _callback_streamer(self.tokenizer, on_text) if on_text is not None else None
         with torch.inference_mode():
