@@ -39,7 +39,7 @@ def _cache_repo(home, repo_id, files):
 
 
 def test_published_checkpoints_and_defaults():
-    repos = {e.repo_id: e for e in registry.registry()}
+    repos = {e.repo_id: e for e in registry.registry() if e.repo_id}  # shipped models (vqa2-tiny) have a path instead
     assert set(repos) == {
         "q-future/VQA-UGC-Scorer-llava_qwen",
         "q-future/VQA-Streaming-Scorer-llava_qwen",
