@@ -144,3 +144,26 @@ def test_scores_a_video_file(ours, clip_factory):
     assert sample.keyframes.shape[-1] == ours.config.keyframe_size and 0 < sample.motion.shape[0] <= limit
     assert ours.score(sample) == result
     assert ours.score(clip, max_motion_frames=32) != result
+
+
+def test_per_second_layout_places_motion_by_second(tmp_path):
+    from tests.fixtures.checkpoints import write_tiny_model_dir
+    from tests.fixtures.clips import make_clip
+    from vqa2cli.video import load_video
+
+    model = load_model(str(write_tiny_model_dir(tmp_path / "per-second", token_layout="per_second")), device="cpu")
+    # 2.5 s at 10 fps: keyframes 0, 10, 20 and 24 motion frames, i.e. 10 + 10 + 4 by second (an even
+    # split would be 8 + 8 + 8).
+    sample = load_video(make_clip(tmp_path / "clip.mp4", frames=25, fps=10, size=(32, 32)),
+                        keyframe_size=model.config.keyframe_size, motion_size=model.config.motion_size)
+    assert sample.keyframe_indices == [0, 10, 20] and len(sample.motion_indices) == 24
+
+    def level_logits(splits):
+        ids = torch.tensor(tokenize_prompt(scoring_prompt(model.config.prompt), model.tokenizer))
+        with torch.inference_mode():
+            logits = model.model.next_token_logits(ids, sample.keyframes, sample.motion, motion_splits=splits)
+        return logits[0].index_select(-1, model.level_ids)
+
+    by_second, even = level_logits([10, 10, 4]), level_logits(None)
+    assert not torch.allclose(by_second, even)
+    assert model.score(sample).score == score_from_logits(by_second, model.config.level_words)[0]

@@ -420,14 +420,17 @@ def ask_user_turn(question: str, num_keyframes: int, num_frames: int) -> str:
 
 
 def build_example(record: Record, sample, tokenizer):
-    """(input_ids, labels, keyframes, motion) of one record with its decoded video."""
+    """(input_ids, labels, keyframes, motion, motion splits) of one record with its decoded video; the
+    splits (motion frames of each keyframe's second) place the motion tokens in the per_second layout."""
+    from vqa2cli.modeling import motion_splits
     from vqa2cli.prompts import training_example
 
     turns = list(record.turns)
     if record.wrapped:
         turns[0] = ("human", ask_user_turn(turns[0][1], sample.keyframes.shape[0], sample.motion.shape[0]))
     ids, labels = training_example([{"from": role, "value": text} for role, text in turns], tokenizer)
-    return torch.tensor(ids), torch.tensor(labels), sample.keyframes, sample.motion
+    splits = motion_splits(sample.keyframe_indices, sample.motion_indices)
+    return torch.tensor(ids), torch.tensor(labels), sample.keyframes, sample.motion, splits
 
 
 def answer_span(labels) -> int:
@@ -794,10 +797,10 @@ def _run(options: FinetuneOptions, procs: Processes, say) -> FinetuneResult:
                 sync = last or procs.world == 1
                 context = train_model.no_sync() if (procs.world > 1 and not sync) else contextlib.nullcontext()
                 with context, torch.autocast(procs.device.type, dtype=torch.bfloat16, enabled=amp):
-                    ids, labels, keyframes, motion = zip(*examples)
+                    ids, labels, keyframes, motion, splits = zip(*examples)
                     keep = answer_span(labels)
                     out = train_model(input_ids=list(ids), keyframes=list(keyframes), motion=list(motion),
-                                      logits_to_keep=keep)
+                                      logits_to_keep=keep, motion_splits=list(splits))
                     micro_loss = answer_loss(out.logits, labels, keep)
                     del out  # the logits of a long video are large: free them before the next forward
                     (micro_loss / n_micro).backward()

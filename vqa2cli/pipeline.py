@@ -128,6 +128,15 @@ class VQA2:
             )
         raise TypeError(f"video must be a path or a VideoSample, not {type(video).__name__}")
 
+    def _splits(self, sample) -> list[int] | None:
+        """per_second layout: the motion frames of each keyframe's second, from the sample's frame
+        indices (a sample without them gets the model's even split). The official layout needs none."""
+        if self.config.token_layout != "per_second" or not hasattr(sample, "motion_indices"):
+            return None
+        from vqa2cli.modeling import motion_splits
+
+        return motion_splits(sample.keyframe_indices, sample.motion_indices)
+
     def _ids(self, text: str) -> torch.Tensor:
         from vqa2cli.prompts import tokenize_prompt
 
@@ -168,6 +177,7 @@ class VQA2:
                 [s.keyframes for s in samples],
                 [s.motion for s in samples],
                 logits_to_keep=1,
+                motion_splits=[self._splits(s) for s in samples],
             )
             level_logits = out.logits[:, -1, :].index_select(-1, self.level_ids).float().cpu()
         results = []
@@ -194,6 +204,7 @@ class VQA2:
                 max_new_tokens=max_new_tokens,
                 eos_token_id=self._stop_ids(),
                 streamer=streamer,
+                motion_splits=self._splits(sample),
             )
         return self.tokenizer.decode(new_ids[0], skip_special_tokens=True).strip()
 
