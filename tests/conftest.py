@@ -1,3 +1,6 @@
+import io
+import sys
+
 import pytest
 
 # Fixture modules, one per area, so each area's fixtures live beside nothing else.
@@ -18,3 +21,20 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "cuda" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture
+def vqa2(capsys, monkeypatch):
+    """Run `vqa2 ARGS` in-process: (exit code, stdout, stderr)."""
+    from vqa2cli.cli import main
+
+    def run(*args, stdin=None):
+        monkeypatch.setattr(sys, "argv", ["vqa2", *map(str, args)])
+        if stdin is not None:
+            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        out, err = capsys.readouterr()
+        return exit_info.value.code, out, err
+
+    return run

@@ -10,24 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vqa2cli.cli import main
 from vqa2cli.registry import registry
-
-
-@pytest.fixture
-def vqa2(capsys, monkeypatch):
-    """Run `vqa2 ARGS` in-process: (exit code, stdout, stderr)."""
-
-    def run(*args, stdin=None):
-        monkeypatch.setattr(sys, "argv", ["vqa2", *map(str, args)])
-        if stdin is not None:
-            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-        out, err = capsys.readouterr()
-        return exit_info.value.code, out, err
-
-    return run
 
 
 def test_help_and_version_do_not_import_torch():

@@ -4,13 +4,11 @@ import csv
 import json
 import math
 import shutil
-import sys
 from types import SimpleNamespace
 
 import pytest
 
 from vqa2cli import evaluation, metrics, synth
-from vqa2cli.cli import main
 from vqa2cli.errors import DataError
 
 
@@ -121,17 +119,9 @@ def test_unusable_label_files_are_one_line_errors(tmp_path, text, message):
 # ---------------------------------------------------------------- the command, with the tiny model
 
 
-def run(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["vqa2", "eval", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
-
-
-def test_command_scores_a_set_with_the_tiny_model(synth_set, tmp_path, tiny_model_dir, monkeypatch, capsys):
+def test_command_scores_a_set_with_the_tiny_model(synth_set, tmp_path, tiny_model_dir, vqa2):
     predictions = tmp_path / "preds.csv"
-    code, out, err = run(monkeypatch, capsys, synth_set / "labels.csv", "--model", tiny_model_dir,
+    code, out, err = vqa2("eval", synth_set / "labels.csv", "--model", tiny_model_dir,
                          "--device", "cpu", "--json", "--predictions", predictions, "--batch-size", 2)
     assert code == 0, err
     (summary,) = json.loads(out)
@@ -148,12 +138,12 @@ def test_command_scores_a_set_with_the_tiny_model(synth_set, tmp_path, tiny_mode
     assert summary["srcc"] == pytest.approx(metrics.srcc(scores, mos), nan_ok=True)
 
 
-def test_command_reports_failures_and_questions(synth_set, tmp_path, tiny_model_dir, monkeypatch, capsys):
+def test_command_reports_failures_and_questions(synth_set, tmp_path, tiny_model_dir, vqa2):
     folder = tmp_path / "set"
     shutil.copytree(synth_set, folder)
     first = list(csv.reader(open(folder / "stage3.csv")))[1:3]
     questions = write_csv(folder / "q.csv", ["path", "question", "answer"], [*first, ["videos/none.mp4", "Is it?", "No."]])
-    code, out, err = run(monkeypatch, capsys, questions, "--model", tiny_model_dir, "--device", "cpu",
+    code, out, err = vqa2("eval", questions, "--model", tiny_model_dir, "--device", "cpu",
                          "--max-new-tokens", 4, "--jsonl", "-q")
     assert code == 1  # one video is missing
     summary = json.loads(out)
@@ -164,9 +154,9 @@ def test_command_reports_failures_and_questions(synth_set, tmp_path, tiny_model_
     assert len(saved) == 3 and saved[2]["error"] and saved[0]["predicted"] is not None
 
 
-def test_command_usage_errors_exit_2(tmp_path, monkeypatch, capsys):
+def test_command_usage_errors_exit_2(tmp_path, vqa2):
     (tmp_path / "bad.csv").write_text("file,rating\nx.mp4,3\n")
-    code, _, err = run(monkeypatch, capsys, tmp_path / "bad.csv")
+    code, _, err = vqa2("eval", tmp_path / "bad.csv")
     assert code == 2 and "neither path,mos" in err and err.count("\n") == 1
-    code, _, err = run(monkeypatch, capsys, tmp_path / "missing.csv")
+    code, _, err = vqa2("eval", tmp_path / "missing.csv")
     assert code == 2 and "no such file" in err

@@ -288,23 +288,16 @@ def test_two_processes_on_gloo_match_one_process(base, data, tmp_path):
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
 
 
-def test_cli_exit_codes_report_interrupt_and_resume(base, data, tmp_path, monkeypatch, capsys):
-    from vqa2cli.cli import main
+def test_cli_exit_codes_report_interrupt_and_resume(base, data, tmp_path, monkeypatch, vqa2):
     import vqa2cli.finetune as finetune
-
-    def vqa2(*args):
-        monkeypatch.setattr(sys, "argv", ["vqa2", "finetune", *map(str, args)])
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-        return exit_info.value.code, capsys.readouterr().err
 
     out = tmp_path / "run"
     common = ["--stage", "2", "--model", base, "--output", out, "--max-steps", "3", "--device", "cpu"]
-    code, err = vqa2(data / "s2", *common)
+    code, _, err = vqa2("finetune", data / "s2", *common)
     assert code == 2 and "needs --mos-range LO HI" in err
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "d.csv").write_text("video,mos\nmissing.mp4,3\n")
-    code, err = vqa2(tmp_path / "bad", *common, "--mos-range", 1, 5)
+    code, _, err = vqa2("finetune", tmp_path / "bad", *common, "--mos-range", 1, 5)
     assert code == 2 and "d.csv line 2: video 'missing.mp4': file not found" in err and "--skip-invalid" in err
 
     append = finetune._append_metrics
@@ -314,10 +307,10 @@ def test_cli_exit_codes_report_interrupt_and_resume(base, data, tmp_path, monkey
         signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(finetune, "_append_metrics", append_and_interrupt)
-    code, err = vqa2(data / "s2", *common, "--mos-range", 1, 5)
+    code, _, err = vqa2("finetune", data / "s2", *common, "--mos-range", 1, 5)
     assert code == 130 and "interrupted at step 1 of 3" in err and "--resume" in err
     monkeypatch.setattr(finetune, "_append_metrics", append)
-    code, err = vqa2(data / "s2", *common, "--mos-range", 1, 5, "--resume")
+    code, _, err = vqa2("finetune", data / "s2", *common, "--mos-range", 1, 5, "--resume")
     assert code == 0 and "resuming from" in err and "done: 3 steps" in err
     assert (out / "config.json").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) == 3
 

@@ -2,7 +2,6 @@
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import av
@@ -10,7 +9,6 @@ import numpy as np
 import pytest
 
 from vqa2cli import synth
-from vqa2cli.cli import main
 from vqa2cli.data import load_dataset
 from vqa2cli.errors import SetupError
 
@@ -335,21 +333,15 @@ def test_clips_folder_without_videos_is_a_setup_error(tmp_path):
         synth.generate_dataset(tmp_path / "out", small_settings(), clips_dir=tmp_path / "clips")
 
 
-def test_command_makes_a_dataset_and_refuses_a_full_folder(tmp_path, monkeypatch, capsys):
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["vqa2", "synth", *map(str, args)])
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-        return exit_info.value.code, capsys.readouterr().err
-
+def test_command_makes_a_dataset_and_refuses_a_full_folder(tmp_path, vqa2):
     out = tmp_path / "data"
-    code, err = run(out, "--count", 3, "--size", "32x32", "--seconds", 1, "--fps", 8, "--seed", 2,
-                    "--content", "shapes", "--speed", "1,2", "--objects", "1")
+    code, _, err = vqa2("synth", out, "--count", 3, "--size", "32x32", "--seconds", 1, "--fps", 8,
+                        "--seed", 2, "--content", "shapes", "--speed", "1,2", "--objects", "1")
     assert code == 0, err
     assert "made 3 clip(s)" in err
     assert all((out / name).is_file() for name in ("labels.csv", "stage1.csv", "stage2.csv", "stage3.csv"))
     assert {row["source"] for row in csv.DictReader(open(out / "manifest.csv"))} == {"procedural:shapes"}
-    code, err = run(out, "--count", 3)
+    code, _, err = vqa2("synth", out, "--count", 3)
     assert code == 2 and err.strip().count("\n") == 0 and "not empty" in err
-    code, err = run(tmp_path / "x", "--size", "31x32")
+    code, _, err = vqa2("synth", tmp_path / "x", "--size", "31x32")
     assert code == 2 and "even" in err
