@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 from fractions import Fraction
 
 import numpy as np
@@ -12,7 +14,7 @@ from PIL import Image
 import vqa2cli
 from tests.fixtures.clips import BAD_FILES, frame_pattern, garble, make_clip, permissions_apply, truncate
 from vqa2cli.errors import InputError
-from vqa2cli.video import VideoError, VideoSample, _MotionBuffer, check_video, load_video, normalize
+from vqa2cli.video import VideoError, VideoSample, _MotionBuffer, _rewound, check_video, load_video, normalize
 
 ONE_STEP = 1 / 127.5  # one uint8 level after normalisation
 
@@ -162,6 +164,64 @@ def test_output_too_big_for_memory_is_a_video_error(clip, monkeypatch):
     monkeypatch.setattr(torch, "empty", refuse)
     with pytest.raises(VideoError, match="too long to hold in memory"):
         load_video(clip)
+
+
+def test_undercount_while_resizing_in_the_background(tmp_path, monkeypatch):
+    # The probe claims 6 frames; 120 arrive. Both buffers grow, motion halves, with resize jobs pending.
+    import vqa2cli.video as video
+
+    probe = video._probe
+    monkeypatch.setattr(video, "_probe", lambda *args: dataclasses.replace(probe(*args), packets=6))
+    path = make_clip(tmp_path / "long.mkv", frames=120, fps=10, size=(16, 16), codec="ffv1",
+                     pattern=index_pattern)
+    sample = load_video(path, keyframe_size=16, motion_size=16, max_motion_frames=16)
+    assert sample.motion_indices == list(range(0, 96, 8))  # halved to every 8th, 15 kept, cut to 12
+    assert frame_numbers(sample.motion) == sample.motion_indices
+    assert sample.keyframe_indices == list(range(0, 120, 10))
+    assert frame_numbers(((sample.keyframes + 1) * 127.5).round().to(torch.uint8)) == sample.keyframe_indices
+
+
+@pytest.mark.parametrize("suffix", ["mp4", "webm", "mkv", "cut.mp4"])
+def test_one_open_gives_what_a_second_open_gives(tmp_path, monkeypatch, suffix):
+    # The probe's container is rewound for decoding (indexed formats); opening anew is the fallback.
+    import vqa2cli.video as video
+
+    ext = suffix.split(".")[-1]
+    path = make_clip(tmp_path / f"clip.{ext}", seconds=4, size=(64, 48), options={"g": "25"},
+                     container_options={"movflags": "faststart"} if ext == "mp4" else None)
+    if suffix.startswith("cut"):
+        path = truncate(path, tmp_path / "cut.mp4", 0.6)
+    rewound = []
+
+    def spy(p, container, probe):
+        result = _rewound(p, container, probe)
+        rewound.append(result is container)
+        return result
+
+    monkeypatch.setattr(video, "_rewound", spy)
+    once = load_video(path, 32, 24)
+    monkeypatch.setattr(video, "_REWINDABLE", ())
+    twice = load_video(path, 32, 24)
+    assert rewound == [True, False]
+    assert torch.equal(once.motion, twice.motion) and torch.equal(once.keyframes, twice.keyframes)
+    assert (once.motion_indices, once.keyframe_indices, once.warnings, once.duration) == \
+        (twice.motion_indices, twice.keyframe_indices, twice.warnings, twice.duration)
+
+
+def test_conversion_error_is_a_video_error(clip, monkeypatch):
+    import av
+
+    import vqa2cli.video as video
+
+    def fail(*args):
+        raise av.error.InvalidDataError(1094995529, "Invalid data found when processing input")
+
+    threads = threading.active_count()
+    monkeypatch.setattr(video, "_fast_resize_into", fail)
+    with pytest.raises(VideoError, match="cannot convert yuv420p pixels to RGB") as caught:
+        load_video(clip, keyframe_size=32, motion_size=24)
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    assert threading.active_count() == threads  # the resize thread is gone
 
 
 def test_max_motion_frames_must_allow_four():

@@ -18,7 +18,8 @@
   down to a multiple of 4. Clips with 1-3 frames repeat their last frame up to 4 (SlowFast's motion
   stream needs a multiple of 4). Motion frames are resized by libswscale's bicubic filter straight
   from the decoder's YUV to planar RGB (many frames, so speed matters); keyframes that are also
-  motion frames are shared when both sizes agree.
+  motion frames are shared when both sizes agree. Both resizes run on one background thread, in
+  decode order, while the main thread keeps the decoder fed (swscale and PIL release the GIL).
 
 Resize fidelity and cost, measured on 1080p yuv420p H.264 at 384 px against the release's path
 (full-size RGB, then PIL bicubic), per channel on the 0-255 scale, CPU per frame on this project's
@@ -31,7 +32,8 @@ stage subsamples chroma), RGB at full size then swscale (mean 0.3, ~9 ms), PIL f
 (exact, ~16 ms; several times the decoder's own cost).
 
 Timing comes from presentation timestamps. Before decoding, one cheap pass over the packets (no
-decoding) counts the frames and reads their timestamps; it gives the frame count that the motion
+decoding; indexed formats then seek back rather than open the file again, which would decode a
+frame to probe it) counts the frames and reads their timestamps; it gives the frame count that the motion
 subsampling needs up front (containers such as webm/mkv declare none) and the frame rate:
 ``fps = frames / duration`` with ``duration = last pts - first pts + the last frame's duration``
 (the mean interval when that is unknown), which is the nominal rate for constant-rate video and the
@@ -57,10 +59,12 @@ one-frame clip: scoring a photo as video would be meaningless. Animated gif and 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import os
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import av
@@ -75,6 +79,10 @@ MEAN = 0.5
 STD = 0.5
 
 _MOTION_INTERPOLATION = Interpolation.BICUBIC
+# Frames handed to the resize thread and not yet done: bounds the decoded frames held (12 MB each at 4K).
+_IN_FLIGHT = 4
+# Demuxers (FFmpeg names) that seek back to the first packet exactly, from their index.
+_REWINDABLE = ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm")
 # FFmpeg demuxers for pictures (plus every "*_pipe" one; "yuv4mpegpipe" is video and does not match),
 # and animation formats that may hold a single picture.
 _PICTURE_FORMATS = ("image2", "image2pipe", "gif", "apng")
@@ -134,9 +142,14 @@ def load_video(path, keyframe_size: int = 384, motion_size: int = 384,
     path = os.fspath(path)
     _check_file(path)
     with _reported(path):
-        probe = _probe(path)
-        return _decode(path, probe, int(keyframe_size), int(motion_size), int(max_motion_frames),
-                       int(max_keyframes))
+        container = _open(path)
+        try:
+            probe = _probe(path, container)
+            container = _rewound(path, container, probe)
+            return _decode(path, container, probe, int(keyframe_size), int(motion_size),
+                           int(max_motion_frames), int(max_keyframes))
+        finally:
+            container.close()
 
 
 def check_video(path) -> None:
@@ -239,6 +252,7 @@ class _Probe:
     declared_seconds: float  # duration the container declares (0: none)
     fps: float
     read_error: str | None
+    start: tuple | None  # (pos, pts, dts) of the stream's first packet
 
 
 def _packets(container, stream, read_errors: list[str]):
@@ -256,50 +270,69 @@ def _packets(container, stream, read_errors: list[str]):
         yield packet
 
 
-def _probe(path: str) -> _Probe:
+def _probe(path: str, container) -> _Probe:
     """Count the video packets and derive the frame rate from their timestamps, without decoding."""
-    container = _open(path)
-    try:
+    stream = _video_stream(path, container)
+    rate = stream.average_rate or stream.guessed_rate
+    tb = stream.time_base
+    declared = max(int(stream.frames or 0), 0)
+    if stream.duration and tb:
+        declared_seconds = float(stream.duration * tb)
+    else:
+        declared_seconds = (container.duration or 0) / av.time_base
+    count = discarded = 0
+    first = last = None
+    last_duration = 0
+    read_errors: list[str] = []
+    start = None
+    for packet in _packets(container, stream, read_errors):
+        if start is None:
+            start = (packet.pos, packet.pts, packet.dts)
+        if packet.size == 0:
+            continue
+        if packet.is_discard:  # cut by an edit list: decoded for reference, never shown
+            discarded += 1
+            continue
+        count += 1
+        ts = packet.pts if packet.pts is not None else packet.dts
+        if ts is None:
+            continue
+        if first is None or ts < first:
+            first = ts
+        if last is None or ts >= last:
+            last, last_duration = ts, packet.duration or 0
+    fps = 0.0
+    if count >= 2 and tb and first is not None and last > first:
+        span = float((last - first) * tb)
+        tail = float(last_duration * tb) if last_duration else span / (count - 1)
+        fps = count / (span + tail)
+    if rate and (not 0.1 < fps < 1000.0 or abs(float(rate) - fps) < 0.01 * fps):
+        # The nominal rate is exact where timestamps are rounded (mkv keeps milliseconds).
+        fps = float(rate)
+    if not 0.1 < fps < 1000.0:
+        fps = 25.0  # FFmpeg's own assumption for streams without any timing
+    read_error = read_errors[0] if read_errors else None
+    return _Probe(count, max(declared - discarded, 0), declared_seconds, fps, read_error, start)
+
+
+def _rewound(path: str, container, probe: _Probe):
+    """`container` back at its first packet for decoding, else the file opened anew.
+
+    Opening again costs a decoded frame (FFmpeg's stream probing: ~30 ms at 1080p); seeking back costs
+    nothing. Only for indexed formats, and only if the packet read after seeking is the probe's first.
+    """
+    if container.format.name in _REWINDABLE and probe.start is not None:
         stream = _video_stream(path, container)
-        rate = stream.average_rate or stream.guessed_rate
-        tb = stream.time_base
-        declared = max(int(stream.frames or 0), 0)
-        if stream.duration and tb:
-            declared_seconds = float(stream.duration * tb)
-        else:
-            declared_seconds = (container.duration or 0) / av.time_base
-        count = discarded = 0
-        first = last = None
-        last_duration = 0
-        read_errors: list[str] = []
-        for packet in _packets(container, stream, read_errors):
-            if packet.size == 0:
-                continue
-            if packet.is_discard:  # cut by an edit list: decoded for reference, never shown
-                discarded += 1
-                continue
-            count += 1
-            ts = packet.pts if packet.pts is not None else packet.dts
-            if ts is None:
-                continue
-            if first is None or ts < first:
-                first = ts
-            if last is None or ts >= last:
-                last, last_duration = ts, packet.duration or 0
-        fps = 0.0
-        if count >= 2 and tb and first is not None and last > first:
-            span = float((last - first) * tb)
-            tail = float(last_duration * tb) if last_duration else span / (count - 1)
-            fps = count / (span + tail)
-        if rate and (not 0.1 < fps < 1000.0 or abs(float(rate) - fps) < 0.01 * fps):
-            # The nominal rate is exact where timestamps are rounded (mkv keeps milliseconds).
-            fps = float(rate)
-        if not 0.1 < fps < 1000.0:
-            fps = 25.0  # FFmpeg's own assumption for streams without any timing
-        read_error = read_errors[0] if read_errors else None
-        return _Probe(count, max(declared - discarded, 0), declared_seconds, fps, read_error)
-    finally:
-        container.close()
+        try:
+            container.seek(0, stream=stream)
+            packet = next(container.demux(stream), None)
+            if packet is not None and (packet.pos, packet.pts, packet.dts) == probe.start:
+                container.seek(0, stream=stream)
+                return container
+        except av.FFmpegError:
+            pass
+    container.close()
+    return _open(path)
 
 
 class _MotionBuffer:
@@ -318,6 +351,11 @@ class _MotionBuffer:
 
     def wants(self, index: int) -> bool:
         return index == len(self.indices) * self.num // self.den
+
+    @property
+    def full(self) -> bool:
+        """Whether the next `slot` call moves stored frames (growing or halving the storage)."""
+        return len(self.indices) == self.frames.shape[0]
 
     def slot(self, index: int) -> np.ndarray | None:
         """Where wanted frame `index` goes ([3, S, S], to be filled), or None once halving dropped it."""
@@ -368,7 +406,7 @@ def _keyframe_rule(expected: int, step: int, max_keyframes: int):
     return chosen.__contains__
 
 
-def _decode(path: str, probe: _Probe, keyframe_size: int, motion_size: int,
+def _decode(path: str, container, probe: _Probe, keyframe_size: int, motion_size: int,
             max_motion_frames: int, max_keyframes: int) -> VideoSample:
     step = max(1, round(probe.fps))
     expected = max(probe.packets, 1)
@@ -384,9 +422,24 @@ def _decode(path: str, probe: _Probe, keyframe_size: int, motion_size: int,
                                f"of keyframes and motion frames") from None
     keyframe_indices: list[int] = []
     warnings: list[str] = []
-    reformatter = VideoReformatter()
+    reformatter = VideoReformatter()  # used by the resize thread only
+    # Resizing runs on its own thread (swscale and PIL release the GIL), so the main thread keeps
+    # feeding the decoder meanwhile; the jobs go in decode order to one thread, never two at once.
+    resizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqa2-resize")
+    pending: collections.deque = collections.deque()
 
-    container = _open(path)
+    def finish(limit: int) -> None:
+        """Wait until at most `limit` resize jobs are pending, raising the first one's error."""
+        while len(pending) > limit:
+            pending.popleft().result()
+
+    def resize(frame, job, *args) -> None:
+        try:
+            job(*args)
+        except av.FFmpegError as e:
+            raise VideoError(path, f"cannot convert {frame.format.name} pixels to RGB "
+                                   f"({_ffmpeg_reason(e)})") from None
+
     try:
         stream = _video_stream(path, container)
         stream.thread_type = "AUTO"
@@ -410,33 +463,37 @@ def _decode(path: str, probe: _Probe, keyframe_size: int, motion_size: int,
             if frame.pts is not None and frame.time_base:
                 times.append(float(frame.pts * frame.time_base))
                 last_duration = float(frame.duration * frame.time_base) if frame.duration else 0.0
-            try:
-                convert(frame)
-            except av.FFmpegError as e:
-                raise VideoError(path, f"cannot convert {frame.format.name} pixels to RGB "
-                                       f"({_ffmpeg_reason(e)})") from None
+            convert(frame)
             index += 1
 
         def convert(frame) -> None:
             nonlocal keyframes
-            shared = None
+            keyframe = None
             # The count check holds the cap when the decoder yields more frames than were counted.
             if is_keyframe(index) and len(keyframe_indices) < max_keyframes:
-                rgb = _exact_resize(frame, keyframe_size, quarter_turns)
                 n = len(keyframe_indices)
                 if n == keyframes.shape[0]:
+                    finish(0)  # pending jobs write into the old buffer
                     grown = torch.empty((2 * n, *keyframes.shape[1:]))
                     grown[:n] = keyframes
                     keyframes = grown
-                _normalize_into(keyframes[n].numpy(), rgb)
+                keyframe = keyframes[n].numpy()
                 keyframe_indices.append(index)
-                if keyframe_size == motion_size:
-                    shared = rgb.transpose(2, 0, 1)
-            slot = motion.slot(index) if motion.wants(index) else None
-            if slot is not None and shared is not None:
-                np.copyto(slot, shared)
-            elif slot is not None:
-                _fast_resize_into(slot, reformatter, frame, quarter_turns)
+            slot = None
+            if motion.wants(index):
+                if motion.full:
+                    finish(0)  # growing or halving moves frames that pending jobs may still write
+                slot = motion.slot(index)
+            if keyframe is not None:
+                shared = slot if keyframe_size == motion_size else None
+                pending.append(resizer.submit(resize, frame, _keyframe_into, keyframe, shared, frame,
+                                              keyframe_size, quarter_turns))
+                if shared is not None:
+                    slot = None
+            if slot is not None:
+                pending.append(resizer.submit(resize, frame, _fast_resize_into, slot, reformatter, frame,
+                                              quarter_turns))
+            finish(_IN_FLIGHT)
 
         read_errors: list[str] = []
         for packet in _packets(container, stream, read_errors):
@@ -455,9 +512,10 @@ def _decode(path: str, probe: _Probe, keyframe_size: int, motion_size: int,
                     take(frame)
             except av.FFmpegError:
                 pass
+        finish(0)
         fmt = container.format.name
     finally:
-        container.close()
+        resizer.shutdown(wait=True, cancel_futures=True)
 
     picture = fmt in _PICTURE_FORMATS or fmt.endswith("_pipe")
     if picture and index <= 1:
@@ -517,6 +575,15 @@ def _decode(path: str, probe: _Probe, keyframe_size: int, motion_size: int,
         height=height,
         warnings=warnings,
     )
+
+
+def _keyframe_into(out: np.ndarray, motion_slot: np.ndarray | None, frame, size: int,
+                   quarter_turns: int) -> None:
+    """Keyframe `frame`, normalised into `out` ([3, S, S] float32) and, uint8, into `motion_slot`."""
+    rgb = _exact_resize(frame, size, quarter_turns)
+    _normalize_into(out, rgb)
+    if motion_slot is not None:
+        np.copyto(motion_slot, rgb.transpose(2, 0, 1))
 
 
 def _exact_resize(frame, size: int, quarter_turns: int) -> np.ndarray:
