@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -95,6 +96,7 @@ def run_load_video(path: Path) -> dict:
 
 
 def bench(path: Path, reps: int) -> dict:
+    load_before = os.getloadavg()[0]
     ours, theirs, their_cpu, runs = [], [], [], []
     for _ in range(reps):
         seconds, cpu = time_ffmpeg(path)
@@ -114,7 +116,9 @@ def bench(path: Path, reps: int) -> dict:
             "load_video_cpu_median_s": round(statistics.median(our_cpu), 2),
             "cpu_ratio": round(statistics.median(our_cpu) / statistics.median(their_cpu), 3),
             "peak_rss_mb": round(max(r["peak_mb"] for r in runs)),
-            "rss_after_imports_mb": round(last["base_mb"]), "warnings": last["warnings"]}
+            "rss_after_imports_mb": round(last["base_mb"]), "warnings": last["warnings"],
+            # 1-minute load average before and after: other work on the machine skews the ratio.
+            "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 
 def main() -> None:
