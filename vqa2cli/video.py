@@ -32,9 +32,10 @@ stage subsamples chroma), RGB at full size then swscale (mean 0.3, ~9 ms), PIL f
 (exact, ~16 ms; several times the decoder's own cost).
 
 Timing comes from presentation timestamps. Before decoding, one cheap pass over the packets (no
-decoding; indexed formats then seek back rather than open the file again, which would decode a
-frame to probe it) counts the frames and reads their timestamps; it gives the frame count that the motion
-subsampling needs up front (containers such as webm/mkv declare none) and the frame rate:
+decoding) counts the frames and reads their timestamps; indexed formats (mp4/mov, mkv/webm) then
+seek back rather than open the file again, which would decode a frame to probe it. The pass gives
+the frame count that the motion subsampling needs up front (containers such as webm/mkv declare
+none) and the frame rate:
 ``fps = frames / duration`` with ``duration = last pts - first pts + the last frame's duration``
 (the mean interval when that is unknown), which is the nominal rate for constant-rate video and the
 average rate for variable-rate video. The container's nominal rate replaces it when the two agree
