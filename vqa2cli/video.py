@@ -29,7 +29,9 @@ mean 1.2 / p99 13 / max 57 on a saturated noisy test pattern, ~2-2.5 ms. The rem
 is chroma siting (swscale resamples the half-size chroma planes, the release replicates them to full
 size first). Rejected: packed rgb24 output (mean 2.3 / max 29 on the photo, and slower: its output
 stage subsamples chroma), RGB at full size then swscale (mean 0.3, ~9 ms), PIL for every frame
-(exact, ~16 ms; several times the decoder's own cost).
+(exact, ~16 ms; several times the decoder's own cost), bicubic to yuv444p then an unscaled
+conversion (no faster: ~1.4 + 0.3 ms), BICUBLIN (~0.4 ms faster, chroma bilinear: +0.03 to +0.12
+mean on YUV sources, 3.6 on RGB ones), BILINEAR and AREA (mean 2.6-2.7 on a photo-like clip).
 
 Timing comes from presentation timestamps. Before decoding, one cheap pass over the packets (no
 decoding) counts the frames and reads their timestamps; indexed formats (mp4/mov, mkv/webm) then
