@@ -1,0 +1,90 @@
+"""The starting filters `weights/build_vqa2_tiny.py` gives vqa2-tiny before training: without them the tiny
+towers did not learn blur, noise, blocking or shake from the synthetic data (see the functions' docstrings)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vqa2cli.modeling import VQA2Model
+from vqa2cli_weights.build_vqa2_tiny import dct_patch_embedding_, temporal_difference_stem_, tiny_vqa2_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return VQA2Model(tiny_vqa2_config())
+
+
+def patch_responses(model, image):
+    conv = model.vision_tower.embeddings.patch_embedding
+    dct_patch_embedding_(conv)
+    with torch.no_grad():
+        return conv(image[None])[0].flatten(1)  # [filters, patches]
+
+
+def test_patch_embedding_separates_flat_from_fine_detail(model):
+    size = model.config.keyframe_size
+    flat = torch.full((3, size, size), 0.3)
+    # Finest possible detail: a one-pixel checkerboard in grey.
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    checker = ((yy + xx) % 2).float().mul(0.2).expand(3, size, size)
+
+    flat_response = patch_responses(model, flat).abs().mean(1)
+    assert flat_response[0] > 1.0  # the DC luma filter sees the level
+    assert flat_response[1:].max() < 1e-5  # every other filter is blind to a flat patch
+    checker_response = patch_responses(model, checker).abs().mean(1)
+    luma = model.config.vision.hidden_size - 2 * (model.config.vision.hidden_size // 6)
+    assert checker_response[luma - 1] > 1.0  # the highest-frequency luma filter responds to it
+    assert checker_response[luma:].max() < 1e-5  # grey detail has no colour difference
+
+
+def test_patch_embedding_rows_are_distinct_and_scaled_up_with_frequency(model):
+    conv = model.vision_tower.embeddings.patch_embedding
+    dct_patch_embedding_(conv)
+    weight = conv.weight.detach().flatten(1)
+    norms = weight.norm(dim=1)
+    luma = model.config.vision.hidden_size - 2 * (model.config.vision.hidden_size // 6)
+    assert norms[0] == pytest.approx(1.0)
+    assert norms[luma - 1] == pytest.approx(1 + math.hypot(15, 15), rel=1e-5)
+    assert torch.linalg.matrix_rank(weight) == weight.shape[0]
+    assert torch.count_nonzero(conv.bias) == 0
+
+
+def stem_response(model, frames):
+    """frames [T, 3, S, S] in [-1, 1] -> the four stem channels before BatchNorm, [4, T] averaged over space."""
+    conv = model.motion_encoder.blocks[0].multipathway_blocks[1].conv
+    temporal_difference_stem_(conv)
+    with torch.no_grad():
+        return conv(frames.transpose(0, 1)[None])[0].mean((2, 3))
+
+
+def textured_frames(shifts, size):
+    torch.manual_seed(1)
+    base = torch.rand(3, size + 16, size + 16) * 2 - 1
+    return torch.stack([base[:, 8 + dy : 8 + dy + size, 8 + dx : 8 + dx + size] for dy, dx in shifts])
+
+
+def test_stem_is_blind_to_a_still_clip_and_sees_flicker(model):
+    size = model.config.motion_size
+    still = textured_frames([(0, 0)] * 12, size)
+    response = stem_response(model, still)
+    assert response[:, 2:-2].abs().max() < 1e-5  # away from the zero-padded ends
+    flicker = still + 0.2 * torch.tensor([(-1) ** t for t in range(12)], dtype=torch.float32)[:, None, None, None]
+    assert stem_response(model, flicker)[:, 2:-2].abs().min() > 0.1
+
+
+def test_stem_second_difference_tells_shake_from_a_smooth_pan(model):
+    size = model.config.motion_size
+    pan = textured_frames([(0, t % 8) for t in range(8)], size)
+    shake = textured_frames([(0, s) for s in (0, 4, 1, 5, 0, 4, 1, 5)], size)
+
+    def energy(frames):
+        conv = model.motion_encoder.blocks[0].multipathway_blocks[1].conv
+        temporal_difference_stem_(conv)
+        with torch.no_grad():
+            return conv(frames.transpose(0, 1)[None])[0, 2:, 2:-2].abs().mean()  # second-difference channels
+
+    assert energy(shake) > 2 * energy(pan)
