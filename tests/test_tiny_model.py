@@ -1,10 +1,10 @@
 """The shipped `vqa2-tiny` model (weights/vqa2-tiny, built by weights/build_vqa2_tiny.py): it loads offline,
 is listed by `vqa2 models`, scores clips the test makes, and its scores fall with damage it never saw.
 
-The damage test is a real check of the trained weights: clean clips must beat the same clips over- or
-under-exposed by a clear margin, which random weights (near-uniform level probabilities, gaps ~0.001) cannot
-do. Exposure is what the shipped model measurably reacts to; it does not yet tell blur, noise, blocking,
-stutter or shake from clean clips (README, vqa2-tiny), so those are not asserted here.
+The damage test is a real check of the trained weights: clean clips must beat the same clips with a strong
+distortion by a clear margin, which random weights (near-uniform level probabilities, gaps ~0.001) cannot do.
+Asserted for the six distortions the shipped model measurably reacts to; it does not yet tell blur from a
+clean clip, and noise only weakly (README, vqa2-tiny), so those two are not asserted here.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from vqa2cli.registry import get_entry, resolve
 NAME = "vqa2-tiny"
 # Content the model was not trained on: its own seed, and texture detail / speeds outside the build's ranges.
 CONTENT = ("texture", "gradient", "zoom", "shapes")
-DAMAGE = ("overexposure", "underexposure")
-# Score gaps clean - damaged on the 0..1 score; measured 0.04-0.11 per clip, means 0.075 and 0.085.
-MIN_GAP, MEAN_GAP = 0.02, 0.05
+DAMAGE = ("blocking", "overexposure", "underexposure", "stutter", "flicker", "shake")
+# Score gaps clean - damaged on the 0..1 score (clean clips score ~0.78-0.81); measured per clip: stutter
+# 0.09-0.35 (mean 0.22), the others 0.28-0.47 (means 0.30-0.41).
+MIN_GAP, MEAN_GAP = 0.05, 0.15
 
 
 @pytest.fixture(autouse=True)
@@ -42,8 +43,8 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def damage_clips(tmp_path_factory):
-    """For each content kind: a clean 4 s, 12 fps, 128 px clip and the same clip strongly over/under-exposed
-    over its whole length, made with vqa2 synth's own generators (lossless H.264)."""
+    """For each content kind: a clean 4 s, 12 fps, 128 px clip and the same clip with each distortion of
+    DAMAGE at severity 3.5 over its whole length, made with vqa2 synth's own generators (lossless H.264)."""
     from vqa2cli.synth import AppliedDistortion, ContentSettings, DistortionRenderer, ProceduralClip, encode_clip
 
     folder = tmp_path_factory.mktemp("tiny-damage")
