@@ -18,6 +18,12 @@ def model():
     return VQA2Model(tiny_vqa2_config())
 
 
+def luma_filters(model) -> int:
+    """How many patch-embedding rows are luma filters (the rest are colour-difference pairs)."""
+    hidden = model.config.vision.hidden_size
+    return hidden - 2 * (hidden // 6)
+
+
 def patch_responses(model, image):
     conv = model.vision_tower.embeddings.patch_embedding
     dct_patch_embedding_(conv)
@@ -36,7 +42,7 @@ def test_patch_embedding_separates_flat_from_fine_detail(model):
     assert flat_response[0] > 1.0  # the DC luma filter sees the level
     assert flat_response[1:].max() < 1e-5  # every other filter is blind to a flat patch
     checker_response = patch_responses(model, checker).abs().mean(1)
-    luma = model.config.vision.hidden_size - 2 * (model.config.vision.hidden_size // 6)
+    luma = luma_filters(model)
     assert checker_response[luma - 1] > 1.0  # the highest-frequency luma filter responds to it
     assert checker_response[luma:].max() < 1e-5  # grey detail has no colour difference
 
@@ -46,7 +52,7 @@ def test_patch_embedding_rows_are_distinct_and_scaled_up_with_frequency(model):
     dct_patch_embedding_(conv)
     weight = conv.weight.detach().flatten(1)
     norms = weight.norm(dim=1)
-    luma = model.config.vision.hidden_size - 2 * (model.config.vision.hidden_size // 6)
+    luma = luma_filters(model)
     assert norms[0] == pytest.approx(1.0)
     top = model.config.vision.patch_size - 1  # the highest frequency of the patch, both ways
     assert norms[luma - 1] == pytest.approx(1 + math.hypot(top, top), rel=1e-5)
@@ -54,12 +60,17 @@ def test_patch_embedding_rows_are_distinct_and_scaled_up_with_frequency(model):
     assert torch.count_nonzero(conv.bias) == 0
 
 
-def stem_response(model, frames):
-    """frames [T, 3, S, S] in [-1, 1] -> the four stem channels before BatchNorm, [4, T] averaged over space."""
+def stem_maps(model, frames):
+    """frames [T, 3, S, S] in [-1, 1] -> the four stem channels before BatchNorm, [4, T, S, S]."""
     conv = model.motion_encoder.blocks[0].multipathway_blocks[1].conv
     temporal_difference_stem_(conv)
     with torch.no_grad():
-        return conv(frames.transpose(0, 1)[None])[0].mean((2, 3))
+        return conv(frames.transpose(0, 1)[None])[0]
+
+
+def stem_response(model, frames):
+    """The stem channels averaged over space, [4, T]."""
+    return stem_maps(model, frames).mean((2, 3))
 
 
 def textured_frames(shifts, size):
@@ -83,9 +94,6 @@ def test_stem_second_difference_tells_shake_from_a_smooth_pan(model):
     shake = textured_frames([(0, s) for s in (0, 4, 1, 5, 0, 4, 1, 5)], size)
 
     def energy(frames):
-        conv = model.motion_encoder.blocks[0].multipathway_blocks[1].conv
-        temporal_difference_stem_(conv)
-        with torch.no_grad():
-            return conv(frames.transpose(0, 1)[None])[0, 2:, 2:-2].abs().mean()  # second-difference channels
+        return stem_maps(model, frames)[2:, 2:-2].abs().mean()  # second-difference channels
 
     assert energy(shake) > 2 * energy(pan)
