@@ -1,5 +1,6 @@
-"""The starting filters `weights/build_vqa2_tiny.py` gives vqa2-tiny before training: without them the tiny
-towers did not learn blur, noise, blocking or shake from the synthetic data (see the functions' docstrings)."""
+"""The starting filters `weights/build_vqa2_tiny.py` gives vqa2-tiny before training, and which parts its
+stages train: without the filters the tiny towers did not learn blur, noise, blocking or shake from the
+synthetic data (see the functions' docstrings)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import pytest
 import torch
 
 from vqa2cli.modeling import VQA2Model
-from vqa2cli_weights.build_vqa2_tiny import dct_patch_embedding_, temporal_difference_stem_, tiny_vqa2_config
+from vqa2cli.finetune import select_trainable
+from vqa2cli_weights.build_vqa2_tiny import (
+    PARTS,
+    dct_patch_embedding_,
+    identity_vision_layers_,
+    temporal_difference_stem_,
+    tiny_vqa2_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +105,30 @@ def test_stem_second_difference_tells_shake_from_a_smooth_pan(model):
         return stem_maps(model, frames)[2:, 2:-2].abs().mean()  # second-difference channels
 
     assert energy(shake) > 2 * energy(pan)
+
+
+def test_identity_layers_pass_the_patch_embedding_through():
+    torch.manual_seed(0)
+    tower = VQA2Model(tiny_vqa2_config()).vision_tower
+    identity_vision_layers_(tower)
+    pixels = torch.rand(2, 3, 128, 128) * 2 - 1
+    with torch.no_grad():
+        embedded = tower.embeddings(pixels)
+        out = tower.encoder(inputs_embeds=embedded).last_hidden_state
+    torch.testing.assert_close(out, embedded)
+
+
+def test_build_trains_everything_but_the_fixed_first_layers():
+    torch.manual_seed(0)
+    model = VQA2Model(tiny_vqa2_config())
+    trainable = set(select_trainable(model, tuple(PARTS.split(","))))
+    frozen = {name for name, _ in model.named_parameters()} - trainable
+    fixed = {"vision_tower.embeddings.patch_embedding.weight", "vision_tower.embeddings.patch_embedding.bias",
+             "motion_encoder.blocks.0.multipathway_blocks.1.conv.weight"}
+    assert fixed <= frozen
+    # Everything else left frozen is unused by the forward pass: the slow pathway, the fast->slow fusions
+    # (the fast pathway runs alone) and SigLIP's post-layernorm and head (the features are taken before them).
+    unused = ("vision_tower.post_layernorm.", "vision_tower.head.")
+    for name in frozen - fixed:
+        slow = ".multipathway_blocks.0." in name or ".multipathway_fusion." in name
+        assert (name.startswith("motion_encoder.blocks.") and slow) or name.startswith(unused), name

@@ -3,8 +3,8 @@ is listed by `vqa2 models`, scores clips the test makes, and its scores fall wit
 
 The damage test is a real check of the trained weights: clean clips must beat the same clips with a strong
 distortion by a clear margin, which random weights (near-uniform level probabilities, gaps ~0.001) cannot do.
-Asserted for the six distortions the shipped model measurably reacts to; it does not yet tell blur from a
-clean clip, and noise only weakly (README, vqa2-tiny), so those two are not asserted here.
+Asserted for all eight distortions, clip by clip except blur, which the shipped model misses on one of the four
+clips (README, vqa2-tiny) and which is asserted on average.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from vqa2cli.registry import get_entry, resolve
 NAME = "vqa2-tiny"
 # Content the model was not trained on: its own seed, and texture detail / speeds outside the build's ranges.
 CONTENT = ("texture", "gradient", "zoom", "shapes")
-DAMAGE = ("blocking", "overexposure", "underexposure", "stutter", "flicker", "shake")
-# Score gaps clean - damaged on the 0..1 score (clean clips score ~0.78-0.81); measured per clip: stutter
-# 0.09-0.35 (mean 0.22), the others 0.28-0.47 (means 0.30-0.41).
+DAMAGE = ("blur", "noise", "blocking", "overexposure", "underexposure", "stutter", "flicker", "shake")
+AVERAGE_ONLY = {"blur"}  # missed on the texture clip
+# Score gaps clean - damaged on the 0..1 score (clean clips score 0.62-0.87); measured per clip: stutter
+# 0.18-0.30 (mean 0.23), the other six 0.22-0.68 (means 0.37-0.58); blur 0.007, 0.15, 0.33, 0.34 (mean 0.21).
 MIN_GAP, MEAN_GAP = 0.05, 0.15
 
 
@@ -102,5 +103,6 @@ def test_scores_fall_with_damage(tiny, damage_clips):
     scores = {key: tiny.score(str(path)).score for key, path in damage_clips.items()}
     for name in DAMAGE:
         gaps = [scores[(kind, "clean")] - scores[(kind, name)] for kind in CONTENT]
-        assert min(gaps) > MIN_GAP, (name, scores)
         assert np.mean(gaps) > MEAN_GAP, (name, scores)
+        if name not in AVERAGE_ONLY:
+            assert min(gaps) > MIN_GAP, (name, scores)

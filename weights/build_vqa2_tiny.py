@@ -14,10 +14,10 @@ Steps (each a `vqa2` command, so the build exercises what users run):
 
 Deviations from the release's recipe, because this model starts from random weights rather than from a
 pretrained LLaVA-OneVision: the LLM and text embeddings train too (the release freezes the LLM in stage 1 and
-the text embeddings throughout, which only makes sense for a pretrained LLM), at a learning rate of 1e-3; stages
-2-3 freeze the motion encoder and slow the vision tower (see LATER_PARTS) where the release only slows the
-vision tower; the patch embedding and the fast pathway's stem start from fixed filters, not random ones (see
-`dct_patch_embedding_`, `temporal_difference_stem_`); stage 3 also replays the stage-2 scoring records so
+the text embeddings throughout, which only makes sense for a pretrained LLM), at a learning rate of 1e-3, the
+vision tower included (the release slows it); the patch embedding and the fast pathway's stem are fixed filters
+that never train (see PARTS, `dct_patch_embedding_`, `temporal_difference_stem_`), and the vision tower's
+layers start as identities (`identity_vision_layers_`); stage 3 also replays the stage-2 scoring records so
 that learning to answer questions does not erase the score.
 """
 
@@ -37,14 +37,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 VQA2 = [sys.executable, "-m", "vqa2cli"]
-# Stage 1 trains everything: nothing is pretrained, and the towers learn to see the distortions here. Stages 2-3
-# keep the motion encoder frozen and the vision tower at a tenth of the learning rate: trained fully at 1e-3,
-# stage 2 wiped out what stage 1 had learned (its loss stayed at the entropy of the level labels, i.e. chance),
-# while from the same stage-1 model with the towers kept, 100 scoring steps reached held-out SRCC 0.57.
-STAGE1_PARTS = "vision_tower,mm_projector,image_newline,motion_encoder,motion_projector,language_model," \
-               "language_model.model.embed_tokens"
-LATER_PARTS = "vision_tower,mm_projector,image_newline,motion_projector,language_model," \
-              "language_model.model.embed_tokens"
+# Every stage trains every part except the two fixed first layers (the DCT patch embedding and the
+# temporal-difference stem, see below), all at lr 1e-3. Measured with 600 stage-1 + 400 stage-2 steps on the
+# build's data (held-out SRCC after stage 2): 0.69 this way, against 0.57-0.61 for the previous recipe (all of
+# stage 1 trainable, then the motion encoder frozen and the vision tower at lr/10) and 0.59 with the towers
+# frozen in stage 1. Left trainable, the first layers drift towards what stage 1 needs (naming the distortion,
+# not its severity), and a probe on the towers' output lost severity information over stage 1 (0.55 -> 0.51).
+TOWERS = "vision_tower.embeddings.position_embedding,vision_tower.encoder," \
+         "motion_encoder.blocks.0.multipathway_blocks.1.norm,motion_encoder.blocks.1,motion_encoder.blocks.2," \
+         "motion_encoder.blocks.3,motion_encoder.blocks.4,motion_encoder.position_embedding"
+PARTS = TOWERS + ",mm_projector,image_newline,motion_projector,language_model,language_model.model.embed_tokens"
 TRAIN_SEED, HELDOUT_SEED = 1, 2
 # Held-out content differs from training (defaults: speed 1,3  detail 0.9,1.5  objects 2,6).
 HELDOUT_CONTENT = ["--speed", "1,4", "--detail", "1.2,1.8", "--objects", "3,8"]
@@ -134,6 +136,23 @@ def temporal_difference_stem_(conv) -> None:
             conv.weight[k] = filters[k % len(filters)][None]
 
 
+def identity_vision_layers_(tower) -> None:
+    """Zero each vision layer's attention output and second MLP projection: every layer starts as the
+    identity on its residual stream, so the tower first passes the DCT coefficients through unchanged.
+
+    With random layers the tower's output kept little of what the patch embedding sees: a ridge probe
+    predicting held-out MOS from the mean/std of the projected keyframe tokens fell from 0.46-0.51 (patch
+    embedding) to 0.27-0.30. From this start, stage 2 alone with the towers frozen reached held-out SRCC 0.65
+    in 500 steps."""
+    import torch
+
+    with torch.no_grad():
+        for layer in tower.encoder.layers:
+            for linear in (layer.self_attn.out_proj, layer.mlp.fc2):
+                linear.weight.zero_()
+                linear.bias.zero_()
+
+
 def init_model(directory: Path, seed: int) -> dict:
     import torch
 
@@ -149,6 +168,7 @@ def init_model(directory: Path, seed: int) -> dict:
         # motion tokens would be mostly position noise, and the motion branch barely learned.
         model.motion_encoder.position_embedding.weight.normal_(std=0.02)
     dct_patch_embedding_(model.vision_tower.embeddings.patch_embedding)
+    identity_vision_layers_(model.vision_tower)
     temporal_difference_stem_(model.motion_encoder.blocks[0].multipathway_blocks[1].conv)
     tokenizer = build_tokenizer(config.text.vocab_size)
     save_model_dir(model, tokenizer, directory, card="# vqa2-tiny, random initialisation\n")
@@ -186,8 +206,7 @@ def mixed_stage3(train: Path) -> Path:
 def finetune(stage: int, data: Path, base: Path, out: Path, steps: int, args, logs: Path) -> None:
     extra = ["--mos-range", "0", "100"] if stage == 2 else []
     run(["finetune", "--stage", str(stage), str(data), "--model", str(base), "--output", str(out),
-         "--train", STAGE1_PARTS if stage == 1 else LATER_PARTS, "--lr", str(args.lr),
-         "--vision-lr", str(args.lr if stage == 1 else args.lr / 10), "--max-steps", str(steps),
+         "--train", PARTS, "--lr", str(args.lr), "--vision-lr", str(args.lr), "--max-steps", str(steps),
          "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--save-every", str(max(steps, 1)),
          "--keep", "1", "--device", "cpu", *extra], logs / f"stage{stage}.log")
 
@@ -224,8 +243,8 @@ the five level words single tokens
 - training data: {sizes["train_clips"]} clips (`vqa2 synth --seed {TRAIN_SEED}`, 128x128, 12 fps, 4 s):
   stage 1 {sizes["stage1"]} records, stage 2 {sizes["stage2"]}, stage 3 {sizes["stage3"]} (+ the stage-2 records replayed)
 - steps (batch {info["batch_size"]}, lr {info["lr"]:g}, cosine): stage 1 {info["steps"][0]}, stage 2 \
-{info["steps"][1]}, stage 3 {info["steps"][2]}; every part trained in stage 1 (random start), then the motion
-  encoder frozen and the vision tower at lr {info["lr"] / 10:g}
+{info["steps"][1]}, stage 3 {info["steps"][2]}; every part trains in every stage except the fixed first
+  layers (a DCT patch embedding and a temporal-difference stem)
 
 ## Held-out evaluation
 
@@ -250,7 +269,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "vqa2-tiny", help="where the shipped model goes")
     parser.add_argument("--train-clips", type=int, default=700)
     parser.add_argument("--heldout-clips", type=int, default=200)
-    parser.add_argument("--steps", default="900,400,800", help="optimizer steps of stages 1,2,3")
+    parser.add_argument("--steps", default="600,600,700", help="optimizer steps of stages 1,2,3")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0, help="initialisation and data order")
