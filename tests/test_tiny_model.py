@@ -126,4 +126,3 @@ def test_explains_what_is_wrong(tiny, damage_clips):
     assert len(named) >= MIN_EXPLAINED, damaged
     clean = {kind: answer(kind, "clean") for kind in CONTENT}
     assert sum("no visible distortion" in text for text in clean.values()) >= MIN_CLEAN_EXPLAINED, clean
-

@@ -199,8 +199,9 @@ def yes_no_questions(stage3: Path, out: Path) -> int:
 def mixed_stage3(train: Path) -> Path:
     """Stage-3 data plus the stage-2 scoring records (LLaVA JSON), shuffled by finetune's seeded order.
 
-    Not the stage-1 records: replaying them as well kept the answers to stage 1's question (held-out 83-93%
-    right, against 30-34% without) but cost held-out SRCC (0.73-0.74 against 0.79, 1500 stage-3 steps)."""
+    Not the stage-1 records: replaying them as well kept stage 1's skill (held-out, the right name is the
+    likeliest of the kind's names for 83-93% of clips, against 30-34% without) but cost held-out SRCC
+    (0.73-0.74 against 0.79, 1500 stage-3 steps)."""
     records = json.loads((train / "stage3.json").read_text()) + json.loads((train / "stage2.json").read_text())
     out = train / "stage3_with_scoring.json"
     out.write_text(json.dumps(records))
