@@ -115,14 +115,13 @@ def test_scores_fall_with_damage(tiny, damage_clips):
 
 def test_explains_what_is_wrong(tiny, damage_clips):
     """Stage 3's open question, asked of the unseen clips: the answer names the distortion, or none."""
-    from vqa2cli.synth import DISTORTIONS
+    from vqa2cli.synth import DISTORTIONS, NO_DISTORTION, PROBLEMS_QUESTION
 
     def answer(kind, version):
-        return tiny.ask(str(damage_clips[(kind, version)]), "What quality problems does this video have?",
-                        max_new_tokens=40)
+        return tiny.ask(str(damage_clips[(kind, version)]), PROBLEMS_QUESTION, max_new_tokens=40)
 
     damaged = {(kind, name): answer(kind, name) for kind in CONTENT for name in EXPLAINED}
     named = [key for key, text in damaged.items() if DISTORTIONS[key[1]].phrase in text]
     assert len(named) >= MIN_EXPLAINED, damaged
     clean = {kind: answer(kind, "clean") for kind in CONTENT}
-    assert sum("no visible distortion" in text for text in clean.values()) >= MIN_CLEAN_EXPLAINED, clean
+    assert sum(NO_DISTORTION in text for text in clean.values()) >= MIN_CLEAN_EXPLAINED, clean

@@ -591,6 +591,9 @@ def encode_clip(path, frames, width, height, fps, crf=0):
 
 # ---------------------------------------------------------------- labels
 
+PROBLEMS_QUESTION = "What quality problems does this video have?"  # stage 3's open question
+NO_DISTORTION = "no visible distortion"  # how its answer describes a clean clip
+
 
 def _when(extent):
     return {"whole": "throughout the video", "first half": "in the first half of the video",
@@ -613,8 +616,8 @@ def _questions(plan: ClipPlan, rng) -> list:
         problems = " and ".join(f"{severity_word(d.severity)} {d.type.phrase} {_when(d.extent)}" for d in plan.distortions)
         summary = f"The video has {problems}. Overall, the quality is {level}."
     else:
-        summary = f"The video has no visible distortion. Overall, the quality is {level}."
-    pairs.append(("What quality problems does this video have?", summary))
+        summary = f"The video has {NO_DISTORTION}. Overall, the quality is {level}."
+    pairs.append((PROBLEMS_QUESTION, summary))
     for d in plan.distortions:
         when = _when(d.extent)
         pairs.append((f"When does the {d.type.phrase} occur?", when[0].upper() + when[1:] + "."))
