@@ -9,7 +9,7 @@ Steps (each a `vqa2` command, so the build exercises what users run):
     speeds, texture detail and object counts);
  2. a fresh tiny model directory: `tiny_config` widened a little, random weights, our own BPE tokenizer;
  3. `vqa2 finetune` stage 1 -> 2 -> 3, each starting from the previous stage's output, then a yes/no pass:
-    stage 3 once more on its yes/no questions (and the scoring records), the LLM alone training;
+    stage 3 once more with its yes/no questions repeated (and the scoring records), the LLM alone training;
  4. `vqa2 eval` on the held-out MOS labels and on the held-out "Is there <distortion> in this video?" questions;
  5. the model files, a model card with the measured numbers, and `eval.json` copied into --out.
 
@@ -224,8 +224,7 @@ def yes_no_pass_data(train: Path, repeats: int = YES_NO_REPEATS) -> Path:
     2500 steps (the default; 0.767 and 57.8% before the pass), 78% and 0.795 after 2200; at 2200, repeats=2
     -> SRCC 0.777 and 65 of tests/test_tiny_model.py's 80 yes/no questions right (repeats=3: 68); the yes/no
     and scoring records alone reached 80% in 2500 steps but the model then answered every open question with
-    "Yes." or "No."; all of stage 3 without repeats was at 64% after 2000
-    steps."""
+    "Yes." or "No."; all of stage 3 without repeats was at 64% after 2000 steps."""
     stage3 = json.loads((train / "stage3.json").read_text())
     yes_no = [r for r in stage3 if YES_NO.match(r["conversations"][0]["value"])]
     records = stage3 + yes_no * (repeats - 1) + json.loads((train / "stage2.json").read_text())
