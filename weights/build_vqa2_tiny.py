@@ -19,7 +19,7 @@ the text embeddings throughout, which only makes sense for a pretrained LLM), at
 vision tower included (the release slows it); the patch embedding and the fast pathway's stem are fixed filters
 that never train (see PARTS, `dct_patch_embedding_`, `temporal_difference_stem_`), and the vision tower's
 layers start as identities (`identity_vision_layers_`); stage 3 also replays the stage-2 scoring records so
-that learning to answer questions does not erase the score.
+that learning to answer questions does not erase the score; a yes/no pass follows stage 3 (`mixed_stage3`).
 """
 
 from __future__ import annotations
@@ -199,36 +199,28 @@ def yes_no_questions(stage3: Path, out: Path) -> int:
     return len(rows)
 
 
-def mixed_stage3(train: Path) -> Path:
-    """Stage-3 data plus the stage-2 scoring records (LLaVA JSON), shuffled by finetune's seeded order.
+def mixed_stage3(train: Path, yes_no_repeats: int = 1) -> Path:
+    """Stage-3 data with each yes/no question `yes_no_repeats` times, plus the stage-2 scoring records (LLaVA
+    JSON), shuffled by finetune's seeded order: stage 3's data (once) and the yes/no pass's (YES_NO_REPEATS).
 
     Not the stage-1 records: replaying them as well kept stage 1's skill (held-out, the right name is the
     likeliest of the kind's names for 83-93% of clips, against 30-34% without) but cost held-out SRCC
-    (0.73-0.74 against 0.79, 1500 stage-3 steps)."""
-    records = json.loads((train / "stage3.json").read_text()) + json.loads((train / "stage2.json").read_text())
-    out = train / "stage3_with_scoring.json"
-    out.write_text(json.dumps(records))
-    return out
+    (0.73-0.74 against 0.79, 1500 stage-3 steps).
 
-
-def yes_no_pass_data(train: Path, repeats: int = YES_NO_REPEATS) -> Path:
-    """Stage 3's records with each yes/no question `repeats` times, plus the stage-2 scoring records (LLaVA
-    JSON): the yes/no pass's data.
-
-    Why a pass of its own: after stage 3 both halves of the answer are in the LLM's state at the answer
+    Why the yes/no pass: after stage 3 both halves of the answer are in the LLM's state at the answer
     position (linear probes read the asked distortion 100% right and the distortions present well above their
     base rates; a small MLP on that state answers 86% of the held-out questions), but the LLM learns to combine
     them only after some 10,000 yes/no examples, and stage 3 (a third of its records yes/no, all parts
     training) was still at 58% after 1500 steps. With the towers frozen a step costs 0.5 s instead of 0.69.
-    Measured from the stage-3 weights: these records with repeats=3 -> 80.2% held-out and SRCC 0.786 after
-    2500 steps (the default; 0.767 and 57.8% before the pass), 78% and 0.795 after 2200; at 2200, repeats=2
-    -> SRCC 0.777 and 65 of tests/test_tiny_model.py's 80 yes/no questions right (repeats=3: 68); the yes/no
+    Measured from the stage-3 weights: yes_no_repeats=3 -> 80.2% held-out and SRCC 0.786 after
+    2500 steps (the default; 0.767 and 57.8% before the pass), 78% and 0.795 after 2200; at 2200, 2 repeats
+    -> SRCC 0.777 and 65 of tests/test_tiny_model.py's 80 yes/no questions right (3 repeats: 68); the yes/no
     and scoring records alone reached 80% in 2500 steps but the model then answered every open question with
-    "Yes." or "No."; all of stage 3 without repeats was at 64% after 2000 steps."""
+    "Yes." or "No."; stage 3's data without repeats was at 64% after 2000 steps."""
     stage3 = json.loads((train / "stage3.json").read_text())
     yes_no = [r for r in stage3 if YES_NO.match(r["conversations"][0]["value"])]
-    records = stage3 + yes_no * (repeats - 1) + json.loads((train / "stage2.json").read_text())
-    out = train / "yes_no_pass.json"
+    records = stage3 + yes_no * (yes_no_repeats - 1) + json.loads((train / "stage2.json").read_text())
+    out = train / f"stage3_yes_no_x{yes_no_repeats}_with_scoring.json"
     out.write_text(json.dumps(records))
     return out
 
@@ -351,8 +343,8 @@ def main() -> None:
         base = work / f"stage{stage}"
         mark(f"stage{stage}", t)
     t = time.monotonic()
-    finetune(3, yes_no_pass_data(train), base, work / "yes-no-pass", steps[3], args, logs / "yes-no-pass.log",
-             parts=LLM_PARTS)
+    finetune(3, mixed_stage3(train, YES_NO_REPEATS), base, work / "yes-no-pass", steps[3], args,
+             logs / "yes-no-pass.log", parts=LLM_PARTS)
     base = work / "yes-no-pass"
     mark("yes-no-pass", t)
 
