@@ -438,3 +438,34 @@ def test_bare_questions_train_on_the_prompt_ask_sends():
 
     trained = chatml([("user", ask_user_turn(" Is it sharp? ", 3, 48)), ("assistant", None)])
     assert trained == question_prompt("Is it sharp?", num_keyframes=3, num_frames=48)
+
+
+def test_frozen_encoders_encode_each_video_once_with_the_same_result(base, data, tmp_path, monkeypatch):
+    import vqa2cli.video
+
+    real = vqa2cli.video.load_video
+    decoded = []
+
+    def load_video(path, **kwargs):
+        decoded.append(Path(path).name)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(vqa2cli.video, "load_video", load_video)
+    llm_only = dict(max_steps=6, batch_size=2, train=("language_model",))  # 3 epochs of the 4 records
+    lines = []
+    cached = run(options(base, data, tmp_path / "cached", **llm_only), say=lines.append)
+    # Each video once, give or take the micro-batch decoded ahead while the previous one is encoded.
+    assert set(decoded) == {"b1.mp4", "b2.mp4", "d1.mp4", "d2.mp4"}
+    assert len(decoded) <= 4 + 2 * 2 and max(map(decoded.count, decoded)) <= 2
+    assert any("encoded once" in line for line in lines)
+    decoded.clear()
+    plain = run(options(base, data, tmp_path / "plain", feature_cache_gb=0, **llm_only), say=quiet)
+    assert len(decoded) >= 12  # every use (and the batches read ahead)
+    a, b = weights(tmp_path / "cached"), weights(tmp_path / "plain")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert cached.loss == plain.loss
+    # Once anything before the LLM trains, its encodings change every step: no cache.
+    decoded.clear()
+    run(options(base, data, tmp_path / "projector", max_steps=6, batch_size=2,
+                train=("language_model", "mm_projector")), say=quiet)
+    assert len(decoded) >= 12  # every use (and the batches read ahead)

@@ -627,9 +627,12 @@ def eval_(labels, model_name, device, quant, predictions_path, max_motion_frames
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--save-dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
               help="Weights of the saved model [default: bfloat16 after GPU training, float32 on CPU].")
+@click.option("--feature-cache-gb", type=click.FloatRange(min=0), default=4.0, show_default=True,
+              help="When nothing before the LLM trains, encode each video once and keep up to this much of the "
+              "encodings in memory (0: off).")
 def finetune(data, stage, model_name, output, method, train_parts, part, mos_range, skip_invalid, lr, vision_lr,
              epochs, max_steps, batch_size, grad_accum, gradient_checkpointing, save_every, keep, resume, seed,
-             lora_r, lora_alpha, max_motion_frames, slowfast_weights, device, save_dtype):
+             lora_r, lora_alpha, max_motion_frames, slowfast_weights, device, save_dtype, feature_cache_gb):
     """Fine-tune a model on your own videos, one VQA² stage at a time.
 
     DATA is a data file or a folder holding one: the release's LLaVA-style JSON/JSONL, or a CSV
@@ -657,7 +660,7 @@ def finetune(data, stage, model_name, output, method, train_parts, part, mos_ran
         save_every=save_every, keep=keep, resume=resume, seed=seed, gradient_checkpointing=gradient_checkpointing,
         mos_range=tuple(mos_range) if mos_range else None, skip_invalid=skip_invalid, lora_r=lora_r,
         lora_alpha=lora_alpha, max_motion_frames=max_motion_frames, slowfast_weights=slowfast_weights,
-        device=device, save_dtype=save_dtype,
+        device=device, save_dtype=save_dtype, feature_cache_gb=feature_cache_gb,
     )
     result = run(options, say=lambda text: click.echo(text, err=True))
     if result.interrupted:

@@ -49,7 +49,9 @@ from vqa2cli import __version__
 from vqa2cli.data import Dataset, Record, format_problems, load_dataset
 from vqa2cli.errors import DataError, InputError, SetupError
 
-PARTS = ("vision_tower", "mm_projector", "image_newline", "motion_encoder", "motion_projector", "language_model")
+# Everything before the language model: what FeatureCache needs frozen.
+ENCODER_PARTS = ("vision_tower", "mm_projector", "image_newline", "motion_encoder", "motion_projector")
+PARTS = ENCODER_PARTS + ("language_model",)
 STAGE1_PARTS = {"spatial": ("vision_tower", "mm_projector"), "motion": ("motion_encoder", "motion_projector")}
 EMBEDDINGS = "language_model.model.embed_tokens"  # frozen unless named explicitly in --train
 VISION_PREFIX = "vision_tower."
@@ -100,6 +102,7 @@ class FinetuneOptions:
     slowfast_weights: str | None = None  # Kinetics SlowFast weights when BASE is a plain LLaVA-OneVision
     device: str = "auto"
     save_dtype: str | None = None  # default: bfloat16 after GPU training, float32 after CPU training
+    feature_cache_gb: float = 4.0  # FeatureCache's memory; 0 turns it off
 
 
 @dataclass
@@ -427,7 +430,7 @@ def build_example(record: Record, sample, tokenizer):
 
     turns = list(record.turns)
     if record.wrapped:
-        turns[0] = ("human", ask_user_turn(turns[0][1], sample.keyframes.shape[0], sample.motion.shape[0]))
+        turns[0] = ("human", ask_user_turn(turns[0][1], len(sample.keyframe_indices), len(sample.motion_indices)))
     ids, labels = training_example([{"from": role, "value": text} for role, text in turns], tokenizer)
     splits = motion_splits(sample.keyframe_indices, sample.motion_indices)
     return torch.tensor(ids), torch.tensor(labels), sample.keyframes, sample.motion, splits
@@ -462,6 +465,51 @@ def answer_loss(logits: torch.Tensor, labels, keep: int) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].float().flatten(0, 1), tail[:, 1:].flatten(), ignore_index=IGNORE_INDEX
     )
+
+
+class FeatureCache:
+    """Each video's encoders-and-projectors output (`EncodedVideo`), made the first time one of its records
+    comes up and reused for its other records and later epochs, in CPU memory up to `limit_bytes` (videos
+    beyond that are decoded and encoded every time, as without the cache).
+
+    Only when nothing before the language model trains and none of it has dropout (`applies`): then a
+    video's encoding is the same every time, so training gives the same weights with or without the cache
+    (tests/test_finetune.py). With the encoders frozen, decoding and encoding were most of a step: vqa2-tiny's
+    yes/no pass (batch 8, LLM only) takes 0.25 s a step with the cache, 0.51 without."""
+
+    def __init__(self, model, limit_bytes: int, autocast):
+        self.model, self.limit, self.autocast = model, limit_bytes, autocast
+        self.used = 0
+        self.videos: dict[Path, object] = {}  # video -> its VideoSample, frames replaced by the encoding
+
+    @staticmethod
+    def applies(model, trainable: list[str]) -> bool:
+        if any(_under(name, part) for name in trainable for part in ENCODER_PARTS):
+            return False
+        encoders = [getattr(model, part) for part in ENCODER_PARTS]
+        return not any(isinstance(m, torch.nn.Dropout) and m.p > 0
+                       for part in encoders if isinstance(part, torch.nn.Module) for m in part.modules())
+
+    def get(self, video: Path):
+        """The cached sample of `video` (its `keyframes` an EncodedVideo), or None."""
+        return self.videos.get(video)
+
+    def encoded(self, video: Path, sample, example):
+        """`example` (from build_example) with the video's encoding in place of its frames; the encoding is
+        kept if there is room."""
+        from vqa2cli.modeling import EncodedVideo
+
+        ids, labels, keyframes, motion, splits = example
+        if isinstance(keyframes, EncodedVideo):
+            return example
+        with torch.no_grad(), self.autocast():
+            encoding = self.model.encode_video(keyframes, motion)
+        encoding = EncodedVideo(*(None if b is None else b.to("cpu") for b in (encoding.keyframe_block,
+                                                                                encoding.motion_block)))
+        if self.used + encoding.nbytes <= self.limit:
+            self.videos[video] = replace(sample, keyframes=encoding, motion=None)
+            self.used += encoding.nbytes
+        return ids, labels, encoding, None, splits
 
 
 # ---- progress ------------------------------------------------------------------------------------------
@@ -740,15 +788,25 @@ def _run(options: FinetuneOptions, procs: Processes, say) -> FinetuneResult:
     keyframe_size, motion_size = model.config.keyframe_size, model.config.motion_size
     trained_params = [named[n] for n in trainable]
 
+    def autocast():
+        return torch.autocast(procs.device.type, dtype=torch.bfloat16, enabled=amp)
+
+    cache = None
+    if options.feature_cache_gb > 0 and FeatureCache.applies(model, trainable):
+        cache = FeatureCache(model, int(options.feature_cache_gb * 2**30), autocast)
+        say(f"the encoders are frozen: each video is encoded once (up to {options.feature_cache_gb:g} GB kept)")
+
     def load(job):
         """Decode and tokenise one micro-batch (in a background thread); failed records come back as text."""
         examples, failures = [], []
         for index in job[-1]:
             record = dataset.records[index]
             try:
-                sample = load_video(record.video, keyframe_size=keyframe_size, motion_size=motion_size,
-                                    max_motion_frames=options.max_motion_frames)
-                examples.append(build_example(record, sample, tokenizer))
+                sample = cache.get(record.video) if cache else None
+                if sample is None:
+                    sample = load_video(record.video, keyframe_size=keyframe_size, motion_size=motion_size,
+                                        max_motion_frames=options.max_motion_frames)
+                examples.append((record.video, sample, build_example(record, sample, tokenizer)))
             except InputError as error:
                 failures.append(f"{record.where}: {error}")
         return examples, failures
@@ -786,7 +844,8 @@ def _run(options: FinetuneOptions, procs: Processes, say) -> FinetuneResult:
                 pending.append((job, pool.submit(load, job)))
             job, future = pending.popleft()
             s, ep, pos, m, n_micro, _ = job
-            examples, failures = future.result()
+            loaded, failures = future.result()
+            examples = [cache.encoded(*item) if cache else item[2] for item in loaded]
             for failure in failures:
                 say(f"warning: skipped {failure}")
             skipped += len(failures)
@@ -796,7 +855,7 @@ def _run(options: FinetuneOptions, procs: Processes, say) -> FinetuneResult:
                 last = m == n_micro - 1
                 sync = last or procs.world == 1
                 context = train_model.no_sync() if (procs.world > 1 and not sync) else contextlib.nullcontext()
-                with context, torch.autocast(procs.device.type, dtype=torch.bfloat16, enabled=amp):
+                with context, autocast():
                     ids, labels, keyframes, motion, splits = zip(*examples)
                     keep = answer_span(labels)
                     out = train_model(input_ids=list(ids), keyframes=list(keyframes), motion=list(motion),

@@ -162,6 +162,21 @@ class MultimodalInputs:
     labels: torch.Tensor | None = None  # [B, L], IGNORE_INDEX on multimodal and padding positions
 
 
+@dataclass
+class EncodedVideo:
+    """A video after the encoders and projectors: what `build_inputs` places at the placeholders. It takes one
+    in place of a video's keyframes (its motion entry is then ignored), so training whose encoders are
+    frozen can encode each video once (`vqa2cli.finetune.FeatureCache`)."""
+
+    keyframe_block: torch.Tensor  # [N*P*P + 1, H], image_newline included
+    motion_block: torch.Tensor | None  # [T, H]; None: the video was encoded without motion frames
+
+    @property
+    def nbytes(self) -> int:
+        blocks = [b for b in (self.keyframe_block, self.motion_block) if b is not None]
+        return sum(b.numel() * b.element_size() for b in blocks)
+
+
 class VQA2Model(nn.Module):
     def __init__(self, config: VQA2Config):
         super().__init__()
@@ -202,6 +217,9 @@ class VQA2Model(nn.Module):
         feats = feats.to(torch.float16).to(self.motion_projector[0].weight.dtype)
         return self.motion_projector(feats)  # [T, H]
 
+    def encode_video(self, keyframes: torch.Tensor, motion: torch.Tensor | None) -> EncodedVideo:
+        return EncodedVideo(self.encode_keyframes(keyframes), None if motion is None else self.encode_motion(motion))
+
     # ---- token layout --------------------------------------------------------------------------------
 
     def _blocks(self, kf_block, mo_block, num_slots: int, splits: list[int] | None):
@@ -241,7 +259,7 @@ class VQA2Model(nn.Module):
     def build_inputs(
         self,
         input_ids: list[torch.Tensor] | torch.Tensor,
-        keyframes: list[torch.Tensor] | torch.Tensor,
+        keyframes: list[torch.Tensor | EncodedVideo] | torch.Tensor,
         motion: list[torch.Tensor | None] | torch.Tensor | None,
         labels: list[torch.Tensor] | torch.Tensor | None = None,
         motion_splits: list[list[int] | None] | list[int] | None = None,
@@ -273,10 +291,13 @@ class VQA2Model(nn.Module):
             if len(slots) not in (1, 2):
                 raise ValueError(f"the prompt has {len(slots)} <image> placeholders; VQA² prompts have 1 or 2")
             needs_motion = len(slots) == 2 or self.config.token_layout == "per_second"
-            if needs_motion and motion[b] is None:
+            if isinstance(keyframes[b], EncodedVideo):
+                kf_block, mo_block = keyframes[b].keyframe_block, keyframes[b].motion_block
+            else:
+                kf_block = self.encode_keyframes(keyframes[b])
+                mo_block = self.encode_motion(motion[b]) if needs_motion and motion[b] is not None else None
+            if needs_motion and mo_block is None:
                 raise ValueError("this prompt needs motion frames (its layout places motion tokens)")
-            kf_block = self.encode_keyframes(keyframes[b])
-            mo_block = self.encode_motion(motion[b]) if needs_motion else None
             blocks = self._blocks(kf_block, mo_block, len(slots), motion_splits[b])
             row_labels = None if labels is None else labels[b].to(ids.device)
             pieces, types, lab = [], [], []
