@@ -266,7 +266,8 @@ class VQA2Model(nn.Module):
     ) -> MultimodalInputs:
         """Token ids with `IMAGE_TOKEN_INDEX` placeholders + each video's frames -> LLM inputs.
 
-        One entry per video; bare tensors (and a flat `motion_splits`) mean a batch of one. Each prompt
+        One entry per video (a keyframes entry may be an `EncodedVideo`, whose blocks are then used as they
+        are); bare tensors (and a flat `motion_splits`) mean a batch of one. Each prompt
         has one or two placeholders, filled per the layout (`_blocks`). In `official`, a single
         placeholder (the streaming scorer's prompt) takes only the keyframe block, as in the release,
         and motion is then not computed. Sequences are left-padded so that position -1 is every row's
