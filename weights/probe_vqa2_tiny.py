@@ -13,10 +13,12 @@ vqa2-tiny on the build's data (`vqa2 synth --count 700 --seed 1`, held-out as in
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
 import torch
 
+from vqa2cli.errors import SetupError, Vqa2Error
 from vqa2cli.evaluation import read_labels
 from vqa2cli.metrics import srcc
 from vqa2cli.pipeline import load_model
@@ -42,7 +44,7 @@ def encodings(model, labels_csv) -> tuple[np.ndarray, np.ndarray]:
 
 
 def ridge(x, y, alpha):
-    """Weights and bias of a ridge regression on standardised x."""
+    """The predictor of a ridge regression of y on standardised x."""
     mean, std = x.mean(0), x.std(0) + 1e-8
     z = (x - mean) / std
     w = np.linalg.solve(z.T @ z + alpha * np.eye(z.shape[1]), z.T @ (y - y.mean()))
@@ -70,9 +72,13 @@ def main() -> None:
     parser.add_argument("--model", default="vqa2-tiny")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model = load_model(args.model, device="cpu")
-    x, y = encodings(model, args.fit)
-    hx, hy = encodings(model, args.heldout)
+    try:
+        model = load_model(args.model, device="cpu")
+        x, y = encodings(model, args.fit)
+        hx, hy = encodings(model, args.heldout)
+    except Vqa2Error as error:  # a bad label file, video or model: one line, not a traceback
+        print(f"probe_vqa2_tiny: {error}", file=sys.stderr)
+        sys.exit(2 if isinstance(error, SetupError) else 1)
     alpha = best_alpha(x, y)
     predict = ridge(x, y, alpha)
     print(f"ridge alpha {alpha:g} on {x.shape[1]} features: SRCC fitting set {srcc(predict(x), y):.3f}, "
