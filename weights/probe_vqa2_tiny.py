@@ -18,7 +18,8 @@ import sys
 import numpy as np
 import torch
 
-from vqa2cli.errors import SetupError, Vqa2Error
+from vqa2cli.batch import Prefetcher
+from vqa2cli.errors import InputError, SetupError, Vqa2Error
 from vqa2cli.evaluation import read_labels
 from vqa2cli.metrics import srcc
 from vqa2cli.pipeline import load_model
@@ -29,18 +30,29 @@ FOLDS = 5
 
 
 def encodings(model, labels_csv) -> tuple[np.ndarray, np.ndarray]:
-    """[videos, 6 H] pooled encodings and [videos] MOS of a `path,mos` file."""
+    """[videos, 6 H] pooled encodings and [videos] MOS of a `path,mos` file; a video that does not decode is
+    left out with a warning."""
     net, config = model.model, model.config
     rows = read_labels(labels_csv).rows
-    features = []
-    for row in rows:
-        sample = load_video(row.video, keyframe_size=config.keyframe_size, motion_size=config.motion_size,
-                            max_motion_frames=config.motion.max_frames)
-        with torch.inference_mode():
-            encoded = net.encode_video(sample.keyframes, sample.motion)
-        tokens = (encoded.keyframe_block[:-1], encoded.motion_block)  # the last keyframe row is image_newline
-        features.append(torch.cat([s for t in tokens for s in (t.mean(0), t.std(0), t.amax(0))]).float().numpy())
-    return np.stack(features), np.array([row.mos for row in rows])
+
+    def decode(path):
+        return load_video(path, keyframe_size=config.keyframe_size, motion_size=config.motion_size,
+                          max_motion_frames=config.motion.max_frames)
+
+    features, kept = [], []
+    with Prefetcher([str(row.video) for row in rows], decode) as prefetcher:
+        for row, (_, sample, error, _) in zip(rows, prefetcher):  # in input order
+            if error:
+                print(f"warning: skipped {error}", file=sys.stderr)
+                continue
+            with torch.inference_mode():
+                encoded = net.encode_video(sample.keyframes, sample.motion)
+            tokens = (encoded.keyframe_block[:-1], encoded.motion_block)  # the last keyframe row is image_newline
+            features.append(torch.cat([s for t in tokens for s in (t.mean(0), t.std(0), t.amax(0))]).float().numpy())
+            kept.append(row.mos)
+    if not features:
+        raise InputError(f"{labels_csv}: no video decoded")
+    return np.stack(features), np.array(kept)
 
 
 def ridge(x, y, alpha):
@@ -76,7 +88,7 @@ def main() -> None:
         model = load_model(args.model, device="cpu")
         x, y = encodings(model, args.fit)
         hx, hy = encodings(model, args.heldout)
-    except Vqa2Error as error:  # a bad label file, video or model: one line, not a traceback
+    except Vqa2Error as error:  # a bad label file or model, or no video decoded: one line, not a traceback
         print(f"probe_vqa2_tiny: {error}", file=sys.stderr)
         sys.exit(2 if isinstance(error, SetupError) else 1)
     alpha = best_alpha(x, y)
