@@ -74,6 +74,16 @@ def test_same_seed_same_labels_and_frames(dataset, tmp_path):
         np.testing.assert_array_equal(decode(out / "videos" / name), decode(again / "videos" / name))
 
 
+def test_parallel_workers_make_the_same_dataset(dataset, tmp_path):
+    out, meta = dataset
+    parallel = synth.generate_dataset(tmp_path / "parallel", small_settings(), jobs=2)
+    assert parallel["clips"] == meta["clips"] == 8
+    for name in ("labels.csv", "stage1.csv", "stage3.json", "manifest.csv"):
+        assert (out / name).read_bytes() == (tmp_path / "parallel" / name).read_bytes(), name
+    for name in sorted(p.name for p in (out / "videos").iterdir()):
+        np.testing.assert_array_equal(decode(out / "videos" / name), decode(tmp_path / "parallel" / "videos" / name))
+
+
 def test_other_seed_other_data(dataset, tmp_path):
     out, _ = dataset
     other = synth.plan_dataset(small_settings(seed=6))
@@ -327,6 +337,23 @@ def test_interrupted_run_labels_the_clips_it_made(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out" / "videos").iterdir()) == ["clip_00000.mp4", "clip_00001.mp4"]
 
 
+def test_interrupted_parallel_run_labels_every_clip_it_finished(tmp_path):
+    reported = []
+
+    def on_clip(plan, error):
+        reported.append(plan.video)
+        if len(reported) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        synth.generate_dataset(tmp_path / "out", small_settings(count=40), on_clip=on_clip, jobs=2)
+    labelled = [row["path"] for row in csv.DictReader(open(tmp_path / "out" / "labels.csv"))]
+    made = sorted("videos/" + p.name for p in (tmp_path / "out" / "videos").iterdir())
+    # The clips being made when it stopped are finished and labelled; the ones not started are not made.
+    assert labelled == made and labelled[:2] == reported and len(made) < 40
+    assert labelled == [f"videos/clip_{i:05d}.mp4" for i in range(len(made))]
+
+
 def test_clips_folder_without_videos_is_a_setup_error(tmp_path):
     (tmp_path / "clips").mkdir()
     with pytest.raises(SetupError, match="no video files"):
@@ -345,3 +372,5 @@ def test_command_makes_a_dataset_and_refuses_a_full_folder(tmp_path, vqa2):
     assert code == 2 and err.strip().count("\n") == 0 and "not empty" in err
     code, _, err = vqa2("synth", tmp_path / "x", "--size", "31x32")
     assert code == 2 and "even" in err
+    code, _, err = vqa2("synth", tmp_path / "y", "--jobs", "0")
+    assert code == 2 and "--jobs" in err

@@ -431,9 +431,13 @@ def _parse_range(kind):
               help="Procedural texture slope: 1 is natural-image-like, higher is smoother.")
 @click.option("--objects", default="2,6", show_default=True, callback=_parse_range(int), metavar="LO,HI",
               help="Moving shapes in 'shapes' clips.")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
+              help="Clips made at once, one process each; the data is the same for any number [default: the "
+              "CPUs this process may use].")
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty OUT folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary; errors are still reported.")
-def synth(out, clips_dir, count, seed, size, fps, seconds, crf, content, speed, detail, objects, overwrite, quiet):
+def synth(out, clips_dir, count, seed, size, fps, seconds, crf, content, speed, detail, objects, jobs, overwrite,
+          quiet):
     """Make training data for all three fine-tune stages from clean clips and labelled distortions.
 
     Each clip gets no distortion, one, or one spatial plus one motion distortion, each at a severity
@@ -454,7 +458,7 @@ def synth(out, clips_dir, count, seed, size, fps, seconds, crf, content, speed, 
       vqa2 synth data/mine --clips ~/clean-footage --size 224x224
     """
     from vqa2cli.output import Reporter
-    from vqa2cli.synth import ContentSettings, SynthSettings, generate_dataset
+    from vqa2cli.synth import ContentSettings, SynthSettings, generate_dataset, usable_cpus
 
     kinds = tuple(kind.strip() for kind in content.split(",") if kind.strip())
     settings = SynthSettings(count=count, seed=seed, width=size[0], height=size[1], fps=fps, seconds=seconds, crf=crf,
@@ -470,7 +474,8 @@ def synth(out, clips_dir, count, seed, size, fps, seconds, crf, content, speed, 
     try:
         with reporter:
             reporter.start("Making clips", total=count)
-            meta = generate_dataset(out, settings, clips_dir=clips_dir, overwrite=overwrite, on_clip=on_clip)
+            meta = generate_dataset(out, settings, clips_dir=clips_dir, overwrite=overwrite, on_clip=on_clip,
+                                    jobs=min(jobs or usable_cpus(), count))
     except KeyboardInterrupt:
         reporter.note(f"interrupted: the clips made so far are labelled in {out}")
         return EXIT_INTERRUPTED

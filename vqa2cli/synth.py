@@ -2,8 +2,9 @@
 
 A dataset is planned first (every label is decided from the seed before a single frame is made), then
 each clip is rendered as a stream: source frame -> distortions -> x264 encoder, one frame at a time, so
-memory does not grow with clip length. Sources are the user's clean clips (`clips_dir`) or procedural
-content (moving textures, gradients, shapes, zooms) whose variety is set by `ContentSettings`.
+memory does not grow with clip length. Clips may render in parallel processes: each draws from its own
+seeded streams, so the dataset does not depend on how many. Sources are the user's clean clips (`clips_dir`)
+or procedural content (moving textures, gradients, shapes, zooms) whose variety is set by `ContentSettings`.
 
 Label semantics (documented in the README):
 - every distortion has a severity in [1, 4] and an extent: the whole clip, its first half or its second half;
@@ -18,7 +19,10 @@ import csv
 import io
 import json
 import math
+import multiprocessing
 import os
+import signal
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -737,11 +741,16 @@ def find_clips(clips_dir) -> list:
     return clips
 
 
-def generate_dataset(out, settings: SynthSettings, clips_dir=None, overwrite=False, on_clip=None) -> dict:
-    """Write videos/ and the label files into `out`. `on_clip(plan, error_or_None)` reports progress.
-    Returns a summary dict. Unreadable user clips are skipped (named in the summary). On Ctrl-C the
-    clips made so far are labelled (synth.json says `interrupted`) before KeyboardInterrupt goes on."""
+def generate_dataset(out, settings: SynthSettings, clips_dir=None, overwrite=False, on_clip=None, jobs=1) -> dict:
+    """Write videos/ and the label files into `out`. `on_clip(plan, error_or_None)` reports progress, in plan
+    order. Returns a summary dict. Unreadable user clips are skipped (named in the summary). On Ctrl-C the
+    clips made so far are labelled (synth.json says `interrupted`) before KeyboardInterrupt goes on.
+
+    `jobs` > 1 renders clips in that many processes; every clip draws from its own seeded streams, so the
+    dataset is the same whatever `jobs` is."""
     settings.validate()
+    if jobs < 1:
+        raise SetupError(f"--jobs must be at least 1, got {jobs}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SetupError(f"{out}: exists and is not a folder")
@@ -767,19 +776,35 @@ def generate_dataset(out, settings: SynthSettings, clips_dir=None, overwrite=Fal
     plans = plan_dataset(settings, sources)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     done, failed = [], []
+
+    def keep(plan, error):
+        (failed if error else done).append(error or plan)
+
+    def record(plan, error):
+        keep(plan, error)
+        if on_clip:
+            on_clip(plan, InputError(error) if error else None)
+
     interrupted = False
     try:
-        for plan in plans:
-            try:
-                _render(out, plan, settings, clips_dir)
-            except InputError as error:
-                failed.append(str(error))
-                if on_clip:
-                    on_clip(plan, error)
-                continue
-            done.append(plan)
-            if on_clip:
-                on_clip(plan, None)
+        if jobs == 1:
+            for plan in plans:
+                record(plan, _render_outcome(out, plan, settings, clips_dir))
+        else:
+            with _worker_pool(jobs) as pool:
+                futures = [pool.submit(_render_outcome, out, plan, settings, clips_dir) for plan in plans]
+                try:
+                    for plan, future in zip(plans, futures):
+                        record(plan, future.result())
+                except BaseException as error:
+                    # Clips not started are dropped; the ones being made are finished, and on Ctrl-C labelled.
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    if isinstance(error, KeyboardInterrupt):
+                        recorded = len(done) + len(failed)
+                        for plan, future in zip(plans[recorded:], futures[recorded:]):
+                            if not future.cancelled():
+                                keep(plan, future.result())
+                    raise
     except KeyboardInterrupt:
         interrupted = True  # label what was made, then stop
     if not done:
@@ -813,6 +838,32 @@ def clean_frames(plan: ClipPlan, settings: SynthSettings, clips_dir=None):
         return (clip.frame(i) for i in range(plan.n_frames))
     return user_clip_frames(Path(clips_dir) / plan.source, settings.width, settings.height, plan.fps, plan.start,
                             plan.n_frames)
+
+
+def _render_outcome(out, plan, settings, clips_dir):
+    """Make one clip: None when it is written, else why it could not be (the message crosses processes)."""
+    try:
+        _render(out, plan, settings, clips_dir)
+    except InputError as error:
+        return str(error)
+    return None
+
+
+def _ignore_sigint():
+    # Ctrl-C reaches the whole process group: workers finish their clip and the parent decides what to keep.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS says, e.g. under taskset or a container)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _worker_pool(jobs):
+    # spawn, not fork: forking while the progress bar's thread holds a lock can deadlock the child.
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint)
 
 
 def _render(out, plan, settings, clips_dir):
