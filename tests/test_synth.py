@@ -321,16 +321,21 @@ def test_user_clips_are_cropped_resized_and_distorted(tmp_path):
         assert 0 <= float(row["start"]) <= 3 - 1.0
 
 
-def test_interrupted_run_labels_the_clips_it_made(tmp_path):
-    made = []
+def interrupt_at(count, reported):
+    """An on_clip that notes each clip reported and raises KeyboardInterrupt (as Ctrl-C would) at the count-th."""
 
     def on_clip(plan, error):
-        made.append(plan.video)
-        if len(made) == 2:
+        reported.append(plan.video)
+        if len(reported) == count:
             raise KeyboardInterrupt
 
+    return on_clip
+
+
+def test_interrupted_run_labels_the_clips_it_made(tmp_path):
+    made = []
     with pytest.raises(KeyboardInterrupt):
-        synth.generate_dataset(tmp_path / "out", small_settings(), on_clip=on_clip)
+        synth.generate_dataset(tmp_path / "out", small_settings(), on_clip=interrupt_at(2, made))
     labels = list(csv.DictReader(open(tmp_path / "out" / "labels.csv")))
     assert [row["path"] for row in labels] == made
     assert json.loads((tmp_path / "out" / "synth.json").read_text())["interrupted"] is True
@@ -339,14 +344,8 @@ def test_interrupted_run_labels_the_clips_it_made(tmp_path):
 
 def test_interrupted_parallel_run_labels_every_clip_it_finished(tmp_path):
     reported = []
-
-    def on_clip(plan, error):
-        reported.append(plan.video)
-        if len(reported) == 2:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        synth.generate_dataset(tmp_path / "out", small_settings(count=40), on_clip=on_clip, jobs=2)
+        synth.generate_dataset(tmp_path / "out", small_settings(count=40), on_clip=interrupt_at(2, reported), jobs=2)
     labelled = [row["path"] for row in csv.DictReader(open(tmp_path / "out" / "labels.csv"))]
     made = sorted("videos/" + p.name for p in (tmp_path / "out" / "videos").iterdir())
     # The clips being made when it stopped are finished and labelled; the ones not started are not made.
