@@ -747,7 +747,8 @@ def generate_dataset(out, settings: SynthSettings, clips_dir=None, overwrite=Fal
     clips made so far are labelled (synth.json says `interrupted`) before KeyboardInterrupt goes on.
 
     `jobs` > 1 renders clips in that many processes; every clip draws from its own seeded streams, so the
-    dataset is the same whatever `jobs` is."""
+    dataset is the same whatever `jobs` is. The workers are spawned, so a script calling this with `jobs` > 1
+    must do so under `if __name__ == "__main__":`."""
     settings.validate()
     if jobs < 1:
         raise SetupError(f"--jobs must be at least 1, got {jobs}")
@@ -778,7 +779,10 @@ def generate_dataset(out, settings: SynthSettings, clips_dir=None, overwrite=Fal
     done, failed = [], []
 
     def keep(plan, error):
-        (failed if error else done).append(error or plan)
+        if error:
+            failed.append(error)
+        else:
+            done.append(plan)
 
     def record(plan, error):
         keep(plan, error)
