@@ -25,6 +25,7 @@ import json
 import math
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +102,7 @@ def make_clips(photos_dir: Path, out: Path, per_photo: int, seed: int) -> list[P
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("photos", type=Path, help="folder of PNG/JPEG photographs")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/vqa2-tiny-photos"), help="clips and data (replaced)")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vqa2-tiny-photos", help="clips and data (replaced)")
     parser.add_argument("--model", default="vqa2-tiny")
     parser.add_argument("--per-photo", type=int, default=3, help="clean clips panned over each photo")
     parser.add_argument("--count", type=int, default=200, help="distorted (and clean) clips to evaluate")
@@ -121,10 +122,10 @@ def main() -> None:
     run(["synth", str(data), "--clips", str(work / "clean"), "--count", str(args.count), "--seed", str(args.seed),
          "--quiet"], logs / "synth.log")
     questions = yes_no_questions(data / "stage3.csv", data / "yes_no.csv")
-    model = args.model
-    scores = evaluate(model, data / "labels.csv", logs / "eval-scores.log")
-    yes_no = evaluate(model, data / "yes_no.csv", logs / "eval-yes-no.log")
-    print(json.dumps({"photos": len(clips) // args.per_photo, "clean_clips": len(clips),
+    scores = evaluate(args.model, data / "labels.csv", logs / "eval-scores.log")
+    yes_no = evaluate(args.model, data / "yes_no.csv", logs / "eval-yes-no.log")
+    photos = {clip.stem.rsplit("_", 1)[0] for clip in clips}
+    print(json.dumps({"photos": len(photos), "clean_clips": len(clips),
                       "scores": {"count": scores["evaluated"], **{k: scores[k] for k in ("srcc", "plcc", "krcc", "rmse")}},
                       "yes_no": {"count": questions, "accuracy": yes_no["accuracy"]}}, indent=2))
 
