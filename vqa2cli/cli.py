@@ -424,7 +424,8 @@ def _parse_range(kind):
               help="x264 quality of the written clips: 0 is lossless (only the labelled damage shows, and frames "
               "are identical run to run); 10-18 are near-lossless and smaller.")
 @click.option("--content", default=",".join(("texture", "gradient", "shapes", "zoom")), show_default=True,
-              help="Procedural content kinds to draw from (comma-separated).")
+              help="Procedural content kinds to draw from (comma-separated), of texture, gradient, shapes, zoom "
+              "and leaves (dead leaves: flat regions and sharp edges, like a photograph).")
 @click.option("--speed", default="1,3", show_default=True, callback=_parse_range(float), metavar="LO,HI",
               help="Procedural motion, pixels per frame at 128 px.")
 @click.option("--detail", default="0.9,1.5", show_default=True, callback=_parse_range(float), metavar="LO,HI",

@@ -42,7 +42,8 @@ EXTENT_PROBS = (0.6, 0.2, 0.2)
 # the yes/no questions balanced (see _questions).
 CLEAN_SHARE = 0.15
 DOUBLE_SHARE = 0.15
-CONTENT_KINDS = ("texture", "gradient", "shapes", "zoom")
+CONTENT_KINDS = ("texture", "gradient", "shapes", "zoom", "leaves")
+DEFAULT_KINDS = ("texture", "gradient", "shapes", "zoom")  # what vqa2-tiny's held-out set is made of
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".y4m"}
 FORMAT_VERSION = 1
 
@@ -101,7 +102,7 @@ def severity_word(severity: float) -> str:
 class ContentSettings:
     """Variety of procedural clips; a held-out set should use other values (and another seed)."""
 
-    kinds: tuple = CONTENT_KINDS
+    kinds: tuple = DEFAULT_KINDS
     # camera/object speed, pixels per frame at 128 px (scaled with frame size); slower hides stutter
     speed: tuple = (1.0, 3.0)
     detail: tuple = (0.9, 1.5)  # spectral slope of textures: 1 is natural-image-like, higher is smoother
@@ -215,6 +216,30 @@ def _noise_field(rng, height, width, slope):
     return ((field_ - field_.mean()) / (field_.std() + 1e-12)).astype(np.float32)
 
 
+def _dead_leaves(rng, height, width, detail, color_a, color_b, leaves=4000):
+    """Periodic dead-leaves image, float32 [H, W, 3]: opaque discs of random colour painted one over another,
+    radii drawn with density ~ r^-3 between 1.5 * detail px and a quarter of the short side, one-pixel
+    anti-aliased edges. Flat regions and sharp edges at every scale, like a photograph (its spectrum falls as
+    1/f^2 in energy), where 1/f noise textures have no edges: blur shows at every edge whatever the detail."""
+    r_min, r_max = 1.5 * max(detail, 0.5), min(height, width) / 4.0
+    u = rng.uniform(0.0, 1.0, leaves)
+    radii = (r_min**-2 - u * (r_min**-2 - r_max**-2)) ** -0.5  # inverse CDF of the r^-3 density
+    centres = rng.uniform(0.0, 1.0, (leaves, 2)) * (height, width)
+    mix = rng.uniform(0.0, 1.0, (leaves, 1))
+    colours = np.clip(color_a + (color_b - color_a) * mix + rng.uniform(-0.25, 0.25, (leaves, 1)), 0, 1)
+    rgb = np.empty((height, width, 3), dtype=np.float32)
+    rgb[:] = colours[0]
+    for (cy, cx), r, colour in zip(centres, radii, colours.astype(np.float32)):
+        reach = int(math.ceil(r)) + 1
+        rows = np.arange(int(cy) - reach, int(cy) + reach + 1)
+        cols = np.arange(int(cx) - reach, int(cx) + reach + 1)
+        dist = np.hypot((rows - cy)[:, None], (cols - cx)[None, :]) - r
+        coverage = np.clip(0.5 - dist, 0.0, 1.0)[..., None].astype(np.float32)
+        window = np.ix_(rows % height, cols % width)  # wrap around: the canvas tiles seamlessly
+        rgb[window] = rgb[window] * (1.0 - coverage) + colour * coverage
+    return rgb
+
+
 def _canvas(rng, kind, height, width, settings):
     """A periodic RGB canvas in [0, 1], float32 [H, W, 3]."""
     slope = rng.uniform(*settings.detail)
@@ -233,6 +258,8 @@ def _canvas(rng, kind, height, width, settings):
             wave = np.sign(wave) * np.sign(np.sin(2 * np.pi * (-ky * xx / width + kx * yy / height)))
         detail = 0.12 * wave + 0.05 * lum
         rgb = color_a + (color_b - color_a) * ramp + detail[..., None]
+    elif kind == "leaves":
+        rgb = _dead_leaves(rng, height, width, slope, color_a, color_b) + 0.03 * lum[..., None]
     else:
         contrast = 0.1 if kind == "shapes" else 0.17  # shapes sit on a calmer background
         mix = np.clip(0.5 + 0.3 * chroma_a, 0, 1)[..., None]
