@@ -45,7 +45,7 @@ def read_photo(path: Path):
         with av.open(str(path)) as container:
             frame = next(container.decode(video=0))
             return frame.reformat(format="rgb24")
-    except (av.FFmpegError, StopIteration, OSError) as error:
+    except (av.FFmpegError, StopIteration, IndexError, OSError) as error:  # IndexError: no video stream
         raise ValueError(f"not a readable image ({error.__class__.__name__})") from None
 
 
