@@ -176,7 +176,7 @@ def init_model(directory: Path, seed: int) -> dict:
     # mean |luma DCT coefficient| after the layer norm (so a per-patch spectrum shape that contrast does not
     # change; radial bands 2-3, 3-5, 5-8, 8-11, 11-14, 14+, via GELU(2x)+GELU(-2x) of the coefficient minus a
     # channel held at zero). The tower alone, regressing MOS on clean and spatially distorted clips, went from
-    # SRCC 0.60-0.65 to 0.72-0.76, and the full build saw blur (held-out within-blur SRCC 0.49, this model 0.04),
+    # SRCC 0.60-0.65 to 0.72-0.76, and the full build saw blur (held-out within-blur SRCC 0.49, the shipped one 0.04),
     # but scored 0.760 / yes/no 84.8% (seed 0) and 0.766 / 77.0% (seed 1), and 0.499 / 59.5% on
     # photos_vqa2_tiny.py's set (seed 0): worse SRCC on both sets (this recipe: 0.786 and 0.765 at seeds 0 and 1).
     identity_vision_layers_(model.vision_tower)
