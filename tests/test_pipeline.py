@@ -1,21 +1,15 @@
 """load_model -> VQA2: scoring and answering with tiny models on CPU, from both directory formats."""
 
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from tests.fixtures.models import make_tiny_model, tiny_video
+from tests.fixtures.models import make_tiny_model, tiny_sample
 from vqa2cli.errors import InputError, ModelNotFoundError, SetupError
 from vqa2cli.pipeline import ScoreResult, load_model, resolve_device
 from vqa2cli.prompts import scoring_prompt, tokenize_prompt
 from vqa2cli.scoring import score_from_logits
-
-
-def _sample(config, seed=0, num_motion=8):
-    keyframes, motion = tiny_video(config, num_keyframes=2, num_motion=num_motion, seed=seed)
-    return SimpleNamespace(path=f"clip{seed}.mp4", keyframes=keyframes, motion=motion)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +23,7 @@ def official(tiny_official_checkpoint):
 
 
 def test_official_checkpoint_scores(official):
-    result = official.score(_sample(official.config))
+    result = official.score(tiny_sample(official.config))
     assert isinstance(result, ScoreResult)
     assert 0.0 <= result.score <= 1.0
     assert list(result.probs) == ["high", "good", "fair", "poor", "low"]
@@ -40,7 +34,7 @@ def test_official_checkpoint_scores(official):
 
 def test_score_is_the_level_logits_at_the_last_prefill_token(ours):
     """The loaded model scores exactly like the in-memory model it was saved from."""
-    sample = _sample(ours.config)
+    sample = tiny_sample(ours.config)
     reference = make_tiny_model(ours.config, seed=0)
     ids = torch.tensor(tokenize_prompt(scoring_prompt("ugc"), ours.tokenizer))
     with torch.inference_mode():
@@ -50,7 +44,7 @@ def test_score_is_the_level_logits_at_the_last_prefill_token(ours):
 
 
 def test_repeat_runs_and_reloads_are_bitwise_identical(ours, tiny_model_dir):
-    sample = _sample(ours.config)
+    sample = tiny_sample(ours.config)
     first = ours.score(sample)
     assert all(ours.score(sample) == first for _ in range(3))
     assert load_model(str(tiny_model_dir), device="cpu").score(sample) == first
@@ -60,11 +54,11 @@ def test_both_formats_give_the_same_scores(ours, official):
     """The fixtures hold the same seeded weights: the official name mapping loses nothing, and results
     do not depend on how tensors are laid out in the files."""
     for seed in (0, 1):
-        assert ours.score(_sample(ours.config, seed)) == official.score(_sample(official.config, seed))
+        assert ours.score(tiny_sample(ours.config, seed)) == official.score(tiny_sample(official.config, seed))
 
 
 def test_batch_matches_single(ours):
-    samples = [_sample(ours.config, seed) for seed in (0, 1, 2)]
+    samples = [tiny_sample(ours.config, seed) for seed in (0, 1, 2)]
     batch = ours.score_batch(samples)
     for sample, result in zip(samples, batch):
         single = ours.score(sample)
@@ -73,7 +67,7 @@ def test_batch_matches_single(ours):
 
 
 def test_prompt_kinds(ours):
-    sample = _sample(ours.config)
+    sample = tiny_sample(ours.config)
     assert ours.score(sample, prompt="streaming") != ours.score(sample, prompt="ugc")
     assert ours.score(sample, prompt="ugc") == ours.score(sample)
     with pytest.raises(SetupError, match="unknown scoring prompt"):
@@ -83,11 +77,11 @@ def test_prompt_kinds(ours):
 def test_too_many_motion_frames_is_an_input_error(ours):
     limit = ours.config.motion.max_frames
     with pytest.raises(InputError, match=f"more than this model's {limit}"):
-        ours.score(_sample(ours.config, num_motion=limit + 4))
+        ours.score(tiny_sample(ours.config, num_motion=limit + 4))
 
 
 def test_ask_streams_the_answer(ours):
-    sample = _sample(ours.config)
+    sample = tiny_sample(ours.config)
     pieces = []
     answer = ours.ask(sample, "Is the video blurry?", max_new_tokens=12, on_text=pieces.append)
     assert pieces and "".join(pieces).strip() == answer
@@ -99,7 +93,7 @@ def test_round_trip_through_save(ours, tmp_path):
 
     saved = save_model_dir(ours.model, ours.tokenizer, tmp_path / "copy")
     again = load_model(str(saved), device="cpu")
-    sample = _sample(ours.config, seed=3)
+    sample = tiny_sample(ours.config, seed=3)
     assert again.score(sample) == ours.score(sample)
 
 
@@ -128,7 +122,7 @@ def test_registry_entry_sets_the_prompt_of_an_official_checkpoint(tiny_official_
     (repo / "refs" / "main").write_text(commit)
     model = load_model("vqa2-streaming-scorer", device="cpu")
     assert model.name == "vqa2-streaming-scorer" and model.config.prompt == "streaming"
-    sample = _sample(model.config)
+    sample = tiny_sample(model.config)
     assert model.score(sample) == model.score(sample, prompt="streaming")
 
 

@@ -1,12 +1,9 @@
 """Precision policy and bitsandbytes 4-bit / 8-bit loading through its CPU backend."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
-from tests.fixtures.checkpoints import write_tiny_model_dir
-from tests.fixtures.models import tiny_video
+from tests.fixtures.models import quantized_modules, tiny_sample
 from vqa2cli.errors import SetupError
 from vqa2cli.pipeline import load_model
 from vqa2cli.quantization import MIN_QUANT_WIDTH, Precision, choose_precision
@@ -25,27 +22,12 @@ def test_precision_policy():
         choose_precision(torch.device("cpu"), "none", torch.float16)
 
 
-@pytest.fixture(scope="module")
-def wide_model_dir(tmp_path_factory):
-    """Tiny model whose decoder linears are all at least 64 wide (k/v: 2 heads x 32)."""
-    return write_tiny_model_dir(tmp_path_factory.mktemp("wide") / "m", hidden_size=128)
-
-
-def _sample(config, seed=0):
-    keyframes, motion = tiny_video(config, num_keyframes=2, num_motion=8, seed=seed)
-    return SimpleNamespace(path="clip.mp4", keyframes=keyframes, motion=motion)
-
-
-def _bnb_modules(model):
-    return {n: type(m).__name__ for n, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes")}
-
-
 def test_4bit_on_cpu(wide_model_dir):
     import bitsandbytes as bnb
 
     full = load_model(str(wide_model_dir), device="cpu", quant="none")
     q4 = load_model(str(wide_model_dir), device="cpu", quant="4bit")
-    quantized = _bnb_modules(q4.model)
+    quantized = quantized_modules(q4.model)
     # 2 layers x (q, k, v, o, gate, up, down); nothing outside the decoder layers.
     assert len(quantized) == 14 and set(quantized.values()) == {"Linear4bit"}
     assert all(n.startswith("language_model.model.layers.") for n in quantized)
@@ -56,31 +38,31 @@ def test_4bit_on_cpu(wide_model_dir):
     assert type(q4.model.language_model.lm_head) is torch.nn.Linear
     assert type(q4.model.mm_projector[0]) is torch.nn.Linear
     for seed in (0, 1):
-        a, b = full.score(_sample(full.config, seed)), q4.score(_sample(q4.config, seed))
+        a, b = full.score(tiny_sample(full.config, seed)), q4.score(tiny_sample(q4.config, seed))
         assert all(torch.isfinite(torch.tensor(list(b.probs.values()))))
         assert abs(a.score - b.score) < 0.05
         assert max(abs(a.probs[k] - b.probs[k]) for k in a.probs) < 0.05
-    sample = _sample(q4.config)
+    sample = tiny_sample(q4.config)
     assert q4.score(sample) == q4.score(sample)  # repeatable when quantized too
 
 
 def test_narrow_layers_stay_unquantized(tiny_model_dir):
     """The default tiny model's k/v projections are 32 wide: bitsandbytes' 64-value blocks do not fit."""
     q4 = load_model(str(tiny_model_dir), device="cpu", quant="4bit")
-    quantized = _bnb_modules(q4.model)
+    quantized = quantized_modules(q4.model)
     attn = "language_model.model.layers.0.self_attn"
     assert f"{attn}.q_proj" in quantized
     assert f"{attn}.k_proj" not in quantized and f"{attn}.v_proj" not in quantized
     k_proj = q4.model.get_submodule(f"{attn}.k_proj")
     assert type(k_proj) is torch.nn.Linear and k_proj.out_features < MIN_QUANT_WIDTH
-    assert 0.0 <= q4.score(_sample(q4.config)).score <= 1.0
+    assert 0.0 <= q4.score(tiny_sample(q4.config)).score <= 1.0
 
 
 def test_8bit_on_cpu(wide_model_dir):
     q8 = load_model(str(wide_model_dir), device="cpu", quant="8bit")
-    assert set(_bnb_modules(q8.model).values()) == {"Linear8bitLt"}
+    assert set(quantized_modules(q8.model).values()) == {"Linear8bitLt"}
     full = load_model(str(wide_model_dir), device="cpu", quant="none")
-    sample = _sample(full.config)
+    sample = tiny_sample(full.config)
     assert abs(full.score(sample).score - q8.score(sample).score) < 0.05
 
 
@@ -90,7 +72,7 @@ def test_bf16_on_cpu(wide_model_dir):
     # RoPE frequencies are buffers computed in float32 and must stay so.
     assert model.model.language_model.model.rotary_emb.inv_freq.dtype == torch.float32
     full = load_model(str(wide_model_dir), device="cpu")
-    sample = _sample(full.config)
+    sample = tiny_sample(full.config)
     assert abs(full.score(sample).score - model.score(sample).score) < 0.05
 
 

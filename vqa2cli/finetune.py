@@ -202,6 +202,11 @@ def configure_model(model, options: FinetuneOptions, parts: tuple[str, ...]) -> 
             param = model.get_parameter(name)
             if param.dtype != torch.float32:
                 param.data = param.data.float()  # optimizer updates at lr 2e-6 vanish in bf16
+        for module in model.modules():
+            # BatchNorm's backward (CUDA) wants its running statistics in its weight's dtype.
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.weight is not None:
+                for key in ("running_mean", "running_var"):
+                    setattr(module, key, getattr(module, key).to(module.weight.dtype))
     return trainable
 
 

@@ -102,14 +102,17 @@ def load_weight(module: torch.nn.Module, attr: str, tensor: torch.Tensor, device
     """
     if attr == "weight" and _is_bnb(module):
         bnb = _import_bnb()
-        data = tensor.to(device=device, dtype=dtype)  # convert where it is fastest; quantized there next
         if isinstance(module, bnb.nn.Linear4bit):
+            data = tensor.to(device=device, dtype=dtype)  # convert where it is fastest; quantized there next
             param = bnb.nn.Params4bit(
                 data, requires_grad=False, compress_statistics=module.weight.compress_statistics,
                 quant_type=module.weight.quant_type, module=module,
             )
         else:
-            param = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False)
+            # Int8Params quantizes only when it moves off the CPU: one already on the GPU would stay in
+            # bf16 until the first forward, so loading would peak at the unquantized model's size.
+            param = bnb.nn.Int8Params(tensor.to(device="cpu", dtype=dtype), requires_grad=False,
+                                      has_fp16_weights=False)
         # Moving a not-yet-quantized bitsandbytes parameter to a real device is what quantizes it.
         module.weight = param.to(device)
         return
