@@ -5,8 +5,10 @@ released config.json fields, fills it with random weights through the same per-t
 loading (`quantization.load_weight`: bf16 tensors, NF4-quantized on arrival for the LLM's linears), then
 measures on CUDA:
 
-* load: seconds to build and fill the model (random weights, so no disk reads: NOT a checkpoint load time);
-* memory after load, and peak memory while scoring (`torch.cuda.max_memory_allocated`);
+* load: seconds to build and fill the model (random weights, so no disk reads: NOT a checkpoint load time),
+  or with `--from-disk`, seconds for `load_model` to read the same random model saved once as a bf16 vqa2
+  model directory (one 16 GB `model.safetensors`): a real checkpoint load, cold when `--drop-caches` works;
+* memory after load, peak memory while loading, and peak while scoring (`torch.cuda.max_memory_allocated`);
 * decode: seconds for `load_video` on the clip (CPU, PyAV);
 * score: seconds per `VQA2.score(sample)` on the decoded sample (model only; median of --runs after one
   warm-up), with the sequence length it ran.
@@ -15,6 +17,7 @@ Needs a CUDA GPU, bitsandbytes (4-bit/8-bit) and pytorchvideo; no network. Run f
 
     python tests/bench/bench_model_gpu.py                     # 4bit and none (bf16), 5 runs each
     python tests/bench/bench_model_gpu.py --quant 4bit --runs 10 --json bench.json
+    python tests/bench/bench_model_gpu.py --from-disk /tmp/released-random --drop-caches   # needs ~16 GB of disk
 
 The clip is generated with PyAV (moving pattern, libx264, 30 fps, 1920x1080, 10 s = 300 frames), so the
 model sees 10 keyframes (+1 for the last partial second if any) and 300 motion frames.
@@ -47,17 +50,18 @@ def random_model(config, device, precision, seed=0):
     model = build_empty(config)
     shapes = expected_tensors(model)
     prepare(model, precision)
-    generator = torch.Generator().manual_seed(seed)
+    # Drawn on the GPU: 8 B values from a CPU generator take minutes.
+    generator = torch.Generator(device).manual_seed(seed)
     for name, shape in shapes.items():
         module_name, _, attr = name.rpartition(".")
         if attr == "num_batches_tracked":
-            tensor = torch.zeros(shape, dtype=torch.long)
+            tensor = torch.zeros(shape, dtype=torch.long, device=device)
         elif attr == "running_var" or ("norm" in module_name.rsplit(".", 1)[-1] and attr == "weight"):
-            tensor = torch.ones(shape)  # variances and norm scales of 1 keep activations in range
+            tensor = torch.ones(shape, device=device)  # variances and norm scales of 1 keep activations in range
         elif name.endswith(("bias", "running_mean")):
-            tensor = torch.zeros(shape)
+            tensor = torch.zeros(shape, device=device)
         else:
-            tensor = torch.randn(shape, generator=generator, dtype=torch.bfloat16) * 0.02
+            tensor = torch.randn(shape, generator=generator, dtype=torch.bfloat16, device=device) * 0.02
         load_weight(model.get_submodule(module_name), attr, tensor, device, precision.dtype)
     return finish(model, device)
 
@@ -80,11 +84,43 @@ def make_clip(path, seconds=10, fps=30, size=(1920, 1080)):
     return path
 
 
-def bench(quant, clip, runs):
+def write_model_dir(directory):
+    """The released architecture with random bf16 weights, saved once as a vqa2 model directory."""
+    import torch
+
+    from vqa2cli.checkpoint import is_model_dir, save_model_dir
+    from vqa2cli.config import VQA2Config
+    from vqa2cli.quantization import Precision
+    from vqa2cli.tokenizer import build_tokenizer
+
+    directory = Path(directory)
+    if is_model_dir(directory):
+        return
+    start = time.perf_counter()
+    model = random_model(VQA2Config.from_llava_qwen(RELEASED_CONFIG), torch.device("cuda"),
+                         Precision("none", torch.bfloat16))
+    save_model_dir(model, build_tokenizer(), directory)
+    del model
+    print(f"wrote {directory} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
+
+def drop_page_cache() -> bool:
+    """Make the next read come from disk (Linux, root); False when not allowed."""
+    import os
+
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def bench(quant, clip, runs, model_dir=None, drop_caches=False):
     import torch
 
     from vqa2cli.config import VQA2Config
-    from vqa2cli.pipeline import VQA2
+    from vqa2cli.pipeline import VQA2, load_model
     from vqa2cli.prompts import scoring_prompt, tokenize_prompt
     from vqa2cli.quantization import choose_precision
     from vqa2cli.tokenizer import build_tokenizer
@@ -94,19 +130,28 @@ def bench(quant, clip, runs):
     precision = choose_precision(device, quant)
     gc.collect()
     torch.cuda.empty_cache()
+    cold = drop_caches and drop_page_cache()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    model = random_model(VQA2Config.from_llava_qwen(RELEASED_CONFIG), device, precision)
+    if model_dir:
+        vqa2 = load_model(str(model_dir), device=device, quant=quant)
+        loaded_from = f"disk ({'page cache dropped' if cold else 'file may be in the page cache'})"
+    else:
+        model = random_model(VQA2Config.from_llava_qwen(RELEASED_CONFIG), device, precision)
+        # A small Qwen2-style tokenizer (the real one is not reachable offline): only the few text tokens
+        # around the ~2,300 visual tokens differ from the released prompt.
+        vqa2 = VQA2(f"released-random-{quant}", model, build_tokenizer(), device, precision)
+        loaded_from = "random weights, no disk reads"
     torch.cuda.synchronize()
     load_s = time.perf_counter() - start
+    print(f"{quant}: model loaded ({loaded_from}) in {load_s:.1f} s", file=sys.stderr, flush=True)
     loaded_bytes = torch.cuda.memory_allocated()
-    # A small Qwen2-style tokenizer (the real one is not reachable offline): only the few text tokens
-    # around the ~2,300 visual tokens differ from the released prompt.
-    vqa2 = VQA2(f"released-random-{quant}", model, build_tokenizer(), device, precision)
+    peak_loading = torch.cuda.max_memory_allocated()
 
     start = time.perf_counter()
     sample = load_video(clip, keyframe_size=vqa2.config.keyframe_size, motion_size=vqa2.config.motion_size)
     decode_s = time.perf_counter() - start
+    print(f"{quant}: clip decoded in {decode_s:.1f} s", file=sys.stderr, flush=True)
     ids = tokenize_prompt(scoring_prompt(vqa2.config.prompt), vqa2.tokenizer)
     tokens = len(ids) - 2 + sample.keyframes.shape[0] * vqa2.config.tokens_per_keyframe + 1 + sample.motion.shape[0]
 
@@ -122,8 +167,10 @@ def bench(quant, clip, runs):
     record = {
         "quant": precision.describe(),
         "gpu": torch.cuda.get_device_name(device),
-        "load_s_random_weights": round(load_s, 2),
+        "loaded_from": loaded_from,
+        "load_s": round(load_s, 2),
         "memory_after_load_gib": round(loaded_bytes / 2**30, 2),
+        "peak_memory_loading_gib": round(peak_loading / 2**30, 2),
         "peak_memory_scoring_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "decode_s": round(decode_s, 3),
         "score_s_median": round(statistics.median(times), 4),
@@ -133,7 +180,7 @@ def bench(quant, clip, runs):
         "sequence_length": int(tokens),
         "repeatable": all(r == results[0] for r in results),
     }
-    del vqa2, model, sample
+    del vqa2, sample
     return record
 
 
@@ -144,17 +191,23 @@ def main():
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--clip", help="use this video instead of the generated 10 s 1080p clip")
     parser.add_argument("--json", help="also write the records to this file")
+    parser.add_argument("--from-disk", metavar="DIR",
+                        help="load a saved model directory here (written first if absent) instead of random weights")
+    parser.add_argument("--drop-caches", action="store_true",
+                        help="with --from-disk: drop the page cache before each load (root) so it reads from disk")
     args = parser.parse_args()
 
     import torch
 
     if not torch.cuda.is_available():
         sys.exit("bench_model_gpu.py needs a CUDA GPU")
+    if args.from_disk:
+        write_model_dir(args.from_disk)
     with tempfile.TemporaryDirectory() as tmp:
         clip = args.clip or make_clip(Path(tmp) / "clip_1080p_10s.mp4")
         records = []
         for quant in args.quant or ["4bit", "none"]:
-            record = bench(quant, clip, args.runs)
+            record = bench(quant, clip, args.runs, args.from_disk, args.drop_caches)
             print(json.dumps(record), flush=True)
             records.append(record)
     if args.json:
