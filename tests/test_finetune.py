@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.fixtures.checkpoints import write_tiny_model_dir
-from tests.fixtures.clips import make_clip
+from tests.fixtures.finetune import finetune_options as options
+from tests.fixtures.finetune import quiet, write_stage_data
 from vqa2cli.errors import DataError, SetupError
 from vqa2cli.finetune import (
     FinetuneOptions,
@@ -35,31 +36,7 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """Four 64x64, 8-frame clips, two bright and two dark, and a CSV per stage about them."""
-    folder = tmp_path_factory.mktemp("data")
-    for name, level in (("b1", 220), ("b2", 200), ("d1", 30), ("d2", 50)):
-        make_clip(folder / f"{name}.mp4", size=(64, 64), frames=8, fps=8, color=(level,) * 3)
-    bright = {"b1": True, "b2": True, "d1": False, "d2": False}
-    (folder / "s1").mkdir()
-    (folder / "s2").mkdir()
-    (folder / "s3").mkdir()
-    for name in bright:  # each data folder holds its videos (a symlink out of it would be refused)
-        for stage in ("s1", "s2", "s3"):
-            os.link(folder / f"{name}.mp4", folder / stage / f"{name}.mp4")
-    (folder / "s1" / "d.csv").write_text("video,distortion,kind\n" + "".join(
-        f"{n}.mp4,{'overexposure' if b else 'underexposure'},spatial\n" for n, b in bright.items()))
-    (folder / "s2" / "d.csv").write_text("video,mos\n" + "".join(
-        f"{n}.mp4,{4.5 if b else 1.5}\n" for n, b in bright.items()))
-    (folder / "s3" / "d.csv").write_text("video,question,answer\n" + "".join(
-        f"{n}.mp4,Is this video bright?,{'yes' if b else 'no'}\n" for n, b in bright.items()))
-    return folder
-
-
-def options(base, folder, out, stage=3, **kw):
-    defaults = dict(stage=stage, data=str(folder / f"s{stage}"), model=str(base), output=str(out), lr=1e-3,
-                    max_steps=2, save_every=1000, device="cpu", mos_range=(1, 5) if stage == 2 else None)
-    defaults.update(kw)
-    return FinetuneOptions(**defaults)
+    return write_stage_data(tmp_path_factory.mktemp("data"))
 
 
 def weights(path):
@@ -75,10 +52,6 @@ def changed(before, after):
             part = "embed_tokens"
         (moved if not torch.equal(tensor, after[name]) else still).add(part)
     return moved, still - moved
-
-
-def quiet(_):
-    pass
 
 
 @pytest.fixture(scope="module")
