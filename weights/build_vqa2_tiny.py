@@ -313,6 +313,8 @@ def main() -> None:
                         help="optimizer steps of stages 1, 2, 3 and the yes/no pass")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
+    # Seeds 0 (shipped), 1 and 2 gave held-out SRCC 0.786, 0.765 and 0.661, yes/no 80.2%, 83.3% and 69.8%:
+    # judge a change of recipe by several seeds, never by one build.
     parser.add_argument("--seed", type=int, default=0, help="initialisation and data order")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per command; 1 leaves the other core to video decoding (prefetch)")
