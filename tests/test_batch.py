@@ -167,10 +167,13 @@ class _FakeModel:
             raise RuntimeError("out of memory")
         return ScoreResult(sample.duration / 10, " good", {" good": 1.0})
 
-    def score(self, sample, prompt=None, max_motion_frames=2000):
+    def sampling(self, max_motion_frames=None, max_keyframes=None):
+        return self.config.sampling(max_motion_frames, max_keyframes)
+
+    def score(self, sample, prompt=None):
         return self._result(sample)
 
-    def score_batch(self, samples, prompt=None, max_motion_frames=2000):
+    def score_batch(self, samples, prompt=None):
         self.batches.append([sample.path for sample in samples])
         if self.fail_batches:
             raise RuntimeError("out of memory")

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from vqa2cli import evaluation, metrics, synth
+from vqa2cli.config import tiny_config
 from vqa2cli.errors import DataError
 
 
@@ -27,12 +28,15 @@ class KnownModel:
     name = "known"
 
     def __init__(self, mos_by_file, answers=None, wrong=()):
-        self.config = SimpleNamespace(keyframe_size=32, motion_size=32, motion=SimpleNamespace(max_frames=64))
+        self.config = tiny_config()
         self.mos_by_file = mos_by_file
         self.answers = answers or {}
         self.wrong = set(wrong)
 
-    def score(self, sample, prompt=None, max_motion_frames=2000):
+    def sampling(self, max_motion_frames=None, max_keyframes=None):
+        return self.config.sampling(max_motion_frames, max_keyframes)
+
+    def score(self, sample, prompt=None):
         mos = self.mos_by_file[sample.path]
         # the inverse of the logistic 100 / (1 + exp(-(x - 0.5) / 0.1)): a fit recovers MOS exactly
         score = 0.5 - 0.1 * math.log(100 / mos - 1)

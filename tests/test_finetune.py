@@ -442,3 +442,18 @@ def test_frozen_encoders_encode_each_video_once_with_the_same_result(base, data,
     run(options(base, data, tmp_path / "projector", max_steps=6, batch_size=2,
                 train=("language_model", "mm_projector")), say=quiet)
     assert len(decoded) >= 12  # every use (and the batches read ahead)
+
+
+def test_videos_longer_than_the_position_table_are_sampled_down(tmp_path, vqa2):
+    """Regression: finetune decoded with the default 2000-frame cap, so vqa2-tiny (48 positions) failed on any
+    clip over ~2 s with "motion frames exceed the model's position table"."""
+    from tests.fixtures.clips import make_clip
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    make_clip(folder / "long.mp4", seconds=5, fps=24, size=(64, 64))  # 120 frames
+    (folder / "mos.csv").write_text("video,mos\nlong.mp4,3.5\n")
+    code, out, err = vqa2("finetune", "--stage", "2", str(folder), "--mos-range", "1", "5", "--model", "vqa2-tiny",
+                          "--output", str(tmp_path / "out"), "--max-steps", "1", "--device", "cpu")
+    assert code == 0, err
+    assert "error" not in err and (tmp_path / "out" / "model.safetensors").exists()

@@ -76,8 +76,21 @@ def test_prompt_kinds(ours):
 
 def test_too_many_motion_frames_is_an_input_error(ours):
     limit = ours.config.motion.max_frames
-    with pytest.raises(InputError, match=f"more than this model's {limit}"):
+    with pytest.raises(InputError, match=f"more than model .*'s {limit}; decode it with model.load_video"):
         ours.score(tiny_sample(ours.config, num_motion=limit + 4))
+
+
+def test_a_sample_decoded_at_other_sizes_is_refused_in_one_line(ours, clip_factory):
+    """Regression: `load_video(path)` (384 px defaults) then `score` raised a raw tensor-size RuntimeError."""
+    from vqa2cli.video import load_video
+
+    clip = clip_factory(seconds=2, fps=8)
+    with pytest.raises(InputError) as caught:
+        ours.score(load_video(clip))
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{clip}: decoded at 384 px keyframes and 384 px motion")
+    assert f"takes {ours.config.keyframe_size} and {ours.config.motion_size}" in message
+    assert ours.score(ours.load_video(clip)) == ours.score(clip)
 
 
 def test_ask_streams_the_answer(ours):
@@ -128,14 +141,12 @@ def test_registry_entry_sets_the_prompt_of_an_official_checkpoint(tiny_official_
 
 def test_scores_a_video_file(ours, clip_factory):
     """A path is decoded with the model's frame sizes, its motion stream capped to the position table."""
-    from vqa2cli.video import load_video
-
     clip = clip_factory(seconds=4, fps=25)  # 100 frames; the tiny model's table holds 64
     limit = ours.config.motion.max_frames
-    result = ours.score(clip)  # max_motion_frames defaults to 2000: capped, not an error
-    sample = load_video(clip, keyframe_size=ours.config.keyframe_size, motion_size=ours.config.motion_size,
-                        max_motion_frames=limit)
-    assert sample.keyframes.shape[-1] == ours.config.keyframe_size and 0 < sample.motion.shape[0] <= limit
+    result = ours.score(clip, max_motion_frames=2000)  # capped to the table, not an error
+    sample = ours.load_video(clip)
+    assert sample.keyframes.shape[-1] == ours.config.keyframe_size and sample.motion.shape[-1] == ours.config.motion_size
+    assert sample.motion.shape[0] == limit
     assert ours.score(sample) == result
     assert ours.score(clip, max_motion_frames=32) != result
 

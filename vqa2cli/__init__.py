@@ -1,9 +1,10 @@
 """vqa2: video quality assessment with the VQA² model (arXiv 2411.03795).
 
     >>> import vqa2cli
-    >>> sample = vqa2cli.load_video("clip.mp4")
     >>> model = vqa2cli.load_model("vqa2-tiny")
-    >>> model.score(sample).score
+    >>> model.score("clip.mp4").score                  # decodes the clip the way this model takes it
+    >>> sample = model.load_video("clip.mp4")          # or decode once, then score and ask about it
+    >>> model.score(sample).level, model.ask(sample, "Is there any blur?")
 
 Heavy libraries (torch, transformers) load on first use of a name below, so `import vqa2cli` and
 `vqa2 --help` stay instant.

@@ -226,25 +226,11 @@ def score_videos(
     (the model or device failing as a whole) ends the batch with that exception after the records
     already yielded.
     """
-    from vqa2cli.video import load_video
-
-    config = model.config
-    # the model's motion position table bounds the stream: decode no more than it can take
-    max_motion_frames = min(max_motion_frames, config.motion.max_frames)
-
-    def decode(path):
-        return load_video(
-            path,
-            keyframe_size=config.keyframe_size,
-            motion_size=config.motion_size,
-            max_motion_frames=max_motion_frames,
-            max_keyframes=max_keyframes,
-        )
-
+    decode = model.sampling(max_motion_frames, max_keyframes).load
     pending = []  # (record, sample or None, decode seconds), in input order
 
     def flush():
-        records = _score_pending(model, pending, prompt, max_motion_frames)
+        records = _score_pending(model, pending, prompt)
         pending.clear()  # drop the frames before yielding
         return records
 
@@ -264,7 +250,7 @@ def score_videos(
         yield from flush()
 
 
-def _score_pending(model, pending, prompt, max_motion_frames) -> list:
+def _score_pending(model, pending, prompt) -> list:
     """Score the decoded samples of `pending` (in one batch when several), fill in their records."""
     samples = [sample for _, sample, _ in pending if sample is not None]
     done = [record for record, sample, _ in pending if sample is not None]
@@ -272,7 +258,7 @@ def _score_pending(model, pending, prompt, max_motion_frames) -> list:
     results = None
     if len(samples) > 1:
         try:
-            results = model.score_batch(samples, prompt=prompt, max_motion_frames=max_motion_frames)
+            results = model.score_batch(samples, prompt=prompt)
         except SetupError:
             raise
         except Exception:  # e.g. out of memory for the batch: score them one by one to find the culprit
@@ -286,7 +272,7 @@ def _score_pending(model, pending, prompt, max_motion_frames) -> list:
         for record, sample in zip(done, samples):
             one_start = time.perf_counter()
             try:
-                _fill(record, model.score(sample, prompt=prompt, max_motion_frames=max_motion_frames))
+                _fill(record, model.score(sample, prompt=prompt))
             except SetupError:
                 raise
             except Exception as failure:  # this video cannot be scored; the batch goes on

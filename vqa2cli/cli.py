@@ -295,17 +295,10 @@ def ask(video, question, questions_file, model_name, device, quant, max_new_toke
     """
     questions = _read_questions(question, questions_file)  # a usage error before any slow import
     from vqa2cli.output import JsonArrayWriter, Reporter, to_json
-    from vqa2cli.video import load_video
 
     reporter = Reporter.for_stderr(quiet)
     model = _load_model(reporter, model_name, device, quant, task="ask")
-    sample = load_video(
-        video,
-        keyframe_size=model.config.keyframe_size,
-        motion_size=model.config.motion_size,
-        max_motion_frames=min(max_motion_frames, model.config.motion.max_frames),
-        max_keyframes=max_keyframes,
-    )
+    sample = model.load_video(video, max_motion_frames, max_keyframes)
 
     def echo(text):
         sys.stdout.write(text)

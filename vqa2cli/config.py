@@ -153,6 +153,15 @@ class VQA2Config:
     def tokens_per_keyframe(self) -> int:
         return self.pooled_grid**2
 
+    def sampling(self, max_motion_frames: int | None = None, max_keyframes: int | None = None):
+        """How to decode a video for this model (`vqa2cli.video.Sampling`): its frame sizes, and the user's
+        frame caps (default 2000 motion frames, 40 keyframes) held within its motion position table."""
+        from vqa2cli.video import Sampling
+
+        motion_cap = self.motion.max_frames if max_motion_frames is None else min(max_motion_frames, self.motion.max_frames)
+        return Sampling(self.keyframe_size, self.motion_size, motion_cap,
+                        Sampling.max_keyframes if max_keyframes is None else max_keyframes)
+
     # ---- our JSON -------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict:

@@ -137,21 +137,12 @@ def evaluate_questions(model, labels: LabelSet, max_motion_frames=2000, max_new_
     from vqa2cli import metrics
     from vqa2cli.batch import Prefetcher, error_message
     from vqa2cli.errors import SetupError
-    from vqa2cli.video import load_video
-
     by_video = {}
     for row in labels.rows:
         by_video.setdefault(row.video, []).append(row)
 
-    config = model.config
-    max_motion_frames = min(max_motion_frames, config.motion.max_frames)  # the position table's length
-
-    def decode(path):
-        return load_video(path, keyframe_size=config.keyframe_size, motion_size=config.motion_size,
-                          max_motion_frames=max_motion_frames)
-
     records = []
-    with Prefetcher((str(video) for video in by_video), decode) as prefetcher:
+    with Prefetcher((str(video) for video in by_video), model.sampling(max_motion_frames).load) as prefetcher:
         for (video, rows), (_, sample, error, decode_seconds) in zip(by_video.items(), prefetcher):
             for row in rows:
                 start = time.perf_counter()

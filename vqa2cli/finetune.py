@@ -697,7 +697,6 @@ def run(options: FinetuneOptions, say=None) -> FinetuneResult:
 
 def _run(options: FinetuneOptions, procs: Processes, say) -> FinetuneResult:
     from vqa2cli.quantization import Precision
-    from vqa2cli.video import load_video
 
     output = Path(options.output)
     _prepare_output(output, options.resume)
@@ -790,7 +789,8 @@ def _run(options: FinetuneOptions, procs: Processes, say) -> FinetuneResult:
             model, device_ids=[procs.device.index] if cuda else None, find_unused_parameters=True
         )
 
-    keyframe_size, motion_size = model.config.keyframe_size, model.config.motion_size
+    # the model's own sizes, and the motion cap held within its position table
+    sampling = model.config.sampling(options.max_motion_frames)
     trained_params = [named[n] for n in trainable]
 
     def autocast():
@@ -809,8 +809,7 @@ def _run(options: FinetuneOptions, procs: Processes, say) -> FinetuneResult:
             try:
                 sample = cache.get(record.video) if cache else None
                 if sample is None:
-                    sample = load_video(record.video, keyframe_size=keyframe_size, motion_size=motion_size,
-                                        max_motion_frames=options.max_motion_frames)
+                    sample = sampling.load(record.video)
                 examples.append((record.video, sample, build_example(record, sample, tokenizer)))
             except InputError as error:
                 failures.append(f"{record.where}: {error}")

@@ -83,7 +83,7 @@ def load_model(
 
 
 class VQA2:
-    """A loaded model. `config.keyframe_size` / `config.motion_size` tell `load_video` what to produce."""
+    """A loaded model. `load_video(path)` / `sampling()` decode videos the way this model takes them."""
 
     def __init__(self, name: str, model, tokenizer, device: torch.device, precision: Precision):
         self.name = name
@@ -107,26 +107,34 @@ class VQA2:
 
     # ---- inputs --------------------------------------------------------------------------------------
 
-    def _sample(self, video, max_motion_frames: int, max_keyframes: int):
-        limit = self.config.motion.max_frames
-        if hasattr(video, "keyframes") and hasattr(video, "motion"):  # a VideoSample (or alike)
-            if video.motion.shape[0] > limit:
-                raise InputError(
-                    f"{video.path}: {video.motion.shape[0]} motion frames, more than this model's {limit}; "
-                    f"decode it with max_motion_frames={limit}"
-                )
-            return video
-        if isinstance(video, (str, os.PathLike)):
-            from vqa2cli.video import load_video
+    def sampling(self, max_motion_frames: int | None = None, max_keyframes: int | None = None):
+        """How to decode videos for this model (`vqa2cli.video.Sampling`): its frame sizes; the caps are
+        the user's, held within the model's motion position table."""
+        return self.config.sampling(max_motion_frames, max_keyframes)
 
-            return load_video(
-                os.fspath(video),
-                keyframe_size=self.config.keyframe_size,
-                motion_size=self.config.motion_size,
-                max_motion_frames=min(max_motion_frames, limit),
-                max_keyframes=max_keyframes,
+    def load_video(self, path, max_motion_frames: int | None = None, max_keyframes: int | None = None):
+        """Decode `path` for this model (a `VideoSample` that `score`/`ask` take as it is)."""
+        return self.sampling(max_motion_frames, max_keyframes).load(path)
+
+    def _sample(self, video, max_motion_frames: int | None, max_keyframes: int | None):
+        if isinstance(video, (str, os.PathLike)):
+            return self.load_video(video, max_motion_frames, max_keyframes)
+        if not (hasattr(video, "keyframes") and hasattr(video, "motion")):
+            raise TypeError(f"video must be a path or a VideoSample, not {type(video).__name__}")
+        expected = self.sampling()
+        sizes = (video.keyframes.shape[-1], video.motion.shape[-1])
+        if sizes != (expected.keyframe_size, expected.motion_size):
+            raise InputError(
+                f"{video.path}: decoded at {sizes[0]} px keyframes and {sizes[1]} px motion frames, but model "
+                f"{self.name} takes {expected.keyframe_size} and {expected.motion_size}; decode it with "
+                f"model.load_video(path)"
             )
-        raise TypeError(f"video must be a path or a VideoSample, not {type(video).__name__}")
+        if video.motion.shape[0] > expected.max_motion_frames:
+            raise InputError(
+                f"{video.path}: {video.motion.shape[0]} motion frames, more than model {self.name}'s "
+                f"{expected.max_motion_frames}; decode it with model.load_video(path)"
+            )
+        return video
 
     def _splits(self, sample) -> list[int] | None:
         """per_second layout: the motion frames of each keyframe's second, from the sample's frame
@@ -152,16 +160,16 @@ class VQA2:
 
     # ---- scoring -------------------------------------------------------------------------------------
 
-    def score(self, video, prompt: str | None = None, max_motion_frames: int = 2000,
-              max_keyframes: int = 40) -> ScoreResult:
+    def score(self, video, prompt: str | None = None, max_motion_frames: int | None = None,
+              max_keyframes: int | None = None) -> ScoreResult:
         """Quality of one video (a path or a `VideoSample`). `prompt`: the scoring prompt kind (ugc,
         streaming, enhanced); default: the one the model was trained with. The frame caps apply when
-        `video` is a path (see `load_video`)."""
+        `video` is a path (see `load_video`; default: the model's own limits)."""
         return self.score_batch([video], prompt=prompt, max_motion_frames=max_motion_frames,
                                 max_keyframes=max_keyframes)[0]
 
-    def score_batch(self, videos, prompt: str | None = None, max_motion_frames: int = 2000,
-                    max_keyframes: int = 40) -> list[ScoreResult]:
+    def score_batch(self, videos, prompt: str | None = None, max_motion_frames: int | None = None,
+                    max_keyframes: int | None = None) -> list[ScoreResult]:
         """Several videos in one forward pass (left-padded). Results equal one-by-one scoring up to
         float rounding of the padded batch; use `score` where bitwise repeatability across batch
         compositions matters."""
@@ -193,7 +201,7 @@ class VQA2:
         pieces as it is generated. Returns the whole answer."""
         from vqa2cli.prompts import question_prompt
 
-        sample = self._sample(video, max_motion_frames=2000, max_keyframes=40)
+        sample = self._sample(video, max_motion_frames=None, max_keyframes=None)
         text = question_prompt(question, num_keyframes=sample.keyframes.shape[0], num_frames=sample.motion.shape[0])
         streamer = _callback_streamer(self.tokenizer, on_text) if on_text is not None else None
         with torch.inference_mode():

@@ -68,7 +68,7 @@ import math
 import os
 import stat
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import av
 import numpy as np
@@ -113,6 +113,23 @@ class VideoSample:
     width: int  # displayed size (after rotation)
     height: int
     warnings: list[str] = field(default_factory=list)  # damage that was tolerated
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What to decode for one model: frame sizes from the model, frame caps within the model's limits.
+
+    Get one from the model (`VQA2.sampling()`, `VQA2Config.sampling()`) rather than building it by hand,
+    so the sizes and caps always match what the model takes. Picklable: decode worker processes get it.
+    """
+
+    keyframe_size: int = 384
+    motion_size: int = 384
+    max_motion_frames: int = 2000
+    max_keyframes: int = 40
+
+    def load(self, path) -> VideoSample:
+        return load_video(path, **asdict(self))
 
 
 def normalize(frames: torch.Tensor) -> torch.Tensor:

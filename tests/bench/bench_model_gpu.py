@@ -124,7 +124,6 @@ def bench(quant, clip, runs, model_dir=None, drop_caches=False):
     from vqa2cli.prompts import scoring_prompt, tokenize_prompt
     from vqa2cli.quantization import choose_precision
     from vqa2cli.tokenizer import build_tokenizer
-    from vqa2cli.video import load_video
 
     device = torch.device("cuda")
     precision = choose_precision(device, quant)
@@ -149,7 +148,7 @@ def bench(quant, clip, runs, model_dir=None, drop_caches=False):
     peak_loading = torch.cuda.max_memory_allocated()
 
     start = time.perf_counter()
-    sample = load_video(clip, keyframe_size=vqa2.config.keyframe_size, motion_size=vqa2.config.motion_size)
+    sample = vqa2.load_video(clip)
     decode_s = time.perf_counter() - start
     print(f"{quant}: clip decoded in {decode_s:.1f} s", file=sys.stderr, flush=True)
     ids = tokenize_prompt(scoring_prompt(vqa2.config.prompt), vqa2.tokenizer)
