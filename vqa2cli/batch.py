@@ -39,7 +39,13 @@ def is_video_name(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS
 
 
-def _walk(directory: str, recursive: bool, warn: Callable[[str], None]) -> Iterator[str]:
+def _walk(directory: str, recursive: bool, warn: Callable[[str], None], images: bool = False) -> Iterator[str]:
+    wanted, kinds, extensions = is_video_name, "video", VIDEO_EXTENSIONS
+    if images:
+        from vqa2cli.images import IMAGE_EXTENSIONS, is_image_name
+
+        wanted = lambda name: is_video_name(name) or is_image_name(name)  # noqa: E731
+        kinds, extensions = "video or image", VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
     found = 0
     skipped_dirs = 0
     for root, dirs, files in os.walk(directory, onerror=lambda error: warn(f"{error.filename}: {error.strerror}")):
@@ -49,11 +55,11 @@ def _walk(directory: str, recursive: bool, warn: Callable[[str], None]) -> Itera
             skipped_dirs += len(dirs)
             dirs[:] = []
         for name in sorted(files):
-            if not name.startswith(".") and is_video_name(name):
+            if not name.startswith(".") and wanted(name):
                 found += 1
                 yield os.path.join(root, name)
     if not found:
-        warn(f"{directory}: no video files found (looked for {', '.join(sorted(VIDEO_EXTENSIONS))})")
+        warn(f"{directory}: no {kinds} files found (looked for {', '.join(sorted(extensions))})")
     if skipped_dirs:
         warn(f"{directory}: {skipped_dirs} subdirector{'y' if skipped_dirs == 1 else 'ies'} skipped (use --recursive)")
 
@@ -91,6 +97,7 @@ def expand_paths(
     recursive: bool = False,
     stdin=None,
     warn: Optional[Callable[[str], None]] = None,
+    images: bool = False,
 ) -> Iterator[str]:
     """Video paths from command-line inputs, lazily, in order.
 
@@ -100,13 +107,14 @@ def expand_paths(
     lines: a text file, or `fd_lines(0)`), one per line, as
     they arrive, so `find ... | vqa2 score -` starts before `find` ends; a directory read there is
     expanded the same way. `warn` gets one-line notes (empty directories, skipped subdirectories).
+    `images`: directories give still images too (`vqa2cli.images.IMAGE_EXTENSIONS`), for models that take them.
     """
     warn = warn or (lambda message: None)
     for item in inputs:
         sources = _stdin_paths(stdin) if item == "-" else [item]
         for path in sources:
             if os.path.isdir(path):
-                yield from _walk(path, recursive, warn)
+                yield from _walk(path, recursive, warn, images)
             else:
                 yield path
 

@@ -187,6 +187,9 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyfr
     seconds and error. A file that fails gives a record with `error` and a line on stderr; the
     batch goes on.
 
+    Still images (.jpg .png …, also in directories) are scored by models trained on them
+    (vqa2-assistant-enhanced); other models refuse them.
+
     Exit status: 0 all scored, 1 some failed, 2 bad usage or model not available, 130 interrupted
     (the results so far are written, and --json output stays a valid array).
 
@@ -209,7 +212,8 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyfr
     try:
         # the model first: when it cannot load, its error is the only message
         model = _load_model(reporter, model_name, device, quant, task="score")
-        inputs = expand_paths(paths, recursive=recursive, stdin=_stdin_lines(), warn=None if quiet else reporter.note)
+        inputs = expand_paths(paths, recursive=recursive, stdin=_stdin_lines(), warn=None if quiet else reporter.note,
+                              images=model.config.images)
         # without stdin the whole list is known up front, which gives the progress bar its ETA
         total = None
         if "-" not in paths:

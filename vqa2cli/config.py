@@ -129,6 +129,9 @@ class VQA2Config:
     level_words: tuple[str, ...] = LEVEL_WORDS
     prompt: str = "ugc"  # default scoring prompt kind
     max_training_length: int = 10000  # embeddings per sequence the release trained with
+    # Trained on still images too (the release's enhanced checkpoint): photos are scored the release's way,
+    # one unpooled keyframe (vqa2cli.images). Others refuse photos: they never saw that layout or prompt.
+    images: bool = False
 
     def __post_init__(self):
         for name, cls in (("vision", VisionConfig), ("motion", MotionConfig), ("text", TextConfig)):
@@ -148,6 +151,8 @@ class VQA2Config:
             raise ValueError(f"prompt must be one of {PROMPT_KINDS}, got {self.prompt!r}")
         if not 0 < self.pooled_grid <= self.vision.grid:
             raise ValueError(f"pooled_grid {self.pooled_grid} must be in 1..{self.vision.grid}")
+        if self.images and self.token_layout != "official":
+            raise ValueError("images need the official token layout (the release's image path)")
 
     @property
     def tokens_per_keyframe(self) -> int:
@@ -160,7 +165,7 @@ class VQA2Config:
 
         motion_cap = self.motion.max_frames if max_motion_frames is None else min(max_motion_frames, self.motion.max_frames)
         return Sampling(self.keyframe_size, self.motion_size, motion_cap,
-                        Sampling.max_keyframes if max_keyframes is None else max_keyframes)
+                        Sampling.max_keyframes if max_keyframes is None else max_keyframes, images=self.images)
 
     # ---- our JSON -------------------------------------------------------------------------------------
 

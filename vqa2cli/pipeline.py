@@ -68,8 +68,9 @@ def load_model(
     if checkpoint.is_model_dir(path):
         model, tokenizer = checkpoint.load_model_dir(path, device=device, precision=precision)
     elif checkpoint.is_official(path):
-        # Official configs do not say which prompt the checkpoint was trained with; the registry does.
-        overrides = {"prompt": resolved.prompt} if resolved.prompt else {}
+        # Official configs do not say which prompt the checkpoint was trained with, or whether on images too;
+        # the registry does.
+        overrides = {"prompt": resolved.prompt, "images": resolved.images} if resolved.entry else {}
         config = checkpoint.official_config(path, **overrides)
         model = checkpoint.load_official(path, device=device, precision=precision, config=config)
         tokenizer = checkpoint.load_tokenizer(path)
@@ -121,7 +122,11 @@ class VQA2:
             return self.load_video(video, max_motion_frames, max_keyframes)
         if not (hasattr(video, "keyframes") and hasattr(video, "motion")):
             raise TypeError(f"video must be a path or a VideoSample, not {type(video).__name__}")
+        from vqa2cli.images import ImageSample
+
         expected = self.sampling()
+        if isinstance(video, ImageSample) and not expected.images:
+            raise InputError(f"{video.path}: a still image, and model {self.name} takes videos only")
         sizes = (video.keyframes.shape[-1], video.motion.shape[-1])
         if sizes != (expected.keyframe_size, expected.motion_size):
             raise InputError(
@@ -145,14 +150,26 @@ class VQA2:
 
         return motion_splits(sample.keyframe_indices, sample.motion_indices)
 
+    def _keyframes(self, sample):
+        """What the model takes for the sample's keyframes: the frames, or for a still image its unpooled
+        encoding (`vqa2cli.images`; its motion is never placed: the image prompts have one placeholder)."""
+        from vqa2cli.images import ImageSample
+
+        if not isinstance(sample, ImageSample):
+            return sample.keyframes
+        return self.model.encode_video(sample.keyframes, None, pool=False)
+
     def _ids(self, text: str) -> torch.Tensor:
         from vqa2cli.prompts import tokenize_prompt
 
         return torch.tensor(tokenize_prompt(text, self.tokenizer), dtype=torch.long)
 
-    def _score_text(self, prompt: str | None) -> str:
-        from vqa2cli.prompts import scoring_prompt
+    def _score_text(self, prompt: str | None, sample=None) -> str:
+        from vqa2cli.images import ImageSample
+        from vqa2cli.prompts import image_scoring_prompt, scoring_prompt
 
+        if isinstance(sample, ImageSample):
+            return image_scoring_prompt()  # whatever the video prompt kind: images have their own
         kind = prompt or self.config.prompt
         if kind not in PROMPT_KINDS:
             raise SetupError(f"unknown scoring prompt {kind!r}: expected one of {', '.join(PROMPT_KINDS)}")
@@ -178,11 +195,10 @@ class VQA2:
         samples = [self._sample(v, max_motion_frames, max_keyframes) for v in videos]
         if not samples:
             return []
-        ids = self._ids(self._score_text(prompt))
         with torch.inference_mode():
             out = self.model(
-                [ids] * len(samples),
-                [s.keyframes for s in samples],
+                [self._ids(self._score_text(prompt, s)) for s in samples],
+                [self._keyframes(s) for s in samples],
                 [s.motion for s in samples],
                 logits_to_keep=1,
                 motion_splits=[self._splits(s) for s in samples],
@@ -199,15 +215,20 @@ class VQA2:
     def ask(self, video, question: str, max_new_tokens: int = 512, on_text=None) -> str:
         """Greedy answer to a free-form question about the video; `on_text(str)` receives the answer in
         pieces as it is generated. Returns the whole answer."""
-        from vqa2cli.prompts import question_prompt
+        from vqa2cli.images import ImageSample
+        from vqa2cli.prompts import image_question_prompt, question_prompt
 
         sample = self._sample(video, max_motion_frames=None, max_keyframes=None)
-        text = question_prompt(question, num_keyframes=sample.keyframes.shape[0], num_frames=sample.motion.shape[0])
+        if isinstance(sample, ImageSample):
+            text = image_question_prompt(question)
+        else:
+            text = question_prompt(question, num_keyframes=sample.keyframes.shape[0],
+                                   num_frames=sample.motion.shape[0])
         streamer = _callback_streamer(self.tokenizer, on_text) if on_text is not None else None
         with torch.inference_mode():
             new_ids = self.model.generate(
                 self._ids(text),
-                sample.keyframes,
+                self._keyframes(sample),
                 sample.motion,
                 max_new_tokens=max_new_tokens,
                 eos_token_id=self._stop_ids(),

@@ -55,6 +55,23 @@ def scoring_prompt(kind: str = "ugc", context: str = "", close_turn: bool = Fals
     return text if close_turn else text[: -len(f"{IM_END}\n")]
 
 
+# The release's image scripts (enhanced checkpoint; model_score_image.py, model_vqa_image.py): ONE placeholder,
+# which takes the keyframe block only (the image's repeated-frame motion features are computed, never placed).
+IMAGE_SCORE_PREFILL = "The overall quality of the image is"
+IMAGE_PREAMBLE = "You will receive one image. Please analyze these images and answer the questions based on your observations."
+
+
+def image_scoring_prompt() -> str:
+    """The scorer prompt for a still image: user turn `<image>`, assistant prefilled "The overall quality of
+    the image is"; the level distribution is read at its last token, as for `scoring_prompt`."""
+    return chatml([("user", IMAGE_TOKEN), ("assistant", IMAGE_SCORE_PREFILL)])[: -len(f"{IM_END}\n")]
+
+
+def image_question_prompt(question: str) -> str:
+    """The Assistant prompt for a question about a still image, ready for generation."""
+    return chatml([("user", f"{IMAGE_PREAMBLE}\n{IMAGE_TOKEN}\n{question.strip()}"), ("assistant", None)])
+
+
 def score_logit_index(kind: str = "ugc", close_turn: bool = False) -> int:
     """Position of the logit row holding the level distribution for `scoring_prompt(kind, close_turn)`."""
     return -3 if close_turn and kind != "enhanced" else -1

@@ -55,9 +55,17 @@ grayscale, palette).
 Damage: decoding goes on past packets the decoder rejects and past a read error (a truncated or
 damaged file ends the stream there). A sample is returned as long as at least one frame decodes; what
 was lost is reported in `VideoSample.warnings`. A video with no decodable frame raises `VideoError`.
-A still image (png, jpg, a one-frame gif, ...) is rejected as not a video rather than taken as a
-one-frame clip: scoring a photo as video would be meaningless. Animated gif and apng are videos
-(animated WebP is not: FFmpeg's WebP decoder reads still pictures only).
+A still image (png, jpg, a one-frame gif, ...) is rejected as not a video (`StillImageError`) rather
+than taken as a one-frame clip: scoring a photo as video would be meaningless. `Sampling.load` hands it
+to `vqa2cli.images` for models trained on still images. Animated gif and apng are videos (animated WebP
+is not: FFmpeg's WebP decoder reads still pictures only).
+
+`load_video(..., tap=...)` lets another sampler see the same decoding pass (`vqa2cli.timeline` samples
+consecutive windows from it): `tap.start(expected_frames, fps)` once, then `tap.frame(index, frame,
+quarter_turns, keyframe, motion, submit, finish)` for every decoded frame, after this pass's own resize jobs
+for it were queued. `keyframe` / `motion` are the slots this pass fills from the frame (numpy views, or
+None), `submit(job, *args)` queues `job(*args)` on the resize thread (in order, after those fills) and
+`finish(n)` waits until at most n jobs are pending (0 before moving anything a queued job writes).
 """
 
 from __future__ import annotations
@@ -68,7 +76,7 @@ import math
 import os
 import stat
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import av
 import numpy as np
@@ -100,6 +108,14 @@ class VideoError(InputError):
         super().__init__(f"{_one_line(self.path)}: {self.reason}")
 
 
+class StillImageError(VideoError):
+    """A still picture, not a video. `picture` names it: "a still image (png)"."""
+
+    def __init__(self, path, picture: str):
+        self.picture = picture
+        super().__init__(path, f"{picture}, not a video")
+
+
 @dataclass
 class VideoSample:
     path: str
@@ -127,9 +143,21 @@ class Sampling:
     motion_size: int = 384
     max_motion_frames: int = 2000
     max_keyframes: int = 40
+    images: bool = False  # the model takes still images too (`vqa2cli.images.load_image`)
 
-    def load(self, path) -> VideoSample:
-        return load_video(path, **asdict(self))
+    def load(self, path, tap=None) -> VideoSample:
+        """`path` decoded for the model; a still image too when the model takes them (an `ImageSample`).
+        `tap`: see the module docstring."""
+        try:
+            return load_video(path, self.keyframe_size, self.motion_size, self.max_motion_frames,
+                              self.max_keyframes, tap=tap)
+        except StillImageError as still:
+            if not self.images:
+                raise VideoError(still.path, f"{still.picture}: this model scores videos only "
+                                             "(vqa2-assistant-enhanced scores images too)") from None
+        from vqa2cli.images import load_image
+
+        return load_image(path, self.keyframe_size, self.motion_size)
 
 
 def normalize(frames: torch.Tensor) -> torch.Tensor:
@@ -146,7 +174,7 @@ def _normalize_into(out: np.ndarray, rgb: np.ndarray) -> None:
 
 
 def load_video(path, keyframe_size: int = 384, motion_size: int = 384,
-               max_motion_frames: int = 2000, max_keyframes: int = 40) -> VideoSample:
+               max_motion_frames: int = 2000, max_keyframes: int = 40, tap=None) -> VideoSample:
     """Decode `path` once into keyframes and the motion stream (see the module docstring).
 
     Raises `VideoError` (one line naming the file and the reason) for anything that is not a usable
@@ -167,7 +195,7 @@ def load_video(path, keyframe_size: int = 384, motion_size: int = 384,
             probe = _probe(path, container)
             container = _rewound(path, container, probe)
             return _decode(path, container, probe, int(keyframe_size), int(motion_size),
-                           int(max_motion_frames), int(max_keyframes))
+                           int(max_motion_frames), int(max_keyframes), tap)
         finally:
             container.close()
 
@@ -197,7 +225,7 @@ def check_video(path) -> None:
         finally:
             container.close()
     if decoded:
-        raise VideoError(path, f"a still image ({fmt.removesuffix('_pipe')}), not a video")
+        raise StillImageError(path, f"a still image ({fmt.removesuffix('_pipe')})")
     raise VideoError(path, "no decodable video frames")
 
 
@@ -427,9 +455,11 @@ def _keyframe_rule(expected: int, step: int, max_keyframes: int):
 
 
 def _decode(path: str, container, probe: _Probe, keyframe_size: int, motion_size: int,
-            max_motion_frames: int, max_keyframes: int) -> VideoSample:
+            max_motion_frames: int, max_keyframes: int, tap=None) -> VideoSample:
     step = max(1, round(probe.fps))
     expected = max(probe.packets, 1)
+    if tap is not None:
+        tap.start(expected, probe.fps)
     is_keyframe = _keyframe_rule(expected, step, max_keyframes)
     try:
         motion = _MotionBuffer(expected, max_motion_frames - max_motion_frames % 4, motion_size)
@@ -504,6 +534,7 @@ def _decode(path: str, container, probe: _Probe, keyframe_size: int, motion_size
                 if motion.full:
                     finish(0)  # growing or halving moves frames that pending jobs may still write
                 slot = motion.slot(index)
+            filled = (keyframe, slot)
             if keyframe is not None:
                 shared = slot if keyframe_size == motion_size else None
                 pending.append(resizer.submit(resize, frame, _keyframe_into, keyframe, shared, frame,
@@ -513,6 +544,9 @@ def _decode(path: str, container, probe: _Probe, keyframe_size: int, motion_size
             if slot is not None:
                 pending.append(resizer.submit(resize, frame, _fast_resize_into, slot, reformatter, frame,
                                               quarter_turns))
+            if tap is not None:
+                tap.frame(index, frame, quarter_turns, *filled,
+                          lambda job, *args: pending.append(resizer.submit(resize, frame, job, *args)), finish)
             finish(_IN_FLIGHT)
 
         read_errors: list[str] = []
@@ -541,7 +575,7 @@ def _decode(path: str, container, probe: _Probe, keyframe_size: int, motion_size
     if picture and index <= 1:
         # Deliberate: one picture is not a video (animated gif/apng are).
         kind = "a still image" if index else "an image FFmpeg cannot decode"
-        raise VideoError(path, f"{kind} ({fmt.removesuffix('_pipe')}), not a video")
+        raise StillImageError(path, f"{kind} ({fmt.removesuffix('_pipe')})")
     read_error = read_errors[0] if read_errors else probe.read_error
     if index == 0:
         if probe.packets == 0:
