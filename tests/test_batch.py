@@ -129,9 +129,13 @@ def test_prefetcher_reraises_errors_reading_paths():
 
 
 def test_score_record_fields():
-    assert list(ScoreRecord(path="a").to_dict()) == [
+    # segments and explanation (--timeline, --explain) come last, null unless asked for: the others keep their places
+    record = ScoreRecord(path="a").to_dict()
+    assert list(record) == [
         "path", "score", "level", "probs", "model", "duration_s", "keyframes", "motion_frames", "seconds", "error",
+        "segments", "explanation",
     ]
+    assert record["segments"] is None and record["explanation"] is None
 
 
 def test_fd_lines_reads_a_pipe_without_buffering(tmp_path):

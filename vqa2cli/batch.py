@@ -121,7 +121,11 @@ def expand_paths(
 
 @dataclass
 class ScoreRecord:
-    """The result for one video; exactly one of (score, level, probs) and `error` is set."""
+    """The result for one video: (score, level, probs), or `error` when it could not be scored. The two
+    come together only when the score is there and the extra work asked for (`explanation`) failed.
+
+    `segments` and `explanation` are None unless asked for (`timeline`, an `after` hook such as
+    `vqa2cli.explain.Explainer`); they come after the other fields so those keep their order."""
 
     path: str
     score: Optional[float] = None  # 0 (worst) .. 1 (best)
@@ -133,6 +137,8 @@ class ScoreRecord:
     motion_frames: Optional[int] = None  # frames in the motion stream
     seconds: float = 0.0  # time spent on this video: decoding + scoring
     error: Optional[str] = None  # one-line message, or None
+    segments: Optional[list] = None  # [{start, end, score, level}] per window (vqa2cli.timeline)
+    explanation: Optional[str] = None  # what the assistant model says is wrong (vqa2cli.explain)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -224,6 +230,8 @@ def score_videos(
     max_keyframes: int = 40,
     batch_size: int = 1,
     prefetch: int = DEFAULT_PREFETCH,
+    timeline: Optional[float] = None,
+    after: Optional[Callable] = None,
 ) -> Iterator[ScoreRecord]:
     """One ScoreRecord per path, in input order, scoring with the loaded `model` (a pipeline.VQA2).
 
@@ -233,23 +241,29 @@ def score_videos(
     errors (bad files, videos the model cannot take) become records with `error`; a SetupError
     (the model or device failing as a whole) ends the batch with that exception after the records
     already yielded.
+
+    `timeline` (seconds): records also get `segments`, the scores of consecutive windows of that length
+    from the same decoding pass (`vqa2cli.timeline.timeline_records`, which decodes in this thread).
+    `after(record, sample)` runs for each scored record while its decoded sample is alive (e.g.
+    `vqa2cli.explain.Explainer`); what it raises becomes the record's `error`, the score stays.
     """
+    if timeline is not None:
+        from vqa2cli.timeline import timeline_records
+
+        yield from timeline_records(model, paths, timeline, prompt=prompt, max_motion_frames=max_motion_frames,
+                                    max_keyframes=max_keyframes, batch_size=batch_size, after=after)
+        return
     decode = model.sampling(max_motion_frames, max_keyframes).load
     pending = []  # (record, sample or None, decode seconds), in input order
 
     def flush():
-        records = _score_pending(model, pending, prompt)
+        records = _score_pending(model, pending, prompt, after)
         pending.clear()  # drop the frames before yielding
         return records
 
     with Prefetcher(paths, decode, depth=max(prefetch, batch_size)) as prefetcher:
         for path, sample, error, decode_seconds in prefetcher:
-            record = ScoreRecord(path=path, model=model.name, error=error)
-            if sample is not None:
-                record.duration_s = round(float(sample.duration), 3)
-                record.keyframes = int(sample.keyframes.shape[0])
-                record.motion_frames = int(sample.motion.shape[0])
-            pending.append((record, sample, decode_seconds))
+            pending.append((_new_record(model, path, sample, error), sample, decode_seconds))
             del sample  # only `pending` keeps the frames
             decoded = sum(1 for _, waiting, _ in pending if waiting is not None)
             # a full batch goes to the model; failures with no video ahead of them go out at once
@@ -258,7 +272,31 @@ def score_videos(
         yield from flush()
 
 
-def _score_pending(model, pending, prompt) -> list:
+def _new_record(model, path: str, sample, error: Optional[str]) -> ScoreRecord:
+    record = ScoreRecord(path=path, model=model.name, error=error)
+    if sample is not None:
+        record.duration_s = round(float(sample.duration), 3)
+        record.keyframes = int(sample.keyframes.shape[0])
+        record.motion_frames = int(sample.motion.shape[0])
+    return record
+
+
+def run_after(after: Optional[Callable], record: ScoreRecord, sample) -> None:
+    """`after(record, sample)` for a scored record; a failure becomes its `error` (the score stays) and its
+    time counts in `seconds`."""
+    if after is None or record.error is not None:
+        return
+    start = time.perf_counter()
+    try:
+        after(record, sample)
+    except SetupError:
+        raise
+    except Exception as failure:  # this video's extra work failed; the batch goes on
+        record.error = error_message(record.path, failure)
+    record.seconds += time.perf_counter() - start
+
+
+def _score_pending(model, pending, prompt, after=None) -> list:
     """Score the decoded samples of `pending` (in one batch when several), fill in their records."""
     samples = [sample for _, sample, _ in pending if sample is not None]
     done = [record for record, sample, _ in pending if sample is not None]
@@ -286,6 +324,8 @@ def _score_pending(model, pending, prompt) -> list:
             except Exception as failure:  # this video cannot be scored; the batch goes on
                 record.error = error_message(record.path, failure)
             record.seconds = time.perf_counter() - one_start
+    for record, sample in zip(done, samples):
+        run_after(after, record, sample)
     for record, _, decode_seconds in pending:
         record.seconds = round(record.seconds + decode_seconds, 3)
     return [record for record, _, _ in pending]

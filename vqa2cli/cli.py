@@ -36,6 +36,8 @@ def cli():
       vqa2 score clip.mp4
       vqa2 score videos/ --recursive --json > scores.json
       find . -name '*.mov' | vqa2 score - --csv > scores.csv
+      vqa2 score clip.mp4 --timeline --explain
+      vqa2 compare source.mp4 encode-a.mp4 encode-b.mp4
       vqa2 ask clip.mp4 "Is there stuttering?"
       vqa2 models
     """
@@ -110,6 +112,56 @@ def output_format_options(func):
     return wrapper
 
 
+def timeline_options(func):
+    """--timeline [SECONDS], --plot FILE: quality over time (`vqa2cli.timeline`, `vqa2cli.plot`)."""
+    func = click.option(
+        "--plot",
+        "plot_path",
+        type=click.Path(dir_okay=False),
+        metavar="FILE",
+        help="Draw the score over time, the levels as bands, into FILE (.png, .svg or .pdf); implies "
+        "--timeline. Needs matplotlib: pip install 'vqa2[plot]'.",
+    )(func)
+    return click.option(
+        "--timeline",
+        type=click.FloatRange(min=0, min_open=True),
+        is_flag=False,
+        flag_value=2.0,
+        default=None,
+        metavar="[SECONDS]",
+        help="Also score the video in consecutive windows of SECONDS (2 if not given), from the same "
+        "decoding pass; records get segments [{start, end, score, level}].",
+    )(func)
+
+
+def _timeline_setup(timeline, plot_path):
+    """The window length to use (--plot implies the default one) after checking that the plot can be made."""
+    if plot_path is None:
+        return timeline
+    from vqa2cli.plot import require
+    from vqa2cli.timeline import DEFAULT_SECONDS
+
+    require(plot_path)
+    return timeline or DEFAULT_SECONDS
+
+
+def _write_plot(reporter, plot_path, records, title, quiet):
+    from vqa2cli.plot import plot_timelines
+
+    drawn = plot_timelines(records, plot_path, title=title)
+    if not quiet:
+        reporter.note(f"plot of {drawn} timeline(s) written to {plot_path}")
+
+
+def _timeline_columns():
+    """Table-only views of `segments`: a sparkline (one block per window) and the worst window."""
+    from vqa2cli.output import Column
+    from vqa2cli.timeline import sparkline, worst_text
+
+    return [Column("segments", "Timeline", sparkline, in_csv=False, no_wrap=True),
+            Column("segments", "Worst window", worst_text, in_csv=False, no_wrap=True)]
+
+
 def _load_model(reporter, model_name, device, quant, task):
     from vqa2cli.pipeline import load_model
 
@@ -136,13 +188,16 @@ def _stdin_lines():
         return sys.stdin
 
 
-def _score_columns(level_words):
+def _score_columns(level_words, timeline=False, explain=False):
+    """The record's columns; with `timeline` / `explain`, their fields come last in CSV (the others keep
+    their places) and in the table next to the score."""
     from vqa2cli.output import Column, fmt_float
 
     return [
         Column("path", "Path"),
         Column("score", "Score", fmt_float(3), "right"),
         Column("level", "Level"),
+        *(_timeline_columns() if timeline else []),
         *[Column(f"probs.{word}", word, fmt_float(2), "right", wide_only=True) for word in level_words],
         Column("model", "Model", in_table=False),  # the table names it in its title
         Column("duration_s", "Duration", lambda seconds: f"{seconds:.1f} s", "right"),
@@ -150,7 +205,17 @@ def _score_columns(level_words):
         Column("motion_frames", "Motion frames", in_table=False),
         Column("seconds", "Took", lambda seconds: f"{seconds:.2f} s", "right"),
         Column("error", "Error", in_table=False),  # the table adds an Error column when a row failed
+        *([Column("segments", "Segments", in_table=False)] if timeline else []),  # CSV: a JSON cell
+        *([Column("explanation", "Explanation")] if explain else []),
     ]
+
+
+def _explainer(reporter, model, explain_model, device, quant, max_motion_frames, max_keyframes):
+    """The `after` hook that adds explanations (`vqa2cli.explain`), loading the assistant if it is another model."""
+    from vqa2cli.explain import Explainer, assistant_for
+
+    assistant = assistant_for(model, explain_model, lambda name: _load_model(reporter, name, device, quant, "ask"))
+    return Explainer(model, assistant, max_motion_frames, max_keyframes)
 
 
 @cli.command(short_help="Score the quality of videos (files, directories, stdin).")
@@ -170,11 +235,18 @@ def _score_columns(level_words):
     show_default=True,
     help="Videos the model scores in one forward pass.",
 )
+@timeline_options
+@click.option("--explain", is_flag=True,
+              help="Also say what is wrong: the assistant model's answer to \"What quality problems does this video "
+              "have?\" (records get explanation), from the same decoded video.")
+@click.option("--explain-model", metavar="NAME|DIR|REPO",
+              help="Model that explains; implies --explain [default: the scoring model when it also answers "
+              "questions (vqa2-assistant-enhanced, vqa2-tiny), else the default of `vqa2 ask`].")
 @click.option("-r", "--recursive", is_flag=True, help="Look for videos in subdirectories too.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr: no progress bar, notes or summary.")
 @output_format_options
-def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyframes, batch_size, recursive, quiet,
-          fmt):
+def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyframes, batch_size, timeline, plot_path,
+          explain, explain_model, recursive, quiet, fmt):
     """Score the quality of videos: 0 (worst) to 1 (best), and a level from low to high.
 
     PATH is a video file, a directory, or - to read paths from stdin (one per line). In a directory,
@@ -184,8 +256,9 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyfr
 
     Output goes to stdout: a table on a terminal, JSON Lines when piped (or --json, --jsonl, --csv).
     Each record has path, score, level, probs, model, duration_s, keyframes, motion_frames,
-    seconds and error. A file that fails gives a record with `error` and a line on stderr; the
-    batch goes on.
+    seconds, error, segments (--timeline, else null) and explanation (--explain, else null); CSV
+    has the last two as columns only when asked for, segments as one JSON text. A file that fails
+    gives a record with `error` and a line on stderr; the batch goes on.
 
     Still images (.jpg .png …, also in directories) are scored by models trained on them
     (vqa2-assistant-enhanced); other models refuse them.
@@ -198,12 +271,16 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyfr
       vqa2 score clip.mp4
       vqa2 score videos/ -r --json > scores.json
       vqa2 score a.mp4 b.webm --csv
+      vqa2 score clip.mp4 --timeline --plot clip.png
+      vqa2 score clip.mp4 --explain -m vqa2-assistant-enhanced
       find /data -name '*.mp4' -mmin -60 | vqa2 score - --jsonl | jq .score
     """
     from vqa2cli.batch import expand_paths, score_videos
     from vqa2cli.output import Reporter, default_format, make_writer
 
     fmt = fmt or default_format(sys.stdout)
+    timeline = _timeline_setup(timeline, plot_path)
+    explain = explain or explain_model is not None
     # records streamed to the terminal are their own progress, and a live bar redrawn on the same
     # screen would overwrite them: the bar is for tables (printed at the end) and redirected output
     reporter = Reporter.for_stderr(quiet or (fmt != "table" and sys.stdout.isatty()))
@@ -212,6 +289,8 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyfr
     try:
         # the model first: when it cannot load, its error is the only message
         model = _load_model(reporter, model_name, device, quant, task="score")
+        after = _explainer(reporter, model, explain_model, device, quant, max_motion_frames,
+                           max_keyframes) if explain else None
         inputs = expand_paths(paths, recursive=recursive, stdin=_stdin_lines(), warn=None if quiet else reporter.note,
                               images=model.config.images)
         # without stdin the whole list is known up front, which gives the progress bar its ETA
@@ -226,16 +305,19 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyfr
         reporter.note("interrupted before any video was scored")
         return EXIT_INTERRUPTED
     level_words = [word.strip() for word in model.config.level_words]
-    writer = make_writer(fmt, sys.stdout, _score_columns(level_words), title=f"vqa2 score ({model.name})")
+    writer = make_writer(fmt, sys.stdout, _score_columns(level_words, timeline is not None, explain),
+                         title=f"vqa2 score ({model.name})")
     scored = failed = 0
     interrupted = False
     start = time.perf_counter()
     records = score_videos(model, inputs, prompt=prompt, max_motion_frames=max_motion_frames,
-                           max_keyframes=max_keyframes, batch_size=batch_size)
+                           max_keyframes=max_keyframes, batch_size=batch_size, timeline=timeline, after=after)
+    timelines = []  # what --plot draws
     try:
         reporter.start("Scoring", total=total)
         for record in records:
             writer.write(record.to_dict())
+            timelines.append({"path": record.path, "segments": record.segments})
             if record.error:
                 failed += 1
                 reporter.note(f"error: {record.error}")
@@ -249,6 +331,8 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyfr
         records.close()  # stops the background decoder
         reporter.stop()
         writer.close()
+    if plot_path is not None:
+        _write_plot(reporter, plot_path, timelines, f"vqa2 score ({model.name})", quiet)
     if interrupted:
         reporter.note(f"interrupted: {scored + failed} video(s) done, results so far written")
         return EXIT_INTERRUPTED
@@ -256,6 +340,102 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyfr
         took = time.perf_counter() - start
         reporter.note(f"scored {scored} video(s), {failed} failed, in {took:.1f} s")
     return EXIT_FAILED if failed else 0
+
+
+# --- compare -------------------------------------------------------------------------------------
+
+
+def _compare_columns(timeline):
+    from vqa2cli.compare import windows_text
+    from vqa2cli.output import Column, fmt_float
+
+    return [
+        Column("path", "Path"),
+        Column("score", "Score", fmt_float(3), "right"),
+        Column("level", "Level"),
+        Column("difference", "B - A", lambda d: f"{d:+.3f}", "right", missing="-"),
+        Column("verdict", "Verdict"),
+        Column("rank", "Rank", justify="right"),
+        *(_timeline_columns()[:1] if timeline else []),
+        *([Column("segments", "Windows vs A", windows_text, in_csv=False)] if timeline else []),
+        Column("reference", "Reference", in_table=False),
+        Column("model", "Model", in_table=False),
+        Column("error", "Error", in_table=False),
+        *([Column("segments", "Segments", in_table=False)] if timeline else []),  # CSV: a JSON cell
+    ]
+
+
+@cli.command(short_help="Compare versions of a video by their scores (reference-free, not full-reference).")
+@click.argument("reference", metavar="A")
+@click.argument("candidates", nargs=-1, required=True, metavar="B...")
+@model_options
+@sampling_options
+@timeline_options
+@click.option("--margin", type=click.FloatRange(0, 1), default=0.02, show_default=True,
+              help="Score differences up to this are reported as 'same'.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr: no progress bar, notes or summary.")
+@output_format_options
+def compare(reference, candidates, model_name, device, quant, max_motion_frames, max_keyframes, timeline, plot_path,
+            margin, quiet, fmt):
+    """Compare videos by the model's quality score: which is better, and by how much.
+
+    Each video is scored on its own, exactly as `vqa2 score` scores it, and each candidate B gets
+    B - A, a verdict (better, worse, or same within --margin) and a rank among all inputs (1 =
+    best). With --timeline, windows are paired by position and each candidate window gets its
+    difference too.
+
+    This is NOT a full-reference metric: the pixels of A and B are never compared (unlike PSNR,
+    SSIM or VMAF). The score is reference-free, so A and B need not be aligned or the same length,
+    and an encode can score above its source.
+
+    Exit status: 0 all scored, 1 some failed, 2 bad usage or model not available, 130 interrupted.
+
+    \b
+    Examples:
+      vqa2 compare source.mp4 encode-crf23.mp4 encode-crf35.mp4
+      vqa2 compare a.mp4 b.mp4 --timeline 1 --json
+      vqa2 compare a.mp4 b.mp4 --timeline --plot ab.png
+    """
+    from vqa2cli.batch import score_videos
+    from vqa2cli.compare import best, compare_records
+    from vqa2cli.output import Reporter, default_format, make_writer
+
+    fmt = fmt or default_format(sys.stdout)
+    timeline = _timeline_setup(timeline, plot_path)
+    reporter = Reporter.for_stderr(quiet)
+    model = _load_model(reporter, model_name, device, quant, task="score")
+    paths = [reference, *candidates]
+    records = []
+    interrupted = False
+    scoring = score_videos(model, paths, max_motion_frames=max_motion_frames, max_keyframes=max_keyframes,
+                           timeline=timeline)
+    try:
+        reporter.start("Scoring", total=len(paths))
+        for record in scoring:
+            records.append(record.to_dict())
+            if record.error:
+                reporter.note(f"error: {record.error}")
+            reporter.advance()
+    except KeyboardInterrupt:
+        interrupted = True
+        _ignore_further_interrupts()
+    finally:
+        scoring.close()
+        reporter.stop()
+    rows = compare_records(records, margin) if records else []
+    with make_writer(fmt, sys.stdout, _compare_columns(timeline is not None),
+                     title=f"vqa2 compare ({model.name}): B - A with A = {reference}") as writer:
+        for row in rows:
+            writer.write(row)
+    if plot_path is not None:
+        _write_plot(reporter, plot_path, rows, f"vqa2 compare ({model.name})", quiet)
+    if interrupted:
+        reporter.note(f"interrupted: {len(rows)} of {len(paths)} video(s) scored, those written")
+        return EXIT_INTERRUPTED
+    top = best(rows)
+    if top is not None and not quiet:
+        reporter.note(f"best: {top['path']} ({top['score']:.3f}); reference-free scores, not a pixel comparison")
+    return EXIT_FAILED if any(row["error"] for row in rows) else 0
 
 
 # --- ask -----------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ class Column:
     fmt: Callable[[Any], str] = str  # table cell text for a value that is not None
     justify: str = "left"
     in_table: bool = True  # False: CSV only, to keep the terminal table narrow
+    in_csv: bool = True  # False: table only (a view of another column's data, e.g. a sparkline)
     wide_only: bool = False  # in the table only on a terminal at least WIDE_TABLE columns wide
     no_wrap: bool = False  # keep table cells whole (names to copy and paste); numbers never wrap
     missing: str = ""  # table cell text for None
@@ -152,19 +153,20 @@ def _csv_cell(value):
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple)) and not any(isinstance(item, (dict, list, tuple)) for item in value):
         return " ".join(str(item) for item in value)
-    if isinstance(value, dict):
+    if isinstance(value, (dict, list, tuple)):  # nested data (timeline segments): one JSON cell
         return to_json(value)
     return value
 
 
 class CsvWriter(_Writer):
-    """CSV with a header row of column keys; None is an empty cell, a list space-separated; flushed per record."""
+    """CSV with a header row of column keys; None is an empty cell, a list of plain values space-separated,
+    a dict or a list holding dicts one JSON text; flushed per record."""
 
     def __init__(self, stream, columns):
         super().__init__(stream)
-        self.columns = list(columns)
+        self.columns = [column for column in columns if column.in_csv]
         self._csv = csv.writer(stream, lineterminator="\n")
         with uninterrupted():
             self._csv.writerow([column.key for column in self.columns])
