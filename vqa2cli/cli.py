@@ -153,13 +153,12 @@ def _write_plot(reporter, plot_path, records, title, quiet):
         reporter.note(f"plot of {drawn} timeline(s) written to {plot_path}")
 
 
-def _timeline_columns():
-    """Table-only views of `segments`: a sparkline (one block per window) and the worst window."""
+def _timeline_column():
+    """A table-only view of `segments`: a sparkline (one block per window), then the worst window."""
     from vqa2cli.output import Column
     from vqa2cli.timeline import sparkline, worst_text
 
-    return [Column("segments", "Timeline", sparkline, in_csv=False, no_wrap=True),
-            Column("segments", "Worst window", worst_text, in_csv=False, no_wrap=True)]
+    return Column("segments", "Timeline, worst window", lambda s: f"{sparkline(s)} {worst_text(s)}", in_csv=False)
 
 
 def _load_model(reporter, model_name, device, quant, task):
@@ -197,7 +196,7 @@ def _score_columns(level_words, timeline=False, explain=False):
         Column("path", "Path"),
         Column("score", "Score", fmt_float(3), "right"),
         Column("level", "Level"),
-        *(_timeline_columns() if timeline else []),
+        *([_timeline_column()] if timeline else []),
         *[Column(f"probs.{word}", word, fmt_float(2), "right", wide_only=True) for word in level_words],
         Column("model", "Model", in_table=False),  # the table names it in its title
         Column("duration_s", "Duration", lambda seconds: f"{seconds:.1f} s", "right"),
@@ -356,7 +355,7 @@ def _compare_columns(timeline):
         Column("difference", "B - A", lambda d: f"{d:+.3f}", "right", missing="-"),
         Column("verdict", "Verdict"),
         Column("rank", "Rank", justify="right"),
-        *(_timeline_columns()[:1] if timeline else []),
+        *([_timeline_column()] if timeline else []),
         *([Column("segments", "Windows vs A", windows_text, in_csv=False)] if timeline else []),
         Column("reference", "Reference", in_table=False),
         Column("model", "Model", in_table=False),

@@ -231,7 +231,7 @@ def worst(segments: list[dict]) -> dict:
 
 def worst_text(segments: list[dict]) -> str:
     w = worst(segments)
-    return f"{w['start']:.1f}-{w['end']:.1f} s: {w['score']:.3f} {w['level']}"
+    return f"{w['start']:.1f}-{w['end']:.1f} s: {w['score']:.3f}"
 
 
 def sparkline(segments: list[dict], width: int = 40) -> str:
