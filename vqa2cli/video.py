@@ -149,8 +149,8 @@ class Sampling:
         """`path` decoded for the model; a still image too when the model takes them (an `ImageSample`).
         `tap`: see the module docstring."""
         try:
-            return load_video(path, self.keyframe_size, self.motion_size, self.max_motion_frames,
-                              self.max_keyframes, tap=tap)
+            return load_video(path, keyframe_size=self.keyframe_size, motion_size=self.motion_size,
+                              max_motion_frames=self.max_motion_frames, max_keyframes=self.max_keyframes, tap=tap)
         except StillImageError as still:
             if not self.images:
                 raise VideoError(still.path, f"{still.picture}: this model scores videos only "
