@@ -388,3 +388,12 @@ def test_terminal_gets_a_table_and_a_progress_bar(clips_dir, tiny_model_dir):
     assert "Scoring" in text and "2/2" in text  # the progress bar was drawn
     assert "Path" in text and "Score" in text and "a.mp4" in text and "b.mkv" in text  # the table
     assert "scored 2 video(s), 0 failed" in text and "Traceback" not in text and '{"path"' not in text
+
+
+def test_ray_options_need_ray_and_ray_needs_its_extra(vqa2, clip, monkeypatch):
+    code, _, err = vqa2("score", clip, "--model", "vqa2-tiny", "--parquet", "out")
+    assert code == 2 and "--parquet needs --ray" in err
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
+    code, out, err = vqa2("score", clip, "--model", "vqa2-tiny", "--ray", "--jsonl")
+    assert code == 2 and out == ""
+    assert err.strip() == "error: --ray needs Ray Data: install vqa2's ray extra (pip install '.[ray]' in its source folder)"

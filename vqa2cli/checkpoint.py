@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from vqa2cli.config import FORMAT, VQA2Config
-from vqa2cli.errors import CheckpointError, SetupError
+from vqa2cli.errors import CheckpointError, ModelNotFoundError, SetupError
 from vqa2cli.quantization import Precision, load_weight, prepare
 
 # Official name prefix -> our prefix, first match wins. transformers 5's SiglipVisionModel has no
@@ -476,13 +476,7 @@ def load_model_dir(
     directory = Path(directory)
     device = torch.device(device)
     precision = precision or Precision("none", torch.float32)
-    try:
-        config = VQA2Config.load(directory / CONFIG_FILE)
-    except OSError as error:
-        raise CheckpointError(f"{directory / CONFIG_FILE}: cannot read ({_first_line(error)})") from error
-    except (ValueError, TypeError) as error:
-        raise CheckpointError(f"{directory / CONFIG_FILE}: {_first_line(error)}") from error
-    model = build_empty(config)
+    model = build_empty(_model_dir_config(directory))
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"model directory {directory}: {WEIGHTS_FILE} is missing")
@@ -491,6 +485,33 @@ def load_model_dir(
     prepare(model, precision)
     fill(model, refs, device, precision.dtype)
     return finish(model, device), load_tokenizer(directory)
+
+
+def _model_dir_config(directory: Path) -> VQA2Config:
+    try:
+        return VQA2Config.load(directory / CONFIG_FILE)
+    except OSError as error:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: cannot read ({_first_line(error)})") from error
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: {_first_line(error)}") from error
+
+
+def read_config(directory: Path, prompt: str | None = None) -> VQA2Config:
+    """The config of a model directory (ours, or an official checkpoint whose scoring `prompt` the registry
+    knows) without loading any weights: what a process that only decodes needs (`config.sampling()`)."""
+    directory = Path(directory)
+    if is_model_dir(directory):
+        return _model_dir_config(directory)
+    if is_official(directory):
+        return official_config(directory, **({"prompt": prompt} if prompt else {}))
+    raise not_a_model_dir(directory)
+
+
+def not_a_model_dir(directory: Path) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"{directory} is not a model directory (no config.json with \"format\": \"vqa2\" "
+        "or \"model_type\": \"llava_qwen\")"
+    )
 
 
 def load_tokenizer(directory: Path):

@@ -110,11 +110,53 @@ def output_format_options(func):
     return wrapper
 
 
+def ray_options(func):
+    """--ray and its settings; the command receives `ray`: a dict of them, or None without --ray."""
+
+    @functools.wraps(func)
+    def wrapper(*args, use_ray, ray_address, ray_actors, ray_gpus, parquet, **kwargs):
+        options = {"--ray-address": ray_address, "--ray-actors": ray_actors, "--ray-gpus-per-actor": ray_gpus,
+                   "--parquet": parquet}
+        if not use_ray:
+            given = [option for option, value in options.items() if value is not None]
+            if given:
+                raise click.UsageError(f"{given[0]} needs --ray")
+            return func(*args, ray=None, **kwargs)
+        settings = {"address": ray_address, "actors": ray_actors or 1, "gpus_per_actor": ray_gpus, "parquet": parquet}
+        return func(*args, ray=settings, **kwargs)
+
+    wrapper = click.option("--parquet", metavar="DIR", type=click.Path(file_okay=False),
+                           help="With --ray: also write the records as a Parquet dataset into DIR.")(wrapper)
+    wrapper = click.option("--ray-gpus-per-actor", "ray_gpus", type=click.FloatRange(min=0), metavar="N",
+                           help="GPUs per model actor [default: 1 on a cluster with GPUs, else 0].")(wrapper)
+    wrapper = click.option("--ray-actors", type=click.IntRange(min=1), metavar="N",
+                           help="Model actors (each holds the model once) [default: 1].")(wrapper)
+    wrapper = click.option("--ray-address", metavar="ADDRESS",
+                           help="Ray cluster to join [default: RAY_ADDRESS, else a new local cluster].")(wrapper)
+    return click.option("--ray", "use_ray", is_flag=True,
+                        help="Run as a Ray Data pipeline: decode tasks on the cluster's CPUs, model actors on its "
+                        "GPUs (needs the ray extra).")(wrapper)
+
+
 def _load_model(reporter, model_name, device, quant, task):
     from vqa2cli.pipeline import load_model
 
     with reporter.status(f"Loading model {model_name or '(default)'}…"):
         return load_model(model_name, device=device, quant=quant, task=task)
+
+
+def _connect_ray(reporter, address, model_name):
+    """Join or start the Ray cluster; (model name for the records, level words), read without the weights."""
+    try:
+        from vqa2cli import ray_scoring
+        import ray  # noqa: F401  (the extra may be missing)
+    except ImportError:
+        raise SetupError("--ray needs Ray Data: install vqa2's ray extra (pip install '.[ray]' in its source "
+                         "folder)") from None
+    with reporter.status("Starting Ray…" if address is None and "RAY_ADDRESS" not in os.environ else "Joining Ray…"):
+        ray_scoring.connect(address)
+    name, config = ray_scoring.model_config(model_name)
+    return name, config.level_words
 
 
 def _ignore_further_interrupts():
@@ -172,9 +214,10 @@ def _score_columns(level_words):
 )
 @click.option("-r", "--recursive", is_flag=True, help="Look for videos in subdirectories too.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr: no progress bar, notes or summary.")
+@ray_options
 @output_format_options
 def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyframes, batch_size, recursive, quiet,
-          fmt):
+          ray, fmt):
     """Score the quality of videos: 0 (worst) to 1 (best), and a level from low to high.
 
     PATH is a video file, a directory, or - to read paths from stdin (one per line). In a directory,
@@ -187,6 +230,9 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyfr
     seconds and error. A file that fails gives a record with `error` and a line on stderr; the
     batch goes on.
 
+    With --ray the same inputs are scored by a Ray Data pipeline on the cluster RAY_ADDRESS (or
+    --ray-address) names, or on a new local one: decode tasks, then --ray-actors model actors.
+
     Exit status: 0 all scored, 1 some failed, 2 bad usage or model not available, 130 interrupted
     (the results so far are written, and --json output stays a valid array).
 
@@ -196,6 +242,7 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyfr
       vqa2 score videos/ -r --json > scores.json
       vqa2 score a.mp4 b.webm --csv
       find /data -name '*.mp4' -mmin -60 | vqa2 score - --jsonl | jq .score
+      RAY_ADDRESS=ray://head:10001 vqa2 score /mnt/catalogue -r --ray --ray-actors 8 --parquet scores/
     """
     from vqa2cli.batch import expand_paths, score_videos
     from vqa2cli.output import Reporter, default_format, make_writer
@@ -208,11 +255,15 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyfr
         reporter.note("reading video paths from stdin, one per line (end with Ctrl-D)")
     try:
         # the model first: when it cannot load, its error is the only message
-        model = _load_model(reporter, model_name, device, quant, task="score")
+        if ray is None:
+            model = _load_model(reporter, model_name, device, quant, task="score")
+            name, level_words = model.name, model.config.level_words
+        else:
+            name, level_words = _connect_ray(reporter, ray["address"], model_name)
         inputs = expand_paths(paths, recursive=recursive, stdin=_stdin_lines(), warn=None if quiet else reporter.note)
-        # without stdin the whole list is known up front, which gives the progress bar its ETA
+        # without stdin the whole list is known up front, which gives the progress bar its ETA; Ray needs it
         total = None
-        if "-" not in paths:
+        if "-" not in paths or ray is not None:
             inputs = list(inputs)
             total = len(inputs)
     except KeyboardInterrupt:
@@ -221,20 +272,28 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyfr
             make_writer(fmt, sys.stdout, []).close()
         reporter.note("interrupted before any video was scored")
         return EXIT_INTERRUPTED
-    level_words = [word.strip() for word in model.config.level_words]
-    writer = make_writer(fmt, sys.stdout, _score_columns(level_words), title=f"vqa2 score ({model.name})")
+    level_words = [word.strip() for word in level_words]
+    writer = make_writer(fmt, sys.stdout, _score_columns(level_words), title=f"vqa2 score ({name})")
     scored = failed = 0
     interrupted = False
     start = time.perf_counter()
-    records = score_videos(model, inputs, prompt=prompt, max_motion_frames=max_motion_frames,
-                           max_keyframes=max_keyframes, batch_size=batch_size)
+    if ray is None:
+        scores = score_videos(model, inputs, prompt=prompt, max_motion_frames=max_motion_frames,
+                              max_keyframes=max_keyframes, batch_size=batch_size)
+        records = (record.to_dict() for record in scores)
+    else:
+        from vqa2cli.ray_scoring import score_records
+
+        scores = records = score_records(inputs, model_name, parquet=ray["parquet"], device=device, quant=quant, prompt=prompt,
+                                max_motion_frames=max_motion_frames, max_keyframes=max_keyframes,
+                                batch_size=batch_size, actors=ray["actors"], gpus_per_actor=ray["gpus_per_actor"])
     try:
         reporter.start("Scoring", total=total)
         for record in records:
-            writer.write(record.to_dict())
-            if record.error:
+            writer.write(record)
+            if record["error"]:
                 failed += 1
-                reporter.note(f"error: {record.error}")
+                reporter.note(f"error: {record['error']}")
             else:
                 scored += 1
             reporter.advance()
@@ -242,7 +301,7 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyfr
         interrupted = True
         _ignore_further_interrupts()
     finally:
-        records.close()  # stops the background decoder
+        scores.close()  # stops the background decoder (or the Ray pipeline)
         reporter.stop()
         writer.close()
     if interrupted:

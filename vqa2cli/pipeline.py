@@ -19,7 +19,7 @@ import torch
 
 from vqa2cli import checkpoint, registry
 from vqa2cli.config import PROMPT_KINDS, VQA2Config
-from vqa2cli.errors import CheckpointError, InputError, ModelNotFoundError, SetupError
+from vqa2cli.errors import CheckpointError, InputError, SetupError
 from vqa2cli.quantization import Precision, choose_precision
 
 
@@ -74,10 +74,7 @@ def load_model(
         model = checkpoint.load_official(path, device=device, precision=precision, config=config)
         tokenizer = checkpoint.load_tokenizer(path)
     else:
-        raise ModelNotFoundError(
-            f"{path} is not a model directory (no config.json with \"format\": \"vqa2\" "
-            "or \"model_type\": \"llava_qwen\")"
-        )
+        raise checkpoint.not_a_model_dir(path)
     model.requires_grad_(False)
     return VQA2(resolved.name, model, tokenizer, device, precision)
 
