@@ -62,14 +62,25 @@ import os
 import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
-import torch
 from av.video.reformatter import Interpolation, VideoReformatter
 from PIL import Image
 
 from vqa2cli.errors import InputError
+
+# torch (1.5 s to import) is imported where the output buffers are made: the extension list and
+# check_video serve processes that never decode into tensors (synth's workers, path listing, validation).
+if TYPE_CHECKING:
+    import torch
+
+# What counts as a video when walking a folder (case-insensitive). A file named explicitly is always tried.
+VIDEO_EXTENSIONS = frozenset(
+    ".3g2 .3gp .asf .avi .divx .f4v .flv .m2ts .m2v .m4v .mkv .mov .mp4 .mpeg .mpg .mts .mxf .ogv .qt"
+    " .ts .vob .webm .wmv .y4m".split()
+)
 
 MEAN = 0.5
 STD = 0.5
@@ -127,7 +138,7 @@ class Sampling:
 
 def normalize(frames: torch.Tensor) -> torch.Tensor:
     """uint8 RGB frames -> float32 scaled to [0, 1] and normalised with mean = std = 0.5."""
-    return frames.to(torch.float32).div(255.0).sub_(MEAN).div_(STD)
+    return frames.float().div(255.0).sub_(MEAN).div_(STD)
 
 
 def _normalize_into(out: np.ndarray, rgb: np.ndarray) -> None:
@@ -357,6 +368,8 @@ class _MotionBuffer:
     """
 
     def __init__(self, expected: int, limit: int, size: int):
+        import torch
+
         self.limit = limit
         self.num, self.den = (expected, limit) if expected > limit else (1, 1)
         self.frames = torch.empty((max(min(expected, limit), 4), 3, size, size), dtype=torch.uint8)
@@ -380,7 +393,7 @@ class _MotionBuffer:
                     return None
                 n = len(self.indices)
             else:
-                grown = torch.empty((min(2 * n, self.limit), *self.frames.shape[1:]), dtype=torch.uint8)
+                grown = self.frames.new_empty((min(2 * n, self.limit), *self.frames.shape[1:]))
                 grown[:n] = self.frames[:n]
                 self.frames = grown
         self.indices.append(index)
@@ -423,8 +436,10 @@ class _KeyframeBuffer:
     """Stores the keyframes (float32, normalised); grows if the decoder yields more than were counted."""
 
     def __init__(self, count: int, size: int):
+        import torch
+
         self.size = size
-        self.frames = torch.empty((count, 3, size, size))
+        self.frames = torch.empty((count, 3, size, size), dtype=torch.float32)
         self.indices: list[int] = []
 
     @property
@@ -436,7 +451,7 @@ class _KeyframeBuffer:
         """Where keyframe `index` goes ([3, S, S] float32, to be filled)."""
         n = len(self.indices)
         if n == self.frames.shape[0]:
-            grown = torch.empty((2 * n, *self.frames.shape[1:]))
+            grown = self.frames.new_empty((2 * n, *self.frames.shape[1:]))
             grown[:n] = self.frames
             self.frames = grown
         self.indices.append(index)
