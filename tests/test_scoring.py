@@ -92,8 +92,9 @@ def test_prefill_end_reads_the_same_row_as_closed_turn(tiny_model, tiny_config, 
     assert torch.equal(ids_closed[:-2], ids_open)
     level_ids = level_token_ids(tiny_tokenizer)
     with torch.no_grad():
-        open_row = tiny_model(ids_open, keyframes, motion).logits[0, prompts.score_logit_index("ugc")]
-        closed = tiny_model(ids_closed, keyframes, motion).logits[0]
+        video = tiny_model.encode_video(keyframes, motion)
+        open_row = tiny_model(ids_open, video).logits[0, prompts.score_logit_index("ugc")]
+        closed = tiny_model(ids_closed, video).logits[0]
     closed_row = closed[prompts.score_logit_index("ugc", close_turn=True)]
     assert torch.allclose(open_row, closed_row, atol=1e-5, rtol=0)
     assert not torch.allclose(closed[-1][level_ids], closed_row[level_ids], atol=1e-3)  # one off differs

@@ -19,7 +19,7 @@ IGNORE_INDEX = -100  # label of positions that carry no loss
 SCORE_PREFILL = "The quality of the video is"
 SCORE_QUESTION = "How would you rate the quality of this video?"
 # First-release scorer prompts (UGC scorer, streaming scorer). The streaming prompt has ONE placeholder:
-# in the release it therefore receives only the keyframe block (see VQA2Model.build_inputs).
+# in the release it therefore receives only the keyframe block (see VQA2Model.places_motion).
 UGC_USER = (
     f"The key frames of this video are:\n{IMAGE_TOKEN}. And the motion feature of the video is\n"
     f"{IMAGE_TOKEN}. {SCORE_QUESTION}"
