@@ -1,10 +1,8 @@
 import dataclasses
-import math
 import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.fixtures.checkpoints import RELEASED_CONFIG
 from tests.fixtures.models import make_tiny_model, tiny_video
