@@ -88,7 +88,8 @@ def test_too_many_motion_frames_is_an_input_error(ours):
 
 
 def test_a_sample_decoded_at_other_sizes_is_refused_in_one_line(ours, clip_factory):
-    """Regression: `load_video(path)` (384 px defaults) then `score` raised a raw tensor-size RuntimeError."""
+    """`load_video(path)` (384 px defaults) given to a 128 px model: a one-line InputError saying how to decode
+    it, not a raw tensor-size error from deep in the model."""
     from vqa2cli.video import load_video
 
     clip = clip_factory(seconds=2, fps=8)

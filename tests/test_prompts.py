@@ -12,10 +12,7 @@ def test_ugc_prompt_text():
         "How would you rate the quality of this video?"
     )
     closed = SYSTEM + f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\nThe quality of the video is<|im_end|>\n"
-    assert prompts.scoring_prompt("ugc", close_turn=True) == closed
-    assert prompts.scoring_prompt("ugc") == closed[: -len("<|im_end|>\n")]
-    assert prompts.score_logit_index("ugc", close_turn=True) == -3
-    assert prompts.score_logit_index("ugc") == -1
+    assert prompts.scoring_prompt("ugc") == closed[: -len("<|im_end|>\n")]  # the release's, two tokens short
 
 
 def test_streaming_and_enhanced_prompt_text():
@@ -26,8 +23,6 @@ def test_streaming_and_enhanced_prompt_text():
     )
     enhanced = SYSTEM + "<|im_start|>user\n<image><image><|im_end|>\n<|im_start|>assistant\n"
     assert prompts.scoring_prompt("enhanced") == enhanced
-    assert prompts.scoring_prompt("enhanced", close_turn=True) == enhanced
-    assert prompts.score_logit_index("enhanced", close_turn=True) == -1
     with pytest.raises(ValueError, match="unknown prompt kind"):
         prompts.scoring_prompt("hdr")
 
