@@ -4,7 +4,8 @@ import sys
 import pytest
 
 # Fixture modules, one per area, so each area's fixtures live beside nothing else.
-pytest_plugins = ["tests.fixtures.models", "tests.fixtures.checkpoints", "tests.fixtures.clips"]
+pytest_plugins = ["tests.fixtures.models", "tests.fixtures.checkpoints", "tests.fixtures.clips",
+                  "tests.fixtures.finetune"]
 
 
 def _cuda_available():

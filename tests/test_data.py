@@ -8,7 +8,10 @@ from vqa2cli.data import (
     SCORE_QUESTION,
     find_data_file,
     format_problems,
+    CsvRow,
+    Problem,
     load_dataset,
+    read_csv,
     resolve_video_path,
 )
 from vqa2cli.errors import DataError
@@ -94,6 +97,36 @@ def test_invalid_csv_records_are_reported_with_line_numbers(folder):
     report = format_problems(data, limit=2)
     assert report[0] == "d.csv: 6 of 8 records are invalid:"
     assert report[1].startswith("  d.csv line 4:") and report[-1] == "  ... and 4 more"
+
+
+def test_the_csv_reader_and_its_error_policy(tmp_path):
+    """The one reader of fine-tuning CSVs and eval label files: file-level problems are DataErrors, row
+    problems are Problems with the line the row starts on; `path` or `video` names the video."""
+    (tmp_path / "sub").mkdir()
+    file = tmp_path / "t.csv"
+    file.write_bytes("\ufeffPath , Note\nsub/a.mp4,ok\n\n\"b.mp4\",\"two\nlines\"\nc.mp4\n../x.mp4,up\n/x.mp4,abs\n"
+                     .encode("utf-8"))
+    header, rows = read_csv(file, lambda columns: columns, video_columns=("video", "path"))
+    assert header == ["path", "note"]  # stripped, lower-cased, byte-order mark dropped
+    root = tmp_path.resolve()
+    assert rows[:2] == [CsvRow("t.csv line 2", {"path": "sub/a.mp4", "note": "ok"}, "sub/a.mp4", root / "sub/a.mp4"),
+                        CsvRow("t.csv line 4", {"path": "b.mp4", "note": "two\nlines"}, "b.mp4", root / "b.mp4")]
+    assert rows[2] == Problem("t.csv line 6", "1 fields, the header has 2")
+    assert rows[3].where == "t.csv line 7" and "leaves the data folder" in rows[3].message
+    assert rows[4].where == "t.csv line 8" and "is absolute" in rows[4].message
+
+    def refuse(columns):
+        raise DataError(f"{file}: no")
+
+    with pytest.raises(DataError, match="t.csv: no"):
+        read_csv(file, refuse)
+    with pytest.raises(DataError, match="names no video column"):
+        read_csv(file, lambda columns: None, video_columns=("video",))
+    for content, reason in ((b"", "empty file"), (b"video\n\xff\xfe.mp4\n", "not UTF-8"),
+                            (b'video\n"' + b"a" * 200_000 + b'"\n', "malformed CSV")):
+        file.write_bytes(content)
+        with pytest.raises(DataError, match=reason):
+            read_csv(file, lambda columns: None)
 
 
 def test_wrong_columns_for_the_stage(folder):

@@ -111,6 +111,7 @@ def test_question_protocol_on_a_known_model(synth_set):
         ("", "empty file"),
         ("path,question,answer\na.mp4,,Yes\n", "line 2: empty question"),
         ("path,mos\na.mp4,1,2\n", "line 2: 3 fields"),
+        ("path,mos\na.mp4,x\n../b.mp4,1\nc.mp4,\n", r"line 2: mos 'x' is not a number \(and 2 more invalid rows\)$"),
     ],
 )
 def test_unusable_label_files_are_one_line_errors(tmp_path, text, message):

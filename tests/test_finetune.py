@@ -324,11 +324,11 @@ def test_answer_loss_equals_the_full_sequence_loss(tiny_model, tiny_tokenizer, t
     ids = [torch.tensor(r[0]) for r in rows]
     labels = [torch.tensor(r[1]) for r in rows]
     videos = [tiny_video(tiny_config, num_keyframes=2, num_motion=8, seed=s) for s in (0, 1)]
-    keyframes, motion = [v[0] for v in videos], [v[1] for v in videos]
     with torch.no_grad():
-        full = tiny_model(ids, keyframes, motion, labels=labels).loss
+        encoded = [tiny_model.encode_video(keyframes, motion) for keyframes, motion in videos]
+        full = tiny_model(ids, encoded, labels=labels).loss
         keep = answer_span(labels)
-        short = tiny_model(ids, keyframes, motion, logits_to_keep=keep).logits
+        short = tiny_model(ids, encoded, logits_to_keep=keep).logits
     assert short.shape[1] == keep < 30
     assert float(answer_loss(short, labels, keep)) == pytest.approx(float(full), rel=1e-5)
 

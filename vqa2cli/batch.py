@@ -21,13 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
 from vqa2cli.errors import InputError, SetupError
-
-# What counts as a video when walking a directory (case-insensitive). Files named explicitly on the
-# command line or on stdin are always tried whatever their name.
-VIDEO_EXTENSIONS = frozenset(
-    ".3g2 .3gp .asf .avi .divx .f4v .flv .m2ts .m2v .m4v .mkv .mov .mp4 .mpeg .mpg .mts .mxf .ogv .qt"
-    " .ts .vob .webm .wmv .y4m".split()
-)
+from vqa2cli.video import VIDEO_EXTENSIONS  # files named on the command line or stdin are tried whatever their name
 
 # Decoded videos waiting for the model. Two keep the model fed when decode times vary from video to
 # video; each can hold up to max_motion_frames uint8 frames (0.9 GB at 2000 x 384 px), so memory

@@ -28,6 +28,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from vqa2cli.errors import DataError
 from vqa2cli.prompts import IMAGE_TOKEN as IMAGE_SLOT
@@ -38,6 +39,7 @@ DATA_SUFFIXES = (".json", ".jsonl", ".csv")
 KINDS = ("spatial", "motion")
 CSV_COLUMNS = {1: ("video", "distortion"), 2: ("video", "mos"), 3: ("video", "question", "answer")}
 ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
+T = TypeVar("T")
 
 
 @dataclass
@@ -139,7 +141,7 @@ def load_dataset(
     root = file.parent.resolve()
     suffix = file.suffix.lower()
     if suffix == ".csv":
-        entries = _read_csv(file, root, stage, mos_range)
+        entries = _read_csv(file, stage, mos_range)
     else:
         items = _read_jsonl(file) if suffix == ".jsonl" else _read_json_array(file)
         entries = [(where, _json_record(where, item, root, stage)) if not isinstance(item, Problem) else
@@ -160,49 +162,83 @@ def format_problems(dataset: Dataset, limit: int = 20) -> list[str]:
     return lines
 
 
-# --- CSV -----------------------------------------------------------------------------------------
+# --- CSV: the one reader, for fine-tuning data and `vqa2 eval` label files ------------------------
 
-def _read_csv(file: Path, root: Path, stage: int, mos_range) -> list[tuple[str, Record | Problem]]:
-    if stage == 2 and mos_range is None:
-        raise DataError(f"{file}: a stage-2 CSV needs --mos-range LO HI (the scale of its mos column, e.g. 1 5)")
-    name = file.name
+@dataclass
+class CsvRow:
+    where: str  # "labels.csv line 3": the line the row starts on
+    fields: dict[str, str]  # lower-cased column name -> stripped cell
+    path: str  # the video path as written
+    video: Path  # that path resolved inside the file's folder
+
+
+def read_csv(file: Path, check_header: Callable[[list[str]], T], video_columns=("video",),
+             name: str | None = None) -> tuple[T, list[CsvRow | Problem]]:
+    """`check_header(columns)`'s result and the rows of a CSV file with a header, in file order: a `CsvRow`
+    each, or a `Problem` saying where and why.
+
+    One error policy for every CSV vqa2 reads: a problem with the file as a whole (not UTF-8, malformed, no
+    header, a header that `check_header(columns)` refuses by raising) is a `DataError` naming the file; a
+    problem with one row (its number of fields, its video path) is that row's `Problem`, so a caller reports
+    them all at once and decides whether the rest is usable. Column names are stripped and lower-cased; the
+    first of `video_columns` in the header names each row's video, relative to the file's folder, which it
+    may not leave (`resolve_video_path`). Blank lines are skipped; places read ``<name> line <n>`` (name:
+    the file's name unless given) and a quoted field may span lines, so n is where the row starts.
+    """
+    root = file.parent.resolve()
+    name = file.name if name is None else name
     try:
         # utf-8-sig: spreadsheets often write a byte-order mark before the header
         with open(file, newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
-            try:
-                header = next(reader)
-            except StopIteration:
-                raise DataError(f"{file}: empty CSV (a header line is needed)") from None
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{file}: empty file (a header line is needed)")
             columns = [column.strip().lower() for column in header]
-            missing = [column for column in CSV_COLUMNS[stage] if column not in columns]
-            if missing:
-                expected = ",".join(CSV_COLUMNS[stage]) + (",kind" if stage == 1 else "")
-                raise DataError(f"{file}: header lacks {', '.join(missing)}; stage {stage} expects {expected}")
-            entries = []
+            checked = check_header(columns)
+            video_column = next((c for c in video_columns if c in columns), None)
+            if video_column is None:
+                raise DataError(f"{file}: the header names no video column ({' or '.join(video_columns)})")
+            rows: list[CsvRow | Problem] = []
             line = reader.line_num + 1
-            for row in reader:
-                where = f"{name} line {line}"
-                line = reader.line_num + 1  # a quoted field may span lines: the next record starts after them
-                if not any(cell.strip() for cell in row):
-                    continue
-                if len(row) != len(columns):
-                    entries.append((where, Problem(where, f"{len(row)} fields, the header has {len(columns)}")))
-                    continue
-                fields = {column: cell.strip() for column, cell in zip(columns, row)}
-                entries.append((where, _csv_record(where, fields, root, stage, mos_range)))
+            for cells in reader:
+                where, line = f"{name} line {line}", reader.line_num + 1
+                if any(cell.strip() for cell in cells):
+                    rows.append(_csv_row(where, cells, columns, video_column, root))
     except UnicodeDecodeError as error:
         raise DataError(f"{file}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     except csv.Error as error:
         raise DataError(f"{file}: malformed CSV ({error})") from None
-    return entries
+    return checked, rows
 
 
-def _csv_record(where, fields, root, stage, mos_range) -> Record | Problem:
+def _csv_row(where: str, cells: list[str], columns: list[str], video_column: str, root: Path) -> CsvRow | Problem:
+    if len(cells) != len(columns):
+        return Problem(where, f"{len(cells)} fields, the header has {len(columns)}")
+    fields = {column: cell.strip() for column, cell in zip(columns, cells)}
     try:
-        video = resolve_video_path(root, fields["video"])
+        video = resolve_video_path(root, fields[video_column])
     except ValueError as error:
         return Problem(where, str(error))
+    return CsvRow(where, fields, fields[video_column], video)
+
+
+def _read_csv(file: Path, stage: int, mos_range) -> list[tuple[str, Record | Problem]]:
+    if stage == 2 and mos_range is None:
+        raise DataError(f"{file}: a stage-2 CSV needs --mos-range LO HI (the scale of its mos column, e.g. 1 5)")
+
+    def check_header(columns: list[str]) -> None:
+        missing = [column for column in CSV_COLUMNS[stage] if column not in columns]
+        if missing:
+            expected = ",".join(CSV_COLUMNS[stage]) + (",kind" if stage == 1 else "")
+            raise DataError(f"{file}: header lacks {', '.join(missing)}; stage {stage} expects {expected}")
+
+    return [(row.where, row if isinstance(row, Problem) else _csv_record(row, stage, mos_range))
+            for row in read_csv(file, check_header)[1]]
+
+
+def _csv_record(row: CsvRow, stage: int, mos_range) -> Record | Problem:
+    where, fields, video = row.where, row.fields, row.video
     if stage == 1:
         distortion = fields["distortion"]
         kind = (fields.get("kind") or "spatial").lower()

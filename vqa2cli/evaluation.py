@@ -6,13 +6,13 @@ Two kinds of label file, told apart by the CSV header:
 - questions: `path,question,answer` -> every question asked; accuracy, overall and per answer kind
   (yes/no, option letter, open).
 `video` is accepted for `path`, so `vqa2 synth`'s stage2.csv/stage3.csv can be evaluated as they are.
-Paths are relative to the CSV's folder and may not leave it. A video that is missing or fails to decode
-or score is a failed prediction (counted, reported, left out of the metrics), never the end of the run.
+The file is read by `vqa2cli.data.read_csv` (the one CSV reader): paths are relative to the CSV's folder
+and may not leave it; invalid rows refuse the file before anything runs. A video that is missing or fails to
+decode or score is a failed prediction (counted, reported, left out of the metrics), never the end of the run.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,7 +27,6 @@ QUESTION_COLUMNS = ("path", "question", "answer")
 
 @dataclass
 class LabelRow:
-    line: int  # line in the CSV, for messages
     path: str  # as written in the CSV (what prediction records show)
     video: Path  # resolved, inside the CSV's folder
     mos: Optional[float] = None
@@ -43,62 +42,50 @@ class LabelSet:
 
 
 def read_labels(path) -> LabelSet:
-    """Read and check a label CSV; DataError (one line, naming the file and line) when it is unusable."""
-    from vqa2cli.data import resolve_video_path
+    """Read and check a label CSV (`vqa2cli.data.read_csv`); DataError (one line, naming the file and the
+    first invalid row's line) when it is unusable."""
+    from vqa2cli.data import Problem, read_csv
 
     file = Path(path)
     if not file.is_file():
         raise DataError(f"{file}: no such file")
-    root = file.parent.resolve()
-    try:
-        with open(file, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
-            header = next(reader, None)
-            if header is None:
-                raise DataError(f"{file}: empty file (expected a header: path,mos or path,question,answer)")
-            columns = [("path" if c.strip().lower() == "video" else c.strip().lower()) for c in header]
-            if all(c in columns for c in QUESTION_COLUMNS):
-                kind = "questions"
-            elif all(c in columns for c in SCORE_COLUMNS):
-                kind = "scores"
-            else:
-                raise DataError(
-                    f"{file}: header '{','.join(header)}' is neither path,mos (scores) nor path,question,answer"
-                )
-            labels = LabelSet(file, kind)
-            line = reader.line_num + 1
-            for row in reader:
-                number, line = line, reader.line_num + 1  # quoted fields may span lines
-                where = f"{file} line {number}"
-                if not any(cell.strip() for cell in row):
-                    continue
-                if len(row) != len(columns):
-                    raise DataError(f"{where}: {len(row)} fields, the header has {len(columns)}")
-                fields = {c: cell.strip() for c, cell in zip(columns, row)}
-                try:
-                    video = resolve_video_path(root, fields["path"])
-                except ValueError as error:
-                    raise DataError(f"{where}: {error}") from None
-                entry = LabelRow(number, fields["path"], video)
-                if kind == "scores":
-                    try:
-                        entry.mos = float(fields["mos"])
-                    except ValueError:
-                        raise DataError(f"{where}: mos '{fields['mos']}' is not a number") from None
-                    if not math.isfinite(entry.mos):
-                        raise DataError(f"{where}: mos '{fields['mos']}' is not a finite number")
-                else:
-                    entry.question, entry.answer = fields["question"], fields["answer"]
-                    if not entry.question or not entry.answer:
-                        raise DataError(f"{where}: empty {'question' if not entry.question else 'answer'}")
-                labels.rows.append(entry)
-    except UnicodeDecodeError as error:
-        raise DataError(f"{file}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    except csv.Error as error:
-        raise DataError(f"{file}: malformed CSV ({error})") from None
-    if not labels.rows:
+
+    def kind_of(columns: list[str]) -> str:
+        named = {"path" if c == "video" else c for c in columns}
+        if named.issuperset(QUESTION_COLUMNS):
+            return "questions"
+        if named.issuperset(SCORE_COLUMNS):
+            return "scores"
+        raise DataError(f"{file}: header '{','.join(columns)}' is neither path,mos (scores) nor path,question,answer")
+
+    kind, rows = read_csv(file, kind_of, video_columns=("path", "video"), name=str(file))
+    entries = [row if isinstance(row, Problem) else _label_row(row, kind) for row in rows]
+    problems = [entry for entry in entries if isinstance(entry, Problem)]
+    if problems:  # metrics over a silently thinned set would mislead: refuse, naming the first
+        more = f" (and {len(problems) - 1} more invalid rows)" if len(problems) > 1 else ""
+        raise DataError(f"{problems[0]}{more}")
+    if not entries:
         raise DataError(f"{file}: no rows after the header")
-    return labels
+    return LabelSet(file, kind, entries)
+
+
+def _label_row(row, kind: str):
+    """A checked `LabelRow` of a CSV row, or the row's `Problem`."""
+    from vqa2cli.data import Problem
+
+    if kind == "scores":
+        text = row.fields["mos"]
+        try:
+            mos = float(text)
+        except ValueError:
+            return Problem(row.where, f"mos '{text}' is not a number")
+        if not math.isfinite(mos):
+            return Problem(row.where, f"mos '{text}' is not a finite number")
+        return LabelRow(row.path, row.video, mos=mos)
+    question, answer = row.fields["question"], row.fields["answer"]
+    if not question or not answer:
+        return Problem(row.where, f"empty {'question' if not question else 'answer'}")
+    return LabelRow(row.path, row.video, question=question, answer=answer)
 
 
 def evaluate_scores(model, labels: LabelSet, max_motion_frames=2000, on_record: Callable = None, batch_size=1):

@@ -696,6 +696,7 @@ def run(options: FinetuneOptions, say=None) -> FinetuneResult:
 
 
 def _run(options: FinetuneOptions, procs: Processes, say) -> FinetuneResult:
+    from vqa2cli.modeling import EncodedVideo
     from vqa2cli.quantization import Precision
 
     output = Path(options.output)
@@ -862,8 +863,11 @@ def _run(options: FinetuneOptions, procs: Processes, say) -> FinetuneResult:
                 with context, autocast():
                     ids, labels, keyframes, motion, splits = zip(*examples)
                     keep = answer_span(labels)
-                    out = train_model(input_ids=list(ids), keyframes=list(keyframes), motion=list(motion),
-                                      logits_to_keep=keep, motion_splits=list(splits))
+                    videos = [k if isinstance(k, EncodedVideo) else
+                              model.encode_video(k, m if model.places_motion(i) else None)
+                              for i, k, m in zip(ids, keyframes, motion)]
+                    out = train_model(input_ids=list(ids), videos=videos, logits_to_keep=keep,
+                                      motion_splits=list(splits))
                     micro_loss = answer_loss(out.logits, labels, keep)
                     del out  # the logits of a long video are large: free them before the next forward
                     (micro_loss / n_micro).backward()

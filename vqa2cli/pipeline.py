@@ -142,6 +142,11 @@ class VQA2:
 
         return motion_splits(sample.keyframe_indices, sample.motion_indices)
 
+    def _encode(self, ids: torch.Tensor, sample):
+        """The sample through the encoders, its motion frames only where the prompt places them."""
+        motion = sample.motion if self.model.places_motion(ids) else None
+        return self.model.encode_video(sample.keyframes, motion)
+
     def _ids(self, text: str) -> torch.Tensor:
         from vqa2cli.prompts import tokenize_prompt
 
@@ -177,14 +182,10 @@ class VQA2:
             return []
         ids = self._ids(self._score_text(prompt))
         with torch.inference_mode():
-            out = self.model(
-                [ids] * len(samples),
-                [s.keyframes for s in samples],
-                [s.motion for s in samples],
-                logits_to_keep=1,
-                motion_splits=[self._splits(s) for s in samples],
-            )
-            level_logits = out.logits[:, -1, :].index_select(-1, self.level_ids).float().cpu()
+            videos = [self._encode(ids, s) for s in samples]
+            logits = self.model.next_token_logits([ids] * len(samples), videos,
+                                                  motion_splits=[self._splits(s) for s in samples])
+            level_logits = logits.index_select(-1, self.level_ids).float().cpu()
         results = []
         for row in level_logits:
             score, level, probs = score_from_logits(row, self.config.level_words)
@@ -201,11 +202,11 @@ class VQA2:
         sample = self._sample(video, max_motion_frames=None, max_keyframes=None)
         text = question_prompt(question, num_keyframes=sample.keyframes.shape[0], num_frames=sample.motion.shape[0])
         streamer = _callback_streamer(self.tokenizer, on_text) if on_text is not None else None
+        ids = self._ids(text)
         with torch.inference_mode():
             new_ids = self.model.generate(
-                self._ids(text),
-                sample.keyframes,
-                sample.motion,
+                ids,
+                self._encode(ids, sample),
                 max_new_tokens=max_new_tokens,
                 eos_token_id=self._stop_ids(),
                 streamer=streamer,
