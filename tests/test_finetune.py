@@ -488,3 +488,85 @@ def test_videos_longer_than_the_position_table_are_sampled_down(tmp_path, vqa2):
                           "--output", str(tmp_path / "out"), "--max-steps", "1", "--device", "cpu")
     assert code == 0, err
     assert "error" not in err and (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_a_second_run_into_the_same_output_refuses_until_the_first_is_killed(base, data, tmp_path):
+    """Regression (issue 27): two runs into one --output both started; their metrics interleaved and one ended
+    with an internal FileNotFoundError. A run locks the folder for its life; a run killed by SIGKILL cannot
+    release its lock, and the next run takes it over."""
+    from vqa2cli.finetune.output_folder import LOCK
+
+    out = tmp_path / "run"
+    out.mkdir()
+    hold = "import sys, time; from vqa2cli.files import FolderLock; FolderLock(*sys.argv[1:]).acquire(); " \
+           "print('held', flush=True); time.sleep(600)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out), LOCK], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(SetupError) as refused:
+            run(options(base, data, out, max_steps=1), say=quiet)
+        message = str(refused.value)
+        assert f"--output {out} is in use by another vqa2 finetune (pid {holder.pid} on {socket.gethostname()}, " \
+               "started " in message and "\n" not in message
+        assert sorted(p.name for p in out.iterdir()) == [LOCK]  # the holder's folder is left alone
+    finally:
+        holder.kill()
+        holder.wait()
+    lines = []
+    result = run(options(base, data, out, max_steps=1), say=lines.append)
+    assert result.step == 1 and (out / "model.safetensors").is_file()
+    assert any(f"(pid {holder.pid} on " in line and "no longer running" in line for line in lines), lines
+    assert not (out / LOCK).exists()  # released when the run ended
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_saved_files_follow_the_umask(base, data, tmp_path, mask):
+    """Regression (issue 27): model.safetensors and the checkpoints' tensors were written 0600 whatever the
+    umask (safetensors creates its files private), so a group could not read a model shared with it."""
+    out = tmp_path / "run"
+    previous = os.umask(mask)
+    try:
+        run(options(base, data, out, max_steps=1), say=quiet)
+    finally:
+        os.umask(previous)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {"model.safetensors", "config.json", "tokenizer.json", "trainable.safetensors", "optimizer.bin",
+            "random_states_0.pkl", "meta.json", "metrics.jsonl"} <= {p.name for p in files}
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {oct(0o666 & ~mask)}
+    folders = [out, *(p for p in out.rglob("*") if p.is_dir())]
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in folders} == {oct(0o777 & ~mask)}
+
+
+def test_a_folder_left_by_a_validation_stop_is_a_fresh_output(base, data, tmp_path):
+    """Regression (issue 27): a run stopped at validation leaves invalid_records.txt alone in --output; the next
+    run takes the folder as new, and once its data is valid no earlier report claims invalid records."""
+    folder, out = tmp_path / "fixed", tmp_path / "run"
+    folder.mkdir()
+    os.link(data / "b1.mp4", folder / "b1.mp4")
+    (folder / "d.csv").write_text("video,question,answer\nb1.mp4,q?,yes\nmissing.mp4,q?,no\n")
+    with pytest.raises(DataError, match="1 of 2 records"):
+        run(options(base, data, out, data=str(folder), max_steps=1), say=quiet)
+    assert sorted(p.name for p in out.iterdir()) == ["invalid_records.txt"]
+    (folder / "d.csv").write_text("video,question,answer\nb1.mp4,q?,yes\n")
+    assert run(options(base, data, out, data=str(folder), max_steps=1), say=quiet).step == 1
+    assert not (out / "invalid_records.txt").exists()
+
+
+def test_options_are_declared_once_and_checked_the_same_from_python_and_the_cli(base, data, tmp_path, vqa2):
+    from dataclasses import fields
+
+    code, out, _ = vqa2("finetune", "--help")
+    for field in fields(FinetuneOptions):
+        spec = field.metadata["option"]
+        shown = field.name.upper() if spec.argument else (spec.flags or ("--" + field.name.replace("_", "-"),))[-1]
+        assert shown in out and spec.help.split()[0] in out, field.name
+    with pytest.raises(SetupError, match=r"^--batch-size 0: must be at least 1$"):
+        run(options(base, data, tmp_path / "a", batch_size=0), say=quiet)
+    with pytest.raises(SetupError, match=r"^--method 'dora': expected one of full, lora, qlora$"):
+        run(options(base, data, tmp_path / "a", method="dora"), say=quiet)
+    common = ["--model", base, "--output", tmp_path / "b", "--device", "cpu"]
+    code, _, err = vqa2("finetune", "--stage", "2", data / "s2", *common, "--mos-range", 5, 1)
+    assert code == 2 and "error: --mos-range 5 1: LO must be below HI" in err
+    code, _, err = vqa2("finetune", "--stage", "3", data / "s3", *common, "--lora-dropout", 1)
+    assert code == 2 and "--lora-dropout" in err and "0<=x<1" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
