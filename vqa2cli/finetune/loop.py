@@ -125,9 +125,9 @@ def validated_data(options: FinetuneOptions, folder: OutputFolder, main: bool, s
     dataset = load_dataset(options.data, options.stage, mos_range=options.mos_range)
     if main:
         folder.report_invalid(dataset.problems)
-        for line in format_problems(dataset) if dataset.problems else ():
-            say(line)
     if dataset.problems:
+        for line in format_problems(dataset):
+            say(line)
         if not options.skip_invalid:
             raise DataError(
                 f"{len(dataset.problems)} of {dataset.total} records in {dataset.path} are invalid (full list in "
