@@ -200,7 +200,7 @@ def prepared():
         weight = torch.nn.Parameter(torch.ones(3))
         optimizer = torch.optim.AdamW([weight], lr=0.1)
         prepared_optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
-        yield accelerator, weight, prepared_optimizer, accelerator.prepare_scheduler(lr_schedule(optimizer, 10))
+        yield accelerator, weight, prepared_optimizer, lr_schedule(optimizer, 10)
 
 
 def draws():
@@ -271,14 +271,17 @@ def test_schedule_and_sharding():
         factors.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         schedule.step()
-    # 3 warm-up steps (3% of 100) reach the peak, then cosine: zero would come one step after the last
+    # 3 warm-up steps (3% of 100) reach the peak, then cosine from the peak over the 97 steps left
     assert factors[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
     for step in (3, 50, 99):
-        assert factors[step] == pytest.approx(0.5 * (1 + math.cos(math.pi * (step - 2) / 98)))
+        assert factors[step] == pytest.approx(0.5 * (1 + math.cos(math.pi * (step - 3) / 97)))
     assert 0 < factors[-1] < 0.001
+    resumed = torch.optim.AdamW([weight], lr=1.0)
+    lr_schedule(resumed, 100, start=57)
+    assert resumed.param_groups[0]["lr"] == factors[57]  # replayed to a resumed step: bit for bit
     one_step = torch.optim.AdamW([weight], lr=1.0)
     lr_schedule(one_step, 1)
-    assert one_step.param_groups[0]["lr"] == 1.0  # a one-step run trains at the peak, not at 0
+    assert one_step.param_groups[0]["lr"] == 1.0  # a one-step run trains at the peak
     shards = [shard_order(5, epoch=0, seed=0, rank=r, world=2) for r in (0, 1)]
     assert len(shards[0]) == len(shards[1]) == 3 and set(shards[0] + shards[1]) == set(range(5))
     assert shard_order(5, 1, 0, 0, 1) != shard_order(5, 0, 0, 0, 1)  # a new order each epoch

@@ -660,11 +660,7 @@ def finetune(**values):
     options = FinetuneOptions(**values)
     reporter = Reporter.for_stderr(quiet=False, unit="steps")
     result = run(options, say=reporter.note, progress=reporter)
-    if result.interrupted:
-        return EXIT_INTERRUPTED
-    loss = f", final loss {result.loss:.4f}" if result.loss is not None else ""
-    reporter.note(f"done: {result.step} steps{loss}; use it with `vqa2 score --model {options.output}`")
-    return 0
+    return EXIT_INTERRUPTED if result.interrupted else 0
 
 
 # --- entry point ---------------------------------------------------------------------------------

@@ -9,7 +9,7 @@
     parts.py          the base model and what of it trains: stage parts, freezing, LoRA
     schedule.py       which records each optimizer step takes, and the learning-rate schedule
     examples.py       records + decoded videos -> token ids, labels, frames; the answer loss; FeatureCache
-    checkpoints.py    atomic checkpoints with accelerate's state (optimizer, scheduler, random generators)
+    checkpoints.py    atomic checkpoints with accelerate's state (optimizer, random generators)
     output_folder.py  the --output folder: its lock, what a new or resumed run may find there, metrics.jsonl
     export.py         the fine-tuned model written as a vqa2 model directory (LoRA merged, model card)
     loop.py           run(): the training loop on accelerate (DDP, gradient accumulation), signals, resume

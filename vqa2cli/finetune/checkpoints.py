@@ -2,9 +2,9 @@
 
     trainable.safetensors   the trained tensors (adapters, or the trained parts' weights), and the base's
                             randomly initialised ones (`checkpoint.LoadedModel.fresh`)
-    optimizer.bin           accelerate's `save_state`: the optimizer's and the scheduler's state, and the
-    scheduler.bin           random generators (python, numpy, torch, CUDA) of each process; read back with
-    random_states_N.pkl     torch.load(weights_only=True), so a checkpoint can hold plain data only
+    optimizer.bin           accelerate's `save_state`: the optimizer's state, and the random generators
+    random_states_N.pkl     (python, numpy, torch, CUDA) of each process; read back with
+                            torch.load(weights_only=True), so a checkpoint can hold plain data only
     meta.json               step, data position, loss, the options that must match on --resume
 
 Every process writes its own random generators into a shared temporary folder; when all are done, the main
@@ -40,8 +40,8 @@ def checkpoint_dirs(output: Path) -> list[Path]:
 
 
 class Checkpoints:
-    """Saves and loads the checkpoints of `output` for the objects `accelerator` prepared (optimizer,
-    scheduler; the model's trained tensors are handed over explicitly)."""
+    """Saves and loads the checkpoints of `output` for the optimizer `accelerator` prepared (the model's
+    trained tensors are handed over explicitly; the learning-rate schedule is replayed from the step)."""
 
     def __init__(self, output: Path, accelerator, keep: int):
         self.output, self.accelerator, self.keep = Path(output), accelerator, keep
@@ -87,7 +87,7 @@ class Checkpoints:
             raise SetupError(f"checkpoint {path} cannot be read ({_first_line(error)})") from error
 
     def load(self, path: Path, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
-        """Restore the optimizer, the scheduler and this process's random generators from checkpoint `path`;
+        """Restore the optimizer and this process's random generators from checkpoint `path`;
         its trained tensors (which must be exactly `names`) and meta.json."""
         from accelerate.utils import load
         from safetensors.torch import load_file

@@ -82,7 +82,7 @@ def _accelerator(device: str):
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     accelerator = Accelerator(
-        cpu=cpu, mixed_precision="bf16" if amp else "no", step_scheduler_with_optimizer=False,
+        cpu=cpu, mixed_precision="bf16" if amp else "no",
         kwargs_handlers=[
             # SlowFast's slow pathway is trained in stages 2-3 but never computed
             DistributedDataParallelKwargs(find_unused_parameters=True),
@@ -190,6 +190,7 @@ class Run:
         self.load_model()
         self.prepare_training()
         latest = self.resume()
+        self.scheduler = lr_schedule(self.torch_optimizer, self.total, start=self.position.step)
         if self.main:
             self.folder.trim_metrics(self.position.step)
         saved, interrupted = None, False
@@ -203,6 +204,8 @@ class Run:
                 self.say(f"interrupted at step {step} of {self.total}; checkpoint {saved}. Continue with --resume.")
             return FinetuneResult(self.folder.path, step, self.total, loss, True, saved)
         self.finish()
+        shown = f", final loss {loss:.4f}" if loss is not None else ""
+        self.say(f"done: {step} steps{shown}; use it with `vqa2 score --model {self.folder.path}`")
         return FinetuneResult(self.folder.path, step, self.total, loss, False, saved or latest)
 
     def load_model(self) -> None:
@@ -238,15 +241,14 @@ class Run:
             {"params": [self.named[n] for n in self.trainable if n.startswith(VISION_PREFIX)],
              "lr": options.effective_vision_lr},
         ]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=options.weight_decay,
-                                      betas=(0.9, 0.999), eps=1e-8)
+        self.torch_optimizer = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.999), eps=1e-8,
+                                                 weight_decay=options.weight_decay)
         n = len(self.dataset.records)
         self.shard_len = len(shard_order(n, 0, options.seed, accelerator.process_index, accelerator.num_processes))
         self.steps_per_epoch = math.ceil(self.shard_len / (options.batch_size * options.grad_accum))
         self.total = options.max_steps or max(1, math.ceil(options.epochs * self.steps_per_epoch))
         self.model = accelerator.prepare_model(self.raw_model, device_placement=False)
-        self.optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
-        self.scheduler = accelerator.prepare_scheduler(lr_schedule(optimizer, self.total))
+        self.optimizer = accelerator.prepare_optimizer(self.torch_optimizer, device_placement=False)
         self.checkpoints = Checkpoints(self.folder.path, accelerator, options.keep)
         self.run_info = {
             **options.resume_values(), "parts": list(self.parts), "base_model": self.base_name,
@@ -398,7 +400,8 @@ class Run:
         dtype = save_dtype(self.options, self.cuda)
         final = {n: self.named[n].detach().to("cpu", dtype=self.named[n].dtype if ".lora_" in n else dtype, copy=True)
                  for n in self.saved_names}
-        del self.model, self.raw_model, self.optimizer, self.scheduler, self.named, self.cache
+        del self.model, self.raw_model, self.optimizer, self.torch_optimizer, self.scheduler, self.named
+        self.cache = None
         self.accelerator.free_memory()
         write_model(self.options, self.parts, final, self.folder.path, self.dataset, self.position.step,
                     self.position.loss, dtype)

@@ -8,6 +8,7 @@ Where a run stands in it (`Position`) is what a checkpoint records and a resumed
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -68,15 +69,21 @@ def micro_batches(n: int, batch_size: int, grad_accum: int, seed: int, rank: int
         epoch, offset = epoch + 1, 0
 
 
-def lr_schedule(optimizer: torch.optim.Optimizer, total: int):
-    """Linear warm-up over the first 3% of `total` steps (at least one), then cosine towards 0.
+def lr_schedule(optimizer: torch.optim.Optimizer, total: int, start: int = 0):
+    """Linear warm-up over the first 3% of `total` steps (at least one), then cosine towards 0: torch's
+    LinearLR then CosineAnnealingLR, moved on to step `start`.
 
-    transformers' `get_cosine_schedule_with_warmup` (the release's Trainer schedule) over total + 1 steps,
-    started at its step 1: its step 0 has a learning rate of 0, which would waste the first step (all of a
-    one-step run). The first step's rate is 1/warm-up of the peak and the last step's is above 0."""
-    from transformers import get_cosine_schedule_with_warmup
+    torch's schedulers compute a step's rate from the one before, so a resumed run builds the schedule for
+    its own length and replays it up to where it stands: the same rates as an uninterrupted run, bit for
+    bit, or the new length's after a change of --max-steps. (transformers' get_cosine_schedule_with_warmup
+    would do too, but importing it imports peft and bitsandbytes, and its first step has a rate of 0.)"""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
-    for group in optimizer.param_groups:
-        group.setdefault("initial_lr", group["lr"])  # what starting at a later step (last_epoch) asks for
     warmup = max(1, math.ceil(WARMUP_RATIO * total))
-    return get_cosine_schedule_with_warmup(optimizer, warmup, total + 1, last_epoch=0)
+    schedule = SequentialLR(optimizer, [LinearLR(optimizer, 1 / warmup, 1.0, warmup - 1),
+                                        CosineAnnealingLR(optimizer, max(1, total - warmup))], milestones=[warmup])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Detected call of")  # replaying without optimizer steps is the point
+        for _ in range(start):
+            schedule.step()
+    return schedule
