@@ -93,15 +93,15 @@ def install_dir(tmp: Path, target: Path, merge: bool = False, last: tuple[str, .
             shutil.rmtree(old)
         else:
             tmp.rename(target)
-    _fsync(target.parent)
+    _fsync(target if merge else target.parent)  # the renames are durable once their folder is synced
     return target
 
 
 @contextlib.contextmanager
 def staged_dir(target: str | os.PathLike, merge: bool = False, last: tuple[str, ...] = ()):
     """A temporary folder to write `target`'s contents into; installed by `install_dir` when the block
-    ends without an exception, removed when it raises. With `merge`, `target` must exist (the temporary
-    folder is made inside it, on the same file system)."""
+    ends without an exception, removed when it raises. With `merge`, the temporary folder is made inside
+    `target` (so on the same file system), and `target` made first if need be."""
     target = Path(target)
     parent = target if merge else target.parent
     parent.mkdir(parents=True, exist_ok=True)
