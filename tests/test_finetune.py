@@ -522,7 +522,7 @@ def test_a_second_run_into_the_same_output_refuses_until_the_first_is_killed(bas
     assert not (out / LOCK).exists()  # released when the run ended
 
 
-@pytest.mark.parametrize("mask", [0o022, 0o077])
+@pytest.mark.parametrize("mask", [0o022, 0o077], ids=["umask-022", "umask-077"])
 def test_saved_files_follow_the_umask(base, data, tmp_path, mask):
     """Regression (issue 27): model.safetensors and the checkpoints' tensors were written 0600 whatever the
     umask (safetensors creates its files private), so a group could not read a model shared with it."""
