@@ -1,7 +1,9 @@
 """Checkpoint formats: official llava_qwen layout (strict), LLaVA-OneVision base + SlowFast .pyth, our directory."""
 
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -221,9 +223,15 @@ def test_save_is_atomic(tmp_path, tiny_tokenizer):
     assert (target / "README.md").read_text() == "first"  # the good model is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary left behind
 
-    ck.save_model_dir(make_tiny_model(tiny_config(), seed=1), tiny_tokenizer, target, card="second")
+    previous = os.umask(0o022)
+    try:
+        ck.save_model_dir(make_tiny_model(tiny_config(), seed=1), tiny_tokenizer, target, card="second")
+    finally:
+        os.umask(previous)
     assert (target / "README.md").read_text() == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    # safetensors writes its file 0600: a saved model is readable as the umask allows (issue 27)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in [target, *target.iterdir()]} == {0o755, 0o644}
     loaded, _ = ck.load_model_dir(target)
     assert torch.equal(loaded.image_newline, make_tiny_model(tiny_config(), seed=1).image_newline)
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +48,8 @@ OFFICIAL_TO_OURS = (
 )
 # Present only in VQA² checkpoints, not in the LLaVA-OneVision base they start from.
 MOTION_PREFIXES = ("motion_encoder.", "motion_projector.")
+# What `load_official` initialises at random for such a base (the SlowFast blocks come from Kinetics weights).
+FRESH_MOTION = ("motion_projector.", "motion_encoder.position_embedding.")
 OFFICIAL_INDEX = "model.safetensors.index.json"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -228,6 +228,49 @@ def init_fresh(module: torch.nn.Module, device: torch.device, dtype: torch.dtype
         if hasattr(sub, "reset_parameters"):
             sub.reset_parameters()
     module.to(dtype)
+
+
+# ---- any model a name stands for -----------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    name: str  # what output records call it: registry name, repo id or directory as given
+    model: torch.nn.Module  # VQA2Model, in eval mode
+    tokenizer: object
+    # Parameters the files lack, initialised at random: a plain LLaVA-OneVision base's motion projector and
+    # position table. Fine-tuning saves them with its trained tensors, so every later load uses the same draw.
+    fresh: list[str]
+
+
+def load_any(
+    name_or_path: str | os.PathLike | None,
+    task: str = "score",
+    *,
+    device: torch.device | str = "cpu",
+    precision: Precision | None = None,
+    allow_missing_motion: bool = False,
+    slowfast_weights: str | os.PathLike | None = None,
+) -> LoadedModel:
+    """The one place that decides what a model name is and how to read it: resolved by the registry (a
+    registry name, a directory, a Hugging Face repo id), then read as our model directory or as an official
+    llava_qwen checkpoint (`allow_missing_motion`, `slowfast_weights`: see `load_official`)."""
+    resolved, config = read_config(name_or_path, task)
+    path = resolved.path
+    if is_model_dir(path):
+        model, tokenizer = load_model_dir(path, device=device, precision=precision)
+        return LoadedModel(resolved.name, model, tokenizer, [])
+    model = load_official(path, device=device, precision=precision, config=config,
+                          allow_missing_motion=allow_missing_motion, slowfast_weights=slowfast_weights)
+    fresh = []
+    if allow_missing_motion and not _has_motion_weights(path):
+        fresh = [name for name, _ in model.named_parameters() if name.startswith(FRESH_MOTION)]
+    return LoadedModel(resolved.name, model, load_tokenizer(path), fresh)
+
+
+def _has_motion_weights(directory: Path) -> bool:
+    names = (official_to_ours(key) or key for key in _read_headers(official_files(directory)))
+    return any(name.startswith(MOTION_PREFIXES) for name in names)
 
 
 # ---- official llava_qwen checkpoints ---------------------------------------------------------------------
@@ -421,34 +464,26 @@ def is_model_dir(directory: Path) -> bool:
         return False
 
 
-def save_model_dir(model, tokenizer, directory: str | os.PathLike, card: str | None = None) -> Path:
-    """Write `model` + `tokenizer` as a vqa2 model directory, atomically: into a temporary sibling that is
-    renamed into place, so a crash never leaves a half-written model where a good one was."""
+def save_model_dir(model, tokenizer, directory: str | os.PathLike, card: str | None = None,
+                   merge: bool = False) -> Path:
+    """Write `model` + `tokenizer` as a vqa2 model directory, atomically (`files.staged_dir`): a crash never
+    leaves a half-written model where a good one was. With `merge`, the files go into the existing
+    `directory` beside what it holds (a fine-tuning run's checkpoints and log), config.json last: it is
+    what marks a folder as a model directory."""
     from safetensors.torch import save_file
+
+    from vqa2cli.files import staged_dir
 
     quantized = [n for n, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes.")]
     if quantized:
         raise SetupError("cannot save a quantized model; load it with quant='none' to save or fine-tune it")
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with staged_dir(directory, merge=merge, last=(CONFIG_FILE,)) as tmp:
         state = {n: t.detach().to("cpu").contiguous() for n, t in _unique_state(model)}
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         model.config.save(tmp / CONFIG_FILE)
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(card if card is not None else _default_card(model.config))
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+    return Path(directory)
 
 
 def _unique_state(model) -> Iterator[tuple[str, torch.Tensor]]:
@@ -496,20 +531,19 @@ def _model_dir_config(directory: Path) -> VQA2Config:
         raise CheckpointError(f"{directory / CONFIG_FILE}: {_first_line(error)}") from error
 
 
-def read_config(directory: Path, prompt: str | None = None) -> VQA2Config:
-    """The config of a model directory (ours, or an official checkpoint whose scoring `prompt` the registry
-    knows) without loading any weights: what a process that only decodes needs (`config.sampling()`)."""
-    directory = Path(directory)
-    if is_model_dir(directory):
-        return _model_dir_config(directory)
-    if is_official(directory):
-        return official_config(directory, **({"prompt": prompt} if prompt else {}))
-    raise not_a_model_dir(directory)
+def read_config(name_or_path: str | os.PathLike | None, task: str = "score"):
+    """(the resolved model, its config), read without any weights: what `load_any` builds the model from, and all
+    that a process which only decodes needs (`config.sampling()`). Our model directory or an official checkpoint,
+    whose scoring prompt the registry knows (official configs do not say it)."""
+    from vqa2cli import registry
 
-
-def not_a_model_dir(directory: Path) -> ModelNotFoundError:
-    return ModelNotFoundError(
-        f"{directory} is not a model directory (no config.json with \"format\": \"vqa2\" "
+    resolved = registry.resolve(name_or_path, task)
+    if is_model_dir(resolved.path):
+        return resolved, _model_dir_config(resolved.path)
+    if is_official(resolved.path):
+        return resolved, official_config(resolved.path, **({"prompt": resolved.prompt} if resolved.prompt else {}))
+    raise ModelNotFoundError(
+        f"{resolved.path} is not a model directory (no config.json with \"format\": \"vqa2\" "
         "or \"model_type\": \"llava_qwen\")"
     )
 

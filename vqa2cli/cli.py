@@ -11,16 +11,19 @@ Conventions every command follows (and new ones should too):
   stop the command are raised (`SetupError` -> 2, other `Vqa2Error` -> 1, see `main`).
 """
 
+import dataclasses
 import functools
 import os
 import signal
 import sys
 import time
+import typing
 
 import click
 
 from vqa2cli import __version__
 from vqa2cli.errors import SetupError, Vqa2Error
+from vqa2cli.finetune.options import FinetuneOptions
 
 EXIT_FAILED = 1  # some inputs failed
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -641,56 +644,58 @@ def eval_(labels, model_name, device, quant, predictions_path, max_motion_frames
 # --- finetune ------------------------------------------------------------------------------------
 
 
+class _CommaList(click.ParamType):
+    name = "list"
+
+    def convert(self, value, param, ctx):
+        return value if isinstance(value, tuple) else tuple(p.strip() for p in value.split(",") if p.strip())
+
+
+def _click_type(spec, kind):
+    if spec.choices is not None:
+        return click.Choice([str(choice) for choice in spec.choices])
+    if spec.path is not None:
+        return click.Path(exists=spec.exists, file_okay=spec.path != "dir", dir_okay=spec.path != "file")
+    if kind in (int, float):
+        limits = dict(min=spec.min, max=spec.max, min_open=spec.min_open, max_open=spec.max_open)
+        return click.IntRange(**limits) if kind is int else click.FloatRange(**limits)
+    if typing.get_origin(kind) is tuple:
+        args = typing.get_args(kind)
+        return _CommaList() if args[-1] is Ellipsis else args[0]  # (x, ...): "a,b,c"; (x, y): two values
+    return kind
+
+
+def dataclass_options(cls):
+    """Click parameters made from the fields of dataclass `cls`, each carrying an `Option` (see
+    vqa2cli.finetune.options): the default, help and limits of an option are written once, on its field."""
+    hints = typing.get_type_hints(cls)
+
+    def parameter(field):
+        spec, kind = field.metadata["option"], hints[field.name]
+        kind = next((arg for arg in typing.get_args(kind) if arg is not type(None)), kind)  # X | None -> X
+        if spec.argument:
+            return click.argument(field.name, type=_click_type(spec, kind))
+        flags = spec.flags or ("--" + field.name.replace("_", "-"),)
+        if kind is bool:
+            return click.option(*flags, field.name, is_flag=True, help=spec.help)
+        required = field.default is dataclasses.MISSING
+        args = typing.get_args(kind) if typing.get_origin(kind) is tuple else ()
+        nargs = len(args) if args and Ellipsis not in args else 1  # (x, y): two values
+        return click.option(*flags, field.name, type=_click_type(spec, kind), nargs=nargs, required=required,
+                            default=None if required else field.default, show_default=not required and
+                            field.default is not None, metavar=spec.metavar, help=spec.help)
+
+    def decorate(func):
+        for field in reversed(dataclasses.fields(cls)):
+            func = parameter(field)(func)
+        return func
+
+    return decorate
+
+
 @cli.command(short_help="Fine-tune a model on your own data (the three VQA² training stages).")
-@click.argument("data", type=click.Path(exists=True))
-@click.option("--stage", type=click.IntRange(1, 3), required=True,
-              help="1 distortion recognition, 2 quality scoring, 3 quality understanding.")
-@click.option("-m", "--model", "model_name", required=True, metavar="NAME|DIR|REPO",
-              help="Model to start from: a name from `vqa2 models`, a model directory, an official llava_qwen "
-              "checkpoint (VQA² or plain LLaVA-OneVision) or a Hugging Face repo id.")
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), metavar="DIR",
-              help="Where the fine-tuned model, checkpoints and metrics.jsonl go (new or empty, or --resume).")
-@click.option("--method", type=click.Choice(["full", "lora", "qlora"]), default="full", show_default=True,
-              help="full: train the parts' weights; lora: LoRA on the LLM's linear layers; qlora: LoRA on a "
-              "4-bit LLM. LoRA is merged into the saved model.")
-@click.option("--train", "train_parts", metavar="PART,...",
-              help="Override what trains: vision_tower, mm_projector, image_newline, motion_encoder, "
-              "motion_projector, language_model (or dotted submodule paths).")
-@click.option("--part", type=click.Choice(["spatial", "motion", "both"]),
-              help="Stage 1: which branch trains [default: from the kinds of distortion in the data].")
-@click.option("--mos-range", nargs=2, type=float, metavar="LO HI",
-              help="Stage-2 CSV: the scale of the mos column, e.g. 1 5 or 0 100.")
-@click.option("--skip-invalid", is_flag=True, help="Train without invalid records instead of stopping.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True,
-              help="Peak learning rate (cosine schedule, 3% warm-up).")
-@click.option("--vision-lr", type=click.FloatRange(min=0, min_open=True),
-              help="Learning rate of the vision tower [default: LR / 5, the release's 2e-6 for 1e-5].")
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
-@click.option("--max-steps", type=click.IntRange(min=1), help="Stop after this many optimizer steps (overrides --epochs).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Videos per micro-batch and process.")
-@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Micro-batches per optimizer step.")
-@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward: less memory, slower.")
-@click.option("--save-every", type=click.IntRange(min=1), default=500, show_default=True,
-              help="Checkpoint every N optimizer steps (and at the end, and on Ctrl-C).")
-@click.option("--keep", type=click.IntRange(min=1), default=2, show_default=True, help="Checkpoints kept.")
-@click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Data order and initialisation.")
-@click.option("--lora-r", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--lora-alpha", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--max-motion-frames", type=click.IntRange(min=4), default=2000, show_default=True,
-              help="Longest motion stream; longer videos are sampled evenly down to it.")
-@click.option("--slowfast-weights", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
-              help="pytorchvideo SLOWFAST_8x8_R50.pyth, when --model is a plain LLaVA-OneVision checkpoint.")
-@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
-@click.option("--save-dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
-              help="Weights of the saved model [default: bfloat16 after GPU training, float32 on CPU].")
-@click.option("--feature-cache-gb", type=click.FloatRange(min=0), default=4.0, show_default=True,
-              help="When nothing before the LLM trains, encode each video once and keep up to this much of the "
-              "encodings in memory (0: off).")
-def finetune(data, stage, model_name, output, method, train_parts, part, mos_range, skip_invalid, lr, vision_lr,
-             epochs, max_steps, batch_size, grad_accum, gradient_checkpointing, save_every, keep, resume, seed,
-             lora_r, lora_alpha, max_motion_frames, slowfast_weights, device, save_dtype, feature_cache_gb):
+@dataclass_options(FinetuneOptions)
+def finetune(**values):
     """Fine-tune a model on your own videos, one VQA² stage at a time.
 
     DATA is a data file or a folder holding one: the release's LLaVA-style JSON/JSONL, or a CSV
@@ -699,7 +704,8 @@ def finetune(data, stage, model_name, output, method, train_parts, part, mos_ran
     before training; invalid ones are listed with their line numbers.
 
     Ctrl-C finishes the current step, saves a checkpoint and exits (130); --resume continues
-    exactly. Several GPUs or machines: start the same command with `torchrun` or `accelerate launch`.
+    exactly. One run at a time may use an --output folder. Several GPUs or machines: start the same
+    command with `torchrun` or `accelerate launch`.
 
     \b
     Examples:
@@ -707,25 +713,13 @@ def finetune(data, stage, model_name, output, method, train_parts, part, mos_ran
       vqa2 finetune --stage 3 qa.json --model q-future/VQA-Assistant-llava_qwen --method qlora -o my-assistant
       torchrun --nproc_per_node 8 -m vqa2cli finetune --stage 2 data/ -m BASE -o out --grad-accum 4
     """
-    from vqa2cli.finetune import FinetuneOptions, run
+    from vqa2cli.finetune import run
+    from vqa2cli.output import Reporter
 
-    if mos_range and not mos_range[0] < mos_range[1]:
-        raise click.BadParameter("LO must be below HI", param_hint="--mos-range")
-    train = tuple(p.strip() for p in train_parts.split(",") if p.strip()) if train_parts else None
-    options = FinetuneOptions(
-        stage=stage, data=data, model=model_name, output=output, method=method, train=train, part=part,
-        lr=lr, vision_lr=vision_lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
-        save_every=save_every, keep=keep, resume=resume, seed=seed, gradient_checkpointing=gradient_checkpointing,
-        mos_range=tuple(mos_range) if mos_range else None, skip_invalid=skip_invalid, lora_r=lora_r,
-        lora_alpha=lora_alpha, max_motion_frames=max_motion_frames, slowfast_weights=slowfast_weights,
-        device=device, save_dtype=save_dtype, feature_cache_gb=feature_cache_gb,
-    )
-    result = run(options, say=lambda text: click.echo(text, err=True))
-    if result.interrupted:
-        return EXIT_INTERRUPTED
-    loss = f", final loss {result.loss:.4f}" if result.loss is not None else ""
-    click.echo(f"done: {result.step} steps{loss}; use it with `vqa2 score --model {output}`", err=True)
-    return 0
+    options = FinetuneOptions(**values)
+    reporter = Reporter.for_stderr(quiet=False, unit="steps")
+    result = run(options, say=reporter.note, progress=reporter)
+    return EXIT_INTERRUPTED if result.interrupted else 0
 
 
 # --- entry point ---------------------------------------------------------------------------------

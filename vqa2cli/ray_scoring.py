@@ -82,10 +82,10 @@ def record_schema(level_words):
 
 def model_config(model: str | None):
     """(the name records give the model, its config), read without loading weights: the driver only plans."""
-    from vqa2cli import checkpoint, registry
+    from vqa2cli.checkpoint import read_config
 
-    resolved = registry.resolve(model, "score")
-    return resolved.name, checkpoint.read_config(resolved.path, resolved.prompt)
+    resolved, config = read_config(model, "score")
+    return resolved.name, config
 
 
 def connect(address: str | None = None) -> None:
