@@ -171,7 +171,7 @@ def test_human_size():
 
 
 def test_table_marks_warnings_only_when_some_row_has_them_and_csv_joins_lists():
-    columns = [*COLUMNS, Column("warnings", "Warnings", lambda w: "! " + "; ".join(w), when_set=True)]
+    columns = [*COLUMNS, Column("warnings", "Warnings", lambda w: "! " + "; ".join(w) if w else "", when_set=True)]
     clean = [{**RECORDS[0], "warnings": []}]
     damaged = [*clean, {**RECORDS[0], "path": "cut.mp4", "warnings": ["decoded 4.6 s of 10 s", "2 corrupt packets"]}]
     for records, shown in ((clean, False), (damaged, True)):

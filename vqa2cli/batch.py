@@ -137,14 +137,18 @@ def in_shard(key: str, shard: tuple) -> bool:
     return int.from_bytes(digest, "big") % n == k
 
 
-def default_workers(count: Optional[int] = None) -> int:
-    """Decode worker processes for `count` videos (None: not known yet, e.g. paths on stdin): one per
-    usable CPU, none for a single video (starting a process would cost more than it saves)."""
+def default_workers(count: Optional[int] = None, device=None) -> int:
+    """Decode worker processes for `count` videos (None: not known yet, e.g. paths on stdin) scored on
+    `device`. The model on a GPU: one per usable CPU but one, which this process keeps to feed the GPU.
+    The model on the CPU: one, because the model's threads use every core already and more decoders
+    only take cores from it (BENCHMARKS.md). None for a single video: starting a process would cost
+    more than it saves."""
     from vqa2cli.synth import usable_cpus
 
     if count is not None and count <= 1:
         return 0
-    return usable_cpus() if count is None else min(usable_cpus(), count)
+    workers = max(1, usable_cpus() - 1) if getattr(device, "type", device) == "cuda" else 1
+    return workers if count is None else min(workers, count)
 
 
 @dataclass

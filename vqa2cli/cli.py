@@ -149,7 +149,7 @@ def _score_columns(level_words):
         Column("keyframes", "Keyframes", in_table=False),
         Column("motion_frames", "Motion frames", in_table=False),
         Column("seconds", "Took", lambda seconds: f"{seconds:.2f} s", "right"),
-        Column("warnings", "Warnings", lambda warnings: "! " + "; ".join(warnings), when_set=True),
+        Column("warnings", "Warnings", lambda warnings: "! " + "; ".join(warnings) if warnings else "", when_set=True),
         Column("error", "Error", in_table=False),  # the table adds an Error column when a row failed
     ]
 
@@ -165,9 +165,26 @@ def decoding_options(func):
         "--workers",
         type=click.IntRange(min=0),
         default=None,
-        help="Decode worker processes [default: one per usable CPU; none for a single video]. 0 decodes "
-        "in this process (a thread), for debugging.",
+        help="Decode worker processes [default: one per usable CPU but one with the model on a GPU, one with "
+        "it on the CPU, none for a single video]. 0 decodes in this process (a thread), for debugging.",
     )(func)
+
+
+def _warm_up_decoders(workers, videos):
+    """Start the process decode workers are forked from, while the model loads, when there will be some."""
+    if workers != 0 and (videos is None or videos > 1):
+        from vqa2cli.prefetch import warm_up
+
+        warm_up()
+
+
+def _workers(workers, videos, model) -> int:
+    """--workers, or its default for this many videos (None: unknown) and the model's device."""
+    from vqa2cli.batch import default_workers
+
+    if workers is None:
+        return default_workers(videos, model.device)
+    return workers if videos is None else min(workers, videos)  # no idle processes
 
 
 class _Shard(click.ParamType):
@@ -197,7 +214,7 @@ def _expand_inputs(paths, recursive, shard, quiet, reporter):
     return inputs, len(inputs), [] if quiet else notes
 
 
-def _score_writer(fmt, output, resume, model, inputs, total, reporter):
+def _score_writer(fmt, output, resume, model, inputs, total, note):
     """(writer, inputs, total): stdout in `fmt`, or --output FILE, whose finished paths --resume skips."""
     from vqa2cli.output import make_writer, open_record_file
 
@@ -211,7 +228,7 @@ def _score_writer(fmt, output, resume, model, inputs, total, reporter):
         raise SetupError(f"{output}: its records were made with model {sorted(map(str, other_models))[0]!r}, "
                          f"this run uses {model.name!r}; resume with the same --model, or name a new file")
     if existing.torn_bytes:
-        reporter.note(f"{output}: cut off an incomplete last record ({existing.torn_bytes} bytes) left by an "
+        note(f"{output}: cut off an incomplete last record ({existing.torn_bytes} bytes) left by an "
                       f"interrupted run")
     if existing.done:
         if total is not None:
@@ -219,7 +236,7 @@ def _score_writer(fmt, output, resume, model, inputs, total, reporter):
             total = len(inputs)
         else:
             inputs = (path for path in inputs if path not in existing.done)
-        reporter.note(f"resuming {output}: {len(existing.done)} video(s) already scored are skipped")
+        note(f"resuming {output}: {len(existing.done)} video(s) already scored are skipped")
     return writer, inputs, total
 
 
@@ -300,7 +317,7 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyfr
       find /data -name '*.mp4' -mmin -60 | vqa2 score - --jsonl | jq .score
       vqa2 score /catalogue -r --shard 0/4 --output part0.jsonl --resume
     """
-    from vqa2cli.batch import default_workers, score_videos
+    from vqa2cli.batch import score_videos
     from vqa2cli.output import Reporter, default_format, make_writer, record_file_format
 
     if resume and output is None:
@@ -320,19 +337,14 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyfr
         reporter.note("reading video paths from stdin, one per line (end with Ctrl-D)")
     try:
         inputs, total, notes = _expand_inputs(paths, recursive, shard, quiet, reporter)
-        if workers is None:
-            workers = default_workers(total)
-        elif total is not None:
-            workers = min(workers, total)  # no idle processes
-        if workers:
-            from vqa2cli.prefetch import warm_up
-
-            warm_up()  # the decoders' process starts while the model loads
+        _warm_up_decoders(workers, total)
         # the model first: when it cannot load, its error is the only message
         model = _load_model(reporter, model_name, device, quant, task="score")
+        workers = _workers(workers, total, model)
         for note in notes:
             reporter.note(note)
-        writer, inputs, total = _score_writer(fmt, output, resume, model, inputs, total, reporter)
+        writer, inputs, total = _score_writer(fmt, output, resume, model, inputs, total,
+                                              (lambda message: None) if quiet else reporter.note)
     except KeyboardInterrupt:
         _ignore_further_interrupts()
         if fmt == "json" and output is None:  # no results yet, but what reads our stdout still gets valid JSON
@@ -349,7 +361,7 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyfr
         records.close()  # stops the decoders
         reporter.stop()
         writer.close()
-    where = f" in {output}" if output else ""
+    where = f"; records in {output}" if output else ""
     if interrupted:
         reporter.note(f"interrupted: {scored + failed} video(s) done, results so far written{where}")
         return EXIT_INTERRUPTED
@@ -643,7 +655,6 @@ def eval_(labels, model_name, device, quant, predictions_path, max_motion_frames
       vqa2 eval data/heldout/stage3.csv --model vqa2-tiny --json
       vqa2 eval konvid/labels.csv --predictions konvid-preds.json
     """
-    from vqa2cli.batch import default_workers
     from vqa2cli.evaluation import evaluate, prediction_columns, read_labels, summary_columns
     from vqa2cli.output import Reporter, default_format, make_writer
 
@@ -666,15 +677,12 @@ def eval_(labels, model_name, device, quant, predictions_path, max_motion_frames
             reporter.note(f"warning: {record['path']}: {'; '.join(record['warnings'])}")
         reporter.advance()
 
-    if workers is None:
-        workers = default_workers(len({row.video for row in label_set.rows}))
+    videos = len({row.video for row in label_set.rows})
     interrupted = False
     try:
-        if workers:
-            from vqa2cli.prefetch import warm_up
-
-            warm_up()  # the decoders' process starts while the model loads
+        _warm_up_decoders(workers, videos)
         model = _load_model(reporter, model_name, device, quant, task="score" if label_set.kind == "scores" else "ask")
+        workers = _workers(workers, videos, model)
         reporter.start("Evaluating", total=len(label_set.rows))
         _, summary = evaluate(model, label_set, max_motion_frames=max_motion_frames, max_new_tokens=max_new_tokens,
                               on_record=on_record, batch_size=batch_size, workers=workers, strict=strict)

@@ -30,9 +30,9 @@ or open files):
   are pickled;
 * a worker that dies (a decoder segfault, the OOM killer) becomes an error result for the item it
   held, and a fresh worker takes its place; workers that cannot even start are a SetupError;
-* workers ignore SIGINT (a terminal's Ctrl-C reaches the whole process group: this process decides),
-  keep no copy of stdout, and exit when this process goes away (their pipe closes); `close()`
-  terminates them, so an interrupted run leaves no process behind.
+* workers ignore SIGINT, SIGTERM and SIGHUP (a terminal's Ctrl-C, or a stop sent to the whole process
+  group, is for this process to handle), keep no copy of stdout, and exit when this process goes away
+  (their pipe closes); `close()` kills them, so an interrupted run leaves no process behind.
 """
 
 from __future__ import annotations
@@ -189,15 +189,20 @@ class _Bell:
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
+        self._lock = threading.Lock()  # never write to a closed descriptor, whose number may be reused
+        self._closed = False
 
     def fileno(self):
         return self._read
 
     def ring(self):
-        try:
-            os.write(self._write, b"\0")
-        except (BlockingIOError, OSError):  # full: it is ringing already; closed: nobody listens
-            pass
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                os.write(self._write, b"\0")
+            except BlockingIOError:  # full: it is ringing already
+                pass
 
     def drain(self):
         try:
@@ -207,8 +212,10 @@ class _Bell:
             pass
 
     def close(self):
-        for fd in (self._read, self._write):
-            os.close(fd)
+        with self._lock:
+            self._closed = True
+            os.close(self._read)
+            os.close(self._write)
 
 
 class _Worker:
@@ -291,8 +298,11 @@ class _Pool:
                     sent += 1
                 else:
                     break
-                worker.job = job
-                worker.conn.send(job)
+                try:
+                    worker.conn.send(job)
+                    worker.job = job
+                except OSError:  # it has just died: the job goes to another one, its end is handled below
+                    retry.append(job)
             while emitted in done:
                 emit(done.pop(emitted))
                 emitted += 1
@@ -353,12 +363,9 @@ class _Pool:
             workers, self.workers = self.workers, []
         for worker in workers:
             if worker.process.is_alive():
-                worker.process.terminate()
+                worker.process.kill()  # they ignore SIGTERM
         for worker in workers:
-            worker.process.join(timeout=2)
-            if worker.process.is_alive():
-                worker.process.kill()
-                worker.process.join()
+            worker.process.join()
             worker.conn.close()
         self.bell.close()
 
@@ -388,7 +395,10 @@ def _read_items(items: Iterable, incoming: queue.Queue, bell: _Bell, stop: threa
 
 def _worker_main(conn, decode_bytes: bytes):
     """A decode worker: one job at a time from `conn`, results back the same way, until it closes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C, a terminal hangup or a stop signal sent to the whole process group is for the consumer to
+    # handle (it ends the workers); a worker killed here would be reported as a crash of its file.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     # Our stdout is the user's data stream: nothing a decoder library prints may land in it.
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
