@@ -413,3 +413,14 @@ def test_shards_of_paths_given_one_by_one_use_the_path_as_given():
     # spelled differently, the same file: the same share
     assert list(expand_paths([f"./{p}".replace("/", "//") for p in first], shard=(0, 2))) == [
         f"./{p}".replace("/", "//") for p in first]
+
+
+def test_default_workers_follow_the_device_and_the_count(monkeypatch):
+    import vqa2cli.synth
+    from vqa2cli.batch import default_workers
+
+    monkeypatch.setattr(vqa2cli.synth, "usable_cpus", lambda: 16)
+    assert [default_workers(count, "cuda") for count in (None, 0, 1, 2, 40)] == [15, 0, 0, 2, 15]
+    assert [default_workers(count, "cpu") for count in (None, 1, 2, 40)] == [1, 0, 1, 1]
+    monkeypatch.setattr(vqa2cli.synth, "usable_cpus", lambda: 1)
+    assert default_workers(None, "cuda") == 1
