@@ -194,8 +194,117 @@ def _score_columns(level_words):
         Column("keyframes", "Keyframes", in_table=False),
         Column("motion_frames", "Motion frames", in_table=False),
         Column("seconds", "Took", lambda seconds: f"{seconds:.2f} s", "right"),
+        Column("warnings", "Warnings", lambda warnings: "! " + "; ".join(warnings) if warnings else "", when_set=True),
         Column("error", "Error", in_table=False),  # the table adds an Error column when a row failed
     ]
+
+
+def decoding_options(func):
+    """--workers, --strict: how videos are decoded ahead of the model, and what damage is allowed."""
+    func = click.option(
+        "--strict",
+        is_flag=True,
+        help="A damaged file (truncated, corrupt data) is an error (exit 1) instead of scored with warnings.",
+    )(func)
+    return click.option(
+        "--workers",
+        type=click.IntRange(min=0),
+        default=None,
+        help="Decode worker processes [default: one per usable CPU but one with the model on a GPU, one with "
+        "it on the CPU, none for a single video]. 0 decodes in this process (a thread), for debugging.",
+    )(func)
+
+
+def _warm_up_decoders(workers, videos):
+    """Start the process decode workers are forked from, while the model loads, when there will be some."""
+    if workers != 0 and (videos is None or videos > 1):
+        from vqa2cli.prefetch import warm_up
+
+        warm_up()
+
+
+def _workers(workers, videos, model) -> int:
+    """--workers, or its default for this many videos (None: unknown) and the model's device."""
+    from vqa2cli.batch import default_workers
+
+    if workers is None:
+        return default_workers(videos, model.device)
+    return workers if videos is None else min(workers, videos)  # no idle processes
+
+
+class _Shard(click.ParamType):
+    name = "K/N"
+
+    def convert(self, value, param, ctx):
+        from vqa2cli.batch import parse_shard
+
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_shard(value)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+
+
+def _expand_inputs(paths, recursive, shard, quiet, reporter):
+    """(paths to score, their number or None while stdin streams, notes to print once the model loads)."""
+    from vqa2cli.batch import expand_paths
+
+    if "-" in paths:  # expanded as they arrive, notes printed then
+        return expand_paths(paths, recursive=recursive, stdin=_stdin_lines(), shard=shard,
+                            warn=None if quiet else reporter.note), None, []
+    notes = []
+    # the whole list known up front gives the progress bar its ETA and the worker pool its size
+    inputs = list(expand_paths(paths, recursive=recursive, shard=shard, warn=notes.append))
+    return inputs, len(inputs), [] if quiet else notes
+
+
+def _score_writer(fmt, output, resume, name, level_words, inputs, total, note):
+    """(writer, inputs, total): stdout in `fmt`, or --output FILE, whose finished paths --resume skips."""
+    from vqa2cli.output import make_writer, open_record_file
+
+    columns = _score_columns([word.strip() for word in level_words])
+    if output is None:
+        return make_writer(fmt, sys.stdout, columns, title=f"vqa2 score ({name})"), inputs, total
+    writer, existing = open_record_file(output, columns, resume=resume)
+    other_models = existing.models - {name}
+    if other_models:
+        writer.close()
+        raise SetupError(f"{output}: its records were made with model {sorted(map(str, other_models))[0]!r}, "
+                         f"this run uses {name!r}; resume with the same --model, or name a new file")
+    if existing.torn_bytes:
+        note(f"{output}: cut off an incomplete last record ({existing.torn_bytes} bytes) left by an "
+                      f"interrupted run")
+    if existing.done:
+        if total is not None:
+            inputs = [path for path in inputs if path not in existing.done]
+            total = len(inputs)
+        else:
+            inputs = (path for path in inputs if path not in existing.done)
+        note(f"resuming {output}: {len(existing.done)} video(s) already scored are skipped")
+    return writer, inputs, total
+
+
+def _write_records(records, writer, reporter):
+    """Write each record (a dict) as it comes, one stderr line per failed or damaged file: (scored, failed,
+    damaged, interrupted)."""
+    scored = failed = damaged = 0
+    try:
+        for record in records:
+            writer.write(record)
+            if record["error"]:
+                failed += 1
+                reporter.note(f"error: {record['error']}")
+            else:
+                scored += 1
+                if record["warnings"]:
+                    damaged += 1
+                    reporter.note(f"warning: {record['path']}: {'; '.join(record['warnings'])}")
+            reporter.advance()
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM/SIGHUP turned into one by main()
+        _ignore_further_interrupts()
+        return scored, failed, damaged, True
+    return scored, failed, damaged, False
 
 
 @cli.command(short_help="Score the quality of videos (files, directories, stdin).")
@@ -215,23 +324,33 @@ def _score_columns(level_words):
     show_default=True,
     help="Videos the model scores in one forward pass.",
 )
+@decoding_options
+@click.option("--shard", type=_Shard(), default=None,
+              help="Score only share K of N (0 <= K < N) of the inputs: N machines each given one K split a "
+              "catalogue between them with no overlap (a hash of each path; see docs/cli.md).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Append records to FILE (.jsonl or .csv) as they are made, instead of stdout.")
+@click.option("--resume", is_flag=True,
+              help="Continue --output FILE: skip the videos it already holds a score for (failed ones are retried).")
 @click.option("-r", "--recursive", is_flag=True, help="Look for videos in subdirectories too.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr: no progress bar, notes or summary.")
 @ray_options
 @output_format_options
-def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyframes, batch_size, recursive, quiet,
-          ray, fmt):
+def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyframes, batch_size, workers, strict,
+          shard, output, resume, recursive, quiet, ray, fmt):
     """Score the quality of videos: 0 (worst) to 1 (best), and a level from low to high.
 
     PATH is a video file, a directory, or - to read paths from stdin (one per line). In a directory,
     files with a video extension (.mp4 .mov .mkv .webm .avi .m4v .ts .flv .wmv .mpg .y4m …) are
     scored, sorted by name; --recursive goes into subdirectories. Files named explicitly are always
-    tried. The model loads once for the whole batch.
+    tried. The model loads once for the whole batch; videos are decoded ahead of it in --workers
+    processes.
 
-    Output goes to stdout: a table on a terminal, JSON Lines when piped (or --json, --jsonl, --csv).
-    Each record has path, score, level, probs, model, duration_s, keyframes, motion_frames,
-    seconds and error. A file that fails gives a record with `error` and a line on stderr; the
-    batch goes on.
+    Output goes to stdout: a table on a terminal, JSON Lines when piped (or --json, --jsonl, --csv),
+    or to --output FILE. Each record has path, score, level, probs, model, duration_s, keyframes,
+    motion_frames, seconds, warnings and error. A file that fails gives a record with `error` and a
+    line on stderr; the batch goes on. A damaged file that still decodes is scored, with what was
+    lost in `warnings` and a line on stderr (an error with --strict).
 
     With --ray the same inputs are scored by a Ray Data pipeline on the cluster RAY_ADDRESS (or
     --ray-address) names, or on a new local one: decode tasks, then --ray-actors model actors.
@@ -245,74 +364,78 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyfr
       vqa2 score videos/ -r --json > scores.json
       vqa2 score a.mp4 b.webm --csv
       find /data -name '*.mp4' -mmin -60 | vqa2 score - --jsonl | jq .score
+      vqa2 score /catalogue -r --shard 0/4 --output part0.jsonl --resume
       RAY_ADDRESS=ray://head:10001 vqa2 score /mnt/catalogue -r --ray --ray-actors 8 --parquet scores/
     """
-    from vqa2cli.batch import expand_paths, score_videos
-    from vqa2cli.output import Reporter, default_format, make_writer
+    from vqa2cli.batch import score_videos
+    from vqa2cli.output import Reporter, default_format, make_writer, record_file_format
 
+    if resume and output is None:
+        raise click.UsageError("--resume continues an --output FILE: name the file")
+    if output is not None:
+        if fmt:
+            raise click.UsageError(f"--output takes its format from the file's extension: drop --{fmt}")
+        try:
+            record_file_format(output)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--output") from None
     fmt = fmt or default_format(sys.stdout)
     # records streamed to the terminal are their own progress, and a live bar redrawn on the same
     # screen would overwrite them: the bar is for tables (printed at the end) and redirected output
-    reporter = Reporter.for_stderr(quiet or (fmt != "table" and sys.stdout.isatty()))
+    reporter = Reporter.for_stderr(quiet or (output is None and fmt != "table" and sys.stdout.isatty()))
     if "-" in paths and sys.stdin is not None and sys.stdin.isatty() and not quiet:
         reporter.note("reading video paths from stdin, one per line (end with Ctrl-D)")
     try:
+        inputs, total, notes = _expand_inputs(paths, recursive, shard, quiet, reporter)
+        if ray is None:
+            _warm_up_decoders(workers, total)
         # the model first: when it cannot load, its error is the only message
         if ray is None:
             model = _load_model(reporter, model_name, device, quant, task="score")
             name, level_words = model.name, model.config.level_words
+            workers = _workers(workers, total, model)
         else:
             name, level_words = _connect_ray(reporter, ray["address"], model_name)
-        inputs = expand_paths(paths, recursive=recursive, stdin=_stdin_lines(), warn=None if quiet else reporter.note)
-        # without stdin the whole list is known up front, which gives the progress bar its ETA; Ray needs it
-        total = None
-        if "-" not in paths or ray is not None:
-            inputs = list(inputs)
-            total = len(inputs)
+            if total is None:  # Ray plans the whole list up front
+                inputs = list(inputs)
+                total = len(inputs)
+        for note in notes:
+            reporter.note(note)
+        writer, inputs, total = _score_writer(fmt, output, resume, name, level_words, inputs, total,
+                                              (lambda message: None) if quiet else reporter.note)
     except KeyboardInterrupt:
         _ignore_further_interrupts()
-        if fmt == "json":  # no results yet, but what reads our stdout still gets valid JSON
+        if fmt == "json" and output is None:  # no results yet, but what reads our stdout still gets valid JSON
             make_writer(fmt, sys.stdout, []).close()
         reporter.note("interrupted before any video was scored")
         return EXIT_INTERRUPTED
-    level_words = [word.strip() for word in level_words]
-    writer = make_writer(fmt, sys.stdout, _score_columns(level_words), title=f"vqa2 score ({name})")
-    scored = failed = 0
-    interrupted = False
     start = time.perf_counter()
     if ray is None:
         scores = score_videos(model, inputs, prompt=prompt, max_motion_frames=max_motion_frames,
-                              max_keyframes=max_keyframes, batch_size=batch_size)
+                              max_keyframes=max_keyframes, batch_size=batch_size, workers=workers, strict=strict)
         records = (record.to_dict() for record in scores)
     else:
         from vqa2cli.ray_scoring import score_records
 
-        scores = records = score_records(inputs, model_name, parquet=ray["parquet"], device=device, quant=quant, prompt=prompt,
-                                max_motion_frames=max_motion_frames, max_keyframes=max_keyframes,
-                                batch_size=batch_size, actors=ray["actors"], gpus_per_actor=ray["gpus_per_actor"])
+        scores = records = score_records(
+            inputs, model_name, parquet=ray["parquet"], device=device, quant=quant, prompt=prompt,
+            max_motion_frames=max_motion_frames, max_keyframes=max_keyframes, batch_size=batch_size, strict=strict,
+            actors=ray["actors"], gpus_per_actor=ray["gpus_per_actor"])
     try:
         reporter.start("Scoring", total=total)
-        for record in records:
-            writer.write(record)
-            if record["error"]:
-                failed += 1
-                reporter.note(f"error: {record['error']}")
-            else:
-                scored += 1
-            reporter.advance()
-    except KeyboardInterrupt:
-        interrupted = True
-        _ignore_further_interrupts()
+        scored, failed, damaged, interrupted = _write_records(records, writer, reporter)
     finally:
-        scores.close()  # stops the background decoder (or the Ray pipeline)
+        scores.close()  # stops the decoders (or the Ray pipeline)
         reporter.stop()
         writer.close()
+    where = f"; records in {output}" if output else ""
     if interrupted:
-        reporter.note(f"interrupted: {scored + failed} video(s) done, results so far written")
+        reporter.note(f"interrupted: {scored + failed} video(s) done, results so far written{where}")
         return EXIT_INTERRUPTED
     if not quiet:
-        took = time.perf_counter() - start
-        reporter.note(f"scored {scored} video(s), {failed} failed, in {took:.1f} s")
+        with_warnings = f" ({damaged} with warnings)" if damaged else ""
+        reporter.note(f"scored {scored} video(s){with_warnings}, {failed} failed, in "
+                      f"{time.perf_counter() - start:.1f} s{where}")
     return EXIT_FAILED if failed else 0
 
 
@@ -570,10 +693,11 @@ def _prediction_writer(path, columns):
               help="Longest answer (question sets).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Videos scored in one forward pass (score sets).")
+@decoding_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary; errors are still reported.")
 @output_format_options
-def eval_(labels, model_name, device, quant, predictions_path, max_motion_frames, max_new_tokens, batch_size, quiet,
-          fmt):
+def eval_(labels, model_name, device, quant, predictions_path, max_motion_frames, max_new_tokens, batch_size, workers,
+          strict, quiet, fmt):
     """Evaluate a model on a labelled set, with the standard VQA protocol.
 
     LABELS is a CSV whose header says what it holds (`video` may stand for `path`):
@@ -586,6 +710,7 @@ def eval_(labels, model_name, device, quant, predictions_path, max_motion_frames
 
     Paths are relative to the CSV's folder and may not leave it. The model loads once. A video that
     is missing or cannot be decoded or scored is a failed item: reported, left out of the metrics.
+    A damaged video that still decodes is evaluated, with a warning (a failed item with --strict).
     Per-item predictions are saved to --predictions; the metrics go to stdout (a table on a
     terminal, JSON Lines when piped, or --json/--jsonl/--csv).
 
@@ -606,6 +731,7 @@ def eval_(labels, model_name, device, quant, predictions_path, max_motion_frames
     handle, predictions = _prediction_writer(predictions_path, prediction_columns(label_set.kind))
     reporter = Reporter.for_stderr(quiet)
     failed = 0
+    warned = set()
 
     def on_record(record):
         nonlocal failed
@@ -613,14 +739,20 @@ def eval_(labels, model_name, device, quant, predictions_path, max_motion_frames
         if record["error"]:
             failed += 1
             reporter.note(f"error: {record['error']}")
+        elif record["warnings"] and record["path"] not in warned:  # once per video, not per question
+            warned.add(record["path"])
+            reporter.note(f"warning: {record['path']}: {'; '.join(record['warnings'])}")
         reporter.advance()
 
+    videos = len({row.video for row in label_set.rows})
     interrupted = False
     try:
+        _warm_up_decoders(workers, videos)
         model = _load_model(reporter, model_name, device, quant, task="score" if label_set.kind == "scores" else "ask")
+        workers = _workers(workers, videos, model)
         reporter.start("Evaluating", total=len(label_set.rows))
         _, summary = evaluate(model, label_set, max_motion_frames=max_motion_frames, max_new_tokens=max_new_tokens,
-                              on_record=on_record, batch_size=batch_size)
+                              on_record=on_record, batch_size=batch_size, workers=workers, strict=strict)
     except KeyboardInterrupt:
         interrupted = True
         _ignore_further_interrupts()

@@ -19,11 +19,15 @@ import contextlib
 import csv
 import json
 import math
+import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from vqa2cli.errors import SetupError
 
 FORMATS = ("table", "json", "jsonl", "csv")
 
@@ -43,6 +47,7 @@ class Column:
     wide_only: bool = False  # in the table only on a terminal at least WIDE_TABLE columns wide
     no_wrap: bool = False  # keep table cells whole (names to copy and paste); numbers never wrap
     missing: str = ""  # table cell text for None
+    when_set: bool = False  # in the table only when some row has a value (e.g. warnings)
 
 
 def lookup(record: dict, key: str):
@@ -152,23 +157,25 @@ def _csv_cell(value):
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return " ".join(str(item) for item in value)
+    if isinstance(value, (list, tuple)):  # e.g. warnings, which are sentences with spaces
+        return "; ".join(str(item) for item in value)
     if isinstance(value, dict):
         return to_json(value)
     return value
 
 
 class CsvWriter(_Writer):
-    """CSV with a header row of column keys; None is an empty cell, a list space-separated; flushed per record."""
+    """CSV with a header row of column keys (`header=False`: none, for appending to a file that has it);
+    None is an empty cell, a list "; "-separated; flushed per record."""
 
-    def __init__(self, stream, columns):
+    def __init__(self, stream, columns, header=True):
         super().__init__(stream)
         self.columns = list(columns)
         self._csv = csv.writer(stream, lineterminator="\n")
-        with uninterrupted():
-            self._csv.writerow([column.key for column in self.columns])
-            stream.flush()
+        if header:
+            with uninterrupted():
+                self._csv.writerow([column.key for column in self.columns])
+                stream.flush()
 
     def _write(self, record):
         self._csv.writerow([_csv_cell(lookup(record, column.key)) for column in self.columns])
@@ -201,7 +208,8 @@ class TableWriter(_Writer):
 
         console = Console(file=self.stream, highlight=False)
         wide = console.width >= WIDE_TABLE
-        columns = [column for column in self.columns if column.in_table and (wide or not column.wide_only)]
+        columns = [column for column in self.columns if column.in_table and (wide or not column.wide_only)
+                   and (not column.when_set or any(lookup(record, column.key) for record in self.rows))]
         table = Table(title=self.title, title_justify="left")
         for column in columns:
             whole = column.no_wrap or column.justify == "right"
@@ -240,6 +248,185 @@ def make_writer(fmt: str, stream, columns, title=None):
     if fmt == "table":
         return TableWriter(stream, columns, title=title)
     raise ValueError(f"unknown output format {fmt!r} (choose from {', '.join(FORMATS)})")
+
+
+# --- record files (--output FILE): appended as records are made, resumable ---------------------------
+
+RECORD_FILE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
+SYNC_SECONDS = 2.0
+
+
+def record_file_format(path) -> str:
+    """The format of a record file, from its extension; ValueError (one line) for other extensions."""
+    fmt = RECORD_FILE_FORMATS.get(os.path.splitext(os.fspath(path))[1].lower())
+    if fmt is None:
+        raise ValueError(f"{path}: records are appended one line each: name a .jsonl or .csv file")
+    return fmt
+
+
+@dataclass
+class RecordFile:
+    """What an existing record file held when it was opened for appending."""
+
+    path: str
+    records: int = 0  # complete records
+    done: set = field(default_factory=set)  # paths that have a record without error
+    models: set = field(default_factory=set)  # the `model` of those records
+    torn_bytes: int = 0  # an incomplete last record (a crash mid-write), cut off before appending
+
+
+def open_record_file(path, columns, resume: bool = False):
+    """Open a record file for appending: (writer, RecordFile of what it held).
+
+    Each record is written and flushed as one line (a JSON object, or a CSV row under the header the
+    file starts with), so a record is in the file as soon as `write` returns and survives the process
+    being killed; the file is also fsynced every SYNC_SECONDS and on close. An existing non-empty file
+    is refused unless `resume`; then it is read first: a last line without its newline, or that does
+    not parse (a crash mid-write), is cut off; any other unreadable line, or a CSV header other than
+    `columns`, is a SetupError (it is not our file, or not this kind of record).
+    """
+    path = os.fspath(path)
+    fmt = record_file_format(path)
+    existing = RecordFile(path)
+    end = 0
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        size = 0
+    except OSError as error:
+        raise SetupError(f"{path}: cannot read ({error.strerror})") from None
+    if size and not resume:
+        raise SetupError(f"{path} already holds records: add --resume to continue it, or name a new file")
+    if size:
+        records, end = _read_records(path, fmt, [column.key for column in columns])
+        existing.records = len(records)
+        finished = [record for record in records if not record.get("error")]
+        existing.done = {record["path"] for record in finished}
+        existing.models = {record.get("model") for record in finished}
+        existing.torn_bytes = size - end
+        if existing.torn_bytes:
+            os.truncate(path, end)
+    try:
+        handle = open(path, "a", encoding="utf-8", errors="surrogateescape", newline="")
+    except OSError as error:
+        raise SetupError(f"{path}: cannot write ({error.strerror})") from None
+    synced = _SyncedFile(handle)
+    writer = JsonLinesWriter(synced) if fmt == "jsonl" else CsvWriter(synced, columns, header=end == 0)
+    return _FileWriter(writer, synced), existing
+
+
+class _SyncedFile:
+    """A text file whose flush() also fsyncs, at most every SYNC_SECONDS (flushed records already survive
+    the process being killed; fsync makes them survive a power cut, at a cost too high to pay per
+    record on slow disks), and whose close() always does."""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self._synced = time.monotonic()
+
+    def write(self, text):
+        return self._handle.write(text)
+
+    def flush(self):
+        self._handle.flush()
+        if time.monotonic() - self._synced >= SYNC_SECONDS:
+            os.fsync(self._handle.fileno())
+            self._synced = time.monotonic()
+
+    def close(self):
+        if not self._handle.closed:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+
+
+class _FileWriter:
+    """A record writer together with the file it writes: closing one closes both."""
+
+    def __init__(self, writer, file):
+        self._writer = writer
+        self._file = file
+
+    @property
+    def count(self):
+        return self._writer.count
+
+    def write(self, record: dict):
+        self._writer.write(record)
+
+    def close(self):
+        self._writer.close()
+        with uninterrupted():
+            self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+        return False
+
+
+class _Lines:
+    """The lines of a binary file as text, tracking where the last one ended and whether it was whole."""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self.end = 0
+        self.whole = True
+        self.number = 0
+
+    def __iter__(self):
+        for line in self._handle:
+            self.end += len(line)
+            self.whole = line.endswith(b"\n")
+            self.number += 1
+            yield line.decode("utf-8", "surrogateescape")
+
+
+def _read_records(path: str, fmt: str, header: list) -> tuple:
+    """(complete records as dicts, offset where the last one ends) of a record file."""
+    records, end, bad = [], 0, None
+    with open(path, "rb") as handle:
+        lines = _Lines(handle)
+        if fmt == "csv":
+            reader = csv.reader(lines)
+            rows = iter(lambda: _csv_row(reader, lines), None)
+            first = next(rows, None)
+            if first is not None and lines.whole:
+                if first != header:
+                    raise SetupError(f"{path}: its columns are not this run's ({','.join(first)[:200]}); "
+                                     f"name a new file")
+                end = lines.end
+            parsed = ((dict(zip(header, row)) if len(row) == len(header) else None) for row in rows)
+        else:
+            parsed = (_json_record(text) for text in lines)
+        for record in parsed:
+            if bad is not None:  # only the last line may be incomplete
+                raise SetupError(bad)
+            if record is None or not lines.whole or not isinstance(record.get("path"), str):
+                bad = f"{path} line {lines.number}: not a record of this kind; name a new file"
+                continue
+            records.append(record)
+            end = lines.end
+    return records, end
+
+
+def _csv_row(reader, lines):
+    try:
+        return next(reader)
+    except StopIteration:
+        return None
+    except csv.Error:  # an unterminated quote at the end: a row cut short
+        return []
+
+
+def _json_record(text):
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def fmt_float(digits=3):

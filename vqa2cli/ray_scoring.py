@@ -49,11 +49,11 @@ class _Decode:
 class _Scorer:
     """Ray Data actor: holds one loaded model and turns batches of decoded rows into records."""
 
-    def __init__(self, model: str | None, device: str, quant: str, prompt: str | None):
+    def __init__(self, model: str | None, device: str, quant: str, prompt: str | None, strict: bool):
         from vqa2cli.pipeline import load_model
 
         self.model = load_model(model, device=device, quant=quant, task="score")
-        self.prompt = prompt
+        self.prompt, self.strict = prompt, strict
         self.schema = record_schema(self.model.config.level_words)
 
     def __call__(self, batch) -> dict:
@@ -63,7 +63,7 @@ class _Scorer:
                    for path, sample, error, seconds in zip(*columns)]
         import pyarrow
 
-        records = [record.to_dict() for record in score_decoded(self.model, decoded, self.prompt)]
+        records = [record.to_dict() for record in score_decoded(self.model, decoded, self.prompt, self.strict)]
         # an explicit schema: a batch of failures alone would otherwise type `score` as null, and Parquet
         # files written from different batches would not read back as one table
         return pyarrow.Table.from_pylist(records, schema=self.schema)
@@ -76,7 +76,7 @@ def record_schema(level_words):
     probs = pa.struct([(word.strip(), pa.float64()) for word in level_words])
     types = {"path": pa.string(), "score": pa.float64(), "level": pa.string(), "probs": probs, "model": pa.string(),
              "duration_s": pa.float64(), "keyframes": pa.int64(), "motion_frames": pa.int64(),
-             "seconds": pa.float64(), "error": pa.string()}
+             "seconds": pa.float64(), "warnings": pa.list_(pa.string()), "error": pa.string()}
     return pa.schema([(name, types[name]) for name in RECORD_FIELDS])
 
 
@@ -115,6 +115,7 @@ def score_dataset(
     max_motion_frames: int | None = None,
     max_keyframes: int | None = None,
     batch_size: int = 1,
+    strict: bool = False,
     actors: int = 1,
     gpus_per_actor: float | None = None,
     decode_cpus: float = 1,
@@ -122,7 +123,7 @@ def score_dataset(
     """A `ray.data.Dataset` of score records for `paths` (an iterable of paths, or a Dataset with a `path`
     column), computed lazily when the dataset is consumed. `actors` model actors each hold the model;
     `gpus_per_actor` defaults to 1 when the cluster has GPUs (and `device` is not cpu), else 0.
-    `batch_size` videos go through the model in one forward pass. Call `ray.init` first (or let Ray start
+    `batch_size` videos go through the model in one forward pass; `strict` makes damaged videos errors. Call `ray.init` first (or let Ray start
     a local cluster on first use). The rows keep the input order."""
     import ray
 
@@ -134,7 +135,7 @@ def score_dataset(
     decoded = dataset.map(_Decode(sampling), num_cpus=decode_cpus)
     return decoded.map_batches(
         _Scorer,
-        fn_constructor_kwargs={"model": model, "device": device, "quant": quant, "prompt": prompt},
+        fn_constructor_kwargs={"model": model, "device": device, "quant": quant, "prompt": prompt, "strict": strict},
         batch_size=batch_size,
         batch_format="pyarrow",
         concurrency=actors,
@@ -175,9 +176,10 @@ def records(dataset) -> Iterable[dict]:
 
 
 def _plain(value):
-    """numpy scalars from Arrow -> Python numbers; NaN for a missing float -> None."""
-    if hasattr(value, "item") and not isinstance(value, (dict, list, str)):
-        value = value.item()
+    """Arrow's values as `vqa2 score` writes them: numpy arrays -> lists, numpy scalars -> Python numbers,
+    NaN for a missing float -> None."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
     if isinstance(value, float) and value != value:
         return None
     return value
