@@ -236,18 +236,29 @@ def score_videos(
 
     with Prefetcher(paths, decode, depth=max(prefetch, batch_size)) as prefetcher:
         for path, sample, error, decode_seconds in prefetcher:
-            record = ScoreRecord(path=path, model=model.name, error=error)
-            if sample is not None:
-                record.duration_s = round(float(sample.duration), 3)
-                record.keyframes = int(sample.keyframes.shape[0])
-                record.motion_frames = int(sample.motion.shape[0])
-            pending.append((record, sample, decode_seconds))
+            pending.append((_new_record(model, path, sample, error), sample, decode_seconds))
             del sample  # only `pending` keeps the frames
             decoded = sum(1 for _, waiting, _ in pending if waiting is not None)
             # a full batch goes to the model; failures with no video ahead of them go out at once
             if decoded in (0, batch_size):
                 yield from flush()
         yield from flush()
+
+
+def score_decoded(model, path: str, sample, decode_seconds: float = 0.0, prompt: Optional[str] = None) -> ScoreRecord:
+    """The record of one video decoded by the caller (`sample`, from `model.sampling(...).load`), built
+    and scored exactly as `score_videos` does it; `path` is the name the record carries. For callers
+    that schedule decoding and the model themselves (`vqa2 serve`)."""
+    return _score_pending(model, [(_new_record(model, path, sample, None), sample, decode_seconds)], prompt)[0]
+
+
+def _new_record(model, path: str, sample, error: Optional[str]) -> ScoreRecord:
+    record = ScoreRecord(path=path, model=model.name, error=error)
+    if sample is not None:
+        record.duration_s = round(float(sample.duration), 3)
+        record.keyframes = int(sample.keyframes.shape[0])
+        record.motion_frames = int(sample.motion.shape[0])
+    return record
 
 
 def _score_pending(model, pending, prompt) -> list:
