@@ -40,6 +40,8 @@ import json
 import math
 import os
 import re
+import shutil
+import signal
 import socket
 import stat
 import sys
@@ -387,8 +389,6 @@ class Service:
 
     def close(self):
         """Remove the uploads folder (idempotent)."""
-        import shutil
-
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def _busy(self, reason: str) -> HTTPError:
@@ -649,10 +649,12 @@ class _Server(uvicorn.Server):
     def __init__(self, config, service: Service):
         super().__init__(config)
         self.service = service
+        self.stopped_by = None  # the first signal
 
     def handle_exit(self, sig, frame):
         # waiting requests answer 503 at once instead of holding the shutdown for their turn on the model
         self.service.stopping = True
+        self.stopped_by = self.stopped_by or sig
         super().handle_exit(sig, frame)
 
 
@@ -674,7 +676,10 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def run(model, settings: ServeSettings, say: Callable[[str], None] = lambda text: print(text, file=sys.stderr)):
-    """Serve `model` until SIGTERM or SIGINT; the uploads folder is gone when this returns or raises."""
+    """Serve `model` until SIGTERM or SIGINT; the uploads folder is gone when this returns or raises.
+
+    After SIGINT this raises KeyboardInterrupt (asyncio's runner would swallow the one uvicorn re-raises);
+    after SIGTERM uvicorn re-raises it once the server has shut down, which ends the process (143)."""
     sock = listen(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
@@ -684,8 +689,11 @@ def run(model, settings: ServeSettings, say: Callable[[str], None] = lambda text
     log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"  # stdout is for data, and serve has none
     config = uvicorn.Config(app, log_level="info", log_config=log_config, access_log=settings.access_log,
                             server_header=False, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    server = _Server(config, app.state.service)
     try:
-        _Server(config, app.state.service).run(sockets=[sock])
+        server.run(sockets=[sock])
+        if server.stopped_by == signal.SIGINT:
+            raise KeyboardInterrupt
     finally:
         app.state.service.close()
         sock.close()
