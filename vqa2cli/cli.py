@@ -854,6 +854,72 @@ def finetune(**values):
     return EXIT_INTERRUPTED if result.interrupted else 0
 
 
+# --- serve ---------------------------------------------------------------------------------------
+
+
+@cli.command(short_help="Serve a model over HTTP: POST /score and /ask for upload-gating pipelines.")
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 opens it to the network (set a --token then).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port; 0 picks a free one (the address is printed on stderr).")
+@click.option("--allow-dir", type=click.Path(exists=True, file_okay=False), metavar="DIR",
+              help="Let clients name video files under DIR instead of uploading them [default: uploads only].")
+@click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=512, show_default=True,
+              help="Largest upload; larger ones get 413.")
+@click.option("--queue", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Requests that may wait behind the one being worked on; more get 503 with Retry-After.")
+@click.option("--token", envvar="VQA2_SERVE_TOKEN", show_envvar=True, metavar="TOKEN",
+              help="Require 'Authorization: Bearer TOKEN' (prefer the environment variable: arguments show in ps).")
+@click.option("--tmp-dir", type=click.Path(exists=True, file_okay=False), metavar="DIR",
+              help="Where uploads are kept while they are scored [default: the system's temporary folder].")
+@sampling_options
+@click.option("-q", "--quiet", is_flag=True, help="No access log: only the startup line and errors.")
+def serve(model_name, device, quant, host, port, allow_dir, max_upload_mb, queue, token, tmp_dir, max_motion_frames,
+          max_keyframes, quiet):
+    """Keep a model loaded and answer over HTTP; needs the extra: pip install 'vqa2[serve]'.
+
+    \b
+      POST /score   a video (multipart part `file`, or JSON {"path": ...} under --allow-dir)
+                    -> the record `vqa2 score --json` gives for it
+      POST /ask     the same plus `question` -> the record of `vqa2 ask --json`
+      GET  /health, GET /models, and the API docs at /docs
+
+    One model call runs at a time; up to --queue requests wait, more get 503. Errors are one-line
+    JSON ({"error": "..."}): 422 for a file that is not a usable video, 413 for too large an upload.
+    --max-motion-frames and --max-keyframes are the defaults, and the most a request may ask for.
+    SIGTERM or Ctrl-C: the request on the model finishes, waiting ones get 503, uploads are removed.
+
+    \b
+    Examples:
+      vqa2 serve --model vqa2-tiny
+      curl -F file=@clip.mp4 http://127.0.0.1:8000/score
+      curl -F file=@clip.mp4 -F question="Is it blurry?" http://127.0.0.1:8000/ask
+      VQA2_SERVE_TOKEN=s3cret vqa2 serve --host 0.0.0.0 --allow-dir /srv/videos
+      curl -H "Authorization: Bearer s3cret" -H "Content-Type: application/json" \\
+           -d '{"path": "new/upload.mp4"}' http://HOST:8000/score
+    """
+    from vqa2cli.output import Reporter
+
+    try:
+        from vqa2cli import serve as serving
+    except ImportError as error:
+        raise SetupError(f"vqa2 serve needs its extra: pip install 'vqa2[serve]' ({error.name} is missing)") from None
+    reporter = Reporter.for_stderr(quiet)
+    if not token and host not in ("127.0.0.1", "localhost", "::1"):
+        reporter.note(f"warning: listening on {host} without --token: whoever reaches this port can use it")
+    settings = serving.ServeSettings(host=host, port=port, token=token or None, allow_dir=allow_dir,
+                                     max_upload_mb=max_upload_mb, queue=queue, tmp_dir=tmp_dir,
+                                     max_motion_frames=max_motion_frames, max_keyframes=max_keyframes,
+                                     access_log=not quiet)
+    try:
+        model = _load_model(reporter, model_name, device, quant, task="score")
+        serving.run(model, settings, say=reporter.note)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return 0
+
+
 # --- entry point ---------------------------------------------------------------------------------
 
 
