@@ -143,7 +143,7 @@ class _InterruptedWhileWriting(io.StringIO):
         return written
 
 
-def test_ctrl_c_mid_record_still_leaves_a_valid_array():
+def test_ctrl_c_mid_record_still_leaves_a_valid_array(sigint_raises):
     stream = _InterruptedWhileWriting()
     with pytest.raises(KeyboardInterrupt):
         with JsonArrayWriter(stream) as writer:
@@ -153,7 +153,7 @@ def test_ctrl_c_mid_record_still_leaves_a_valid_array():
     assert json.loads(stream.getvalue()) == [RECORDS[0]]
 
 
-def test_uninterrupted_delivers_the_interrupt_at_the_end():
+def test_uninterrupted_delivers_the_interrupt_at_the_end(sigint_raises):
     done = []
     with pytest.raises(KeyboardInterrupt):
         with uninterrupted():

@@ -25,6 +25,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from vqa2cli.errors import STOP_SIGNALS
+
 FORMATS = ("table", "json", "jsonl", "csv")
 
 
@@ -72,25 +74,31 @@ def to_json(record: dict, indent=None) -> str:
 
 @contextlib.contextmanager
 def uninterrupted():
-    """Hold Ctrl-C (SIGINT) back until the block ends, then deliver it.
+    """Hold the stop signals (Ctrl-C, SIGTERM, SIGHUP) back until the block ends, then deliver them.
 
-    Writers wrap each record and their closing text in it, so an interrupt never leaves half a
-    record, or a record the writer does not know it wrote (and `]` closing an array it never opened).
+    Writers wrap each record and their closing text in it, so a signal never leaves half a record, or
+    a record the writer does not know it wrote (and `]` closing an array it never opened).
     """
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous is None:
-        yield  # handlers can only be set from the main thread; None: not ours to replace
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be set from the main thread
         return
     caught = []
-    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    previous = {}
+    for signum in STOP_SIGNALS:
+        handler = signal.getsignal(signum)
+        if handler is not None and handler != signal.SIG_IGN:  # None: not ours to replace; ignored stays so
+            previous[signum] = signal.signal(signum, lambda number, frame: caught.append((number, frame)))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught and callable(previous):
-            previous(signal.SIGINT, caught[0])  # the default handler raises KeyboardInterrupt here
-        elif caught and previous == signal.SIG_DFL:
-            signal.raise_signal(signal.SIGINT)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if caught:
+            signum, frame = caught[0]
+            if callable(previous[signum]):
+                previous[signum](signum, frame)  # Python's SIGINT handler raises KeyboardInterrupt here
+            else:  # SIG_DFL: what the signal would have done (end the process)
+                signal.raise_signal(signum)
 
 
 class _Writer:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vqa2cli.errors import InputError, SetupError
+from vqa2cli.errors import STOP_SIGNALS, InputError, SetupError
 
 CLEAN_MOS = 90.0
 MAX_IMPAIRMENT = 0.8
@@ -880,9 +880,11 @@ def _render_outcome(out, plan, settings, clips_dir):
     return None
 
 
-def _ignore_sigint():
-    # Ctrl-C reaches the whole process group: workers finish their clip and the parent decides what to keep.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _ignore_stop_signals():
+    # Ctrl-C (and `timeout`'s SIGTERM) reach the whole process group: workers finish their clip and the
+    # parent decides what to keep.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def usable_cpus() -> int:
@@ -894,7 +896,7 @@ def usable_cpus() -> int:
 
 def _worker_pool(jobs):
     # spawn, not fork: forking while the progress bar's thread holds a lock can deadlock the child.
-    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint)
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_stop_signals)
 
 
 def _render(out, plan, settings, clips_dir):
