@@ -1,6 +1,7 @@
 import csv
 import io
 import json
+import os
 import signal
 
 import pytest
@@ -10,11 +11,14 @@ from vqa2cli.output import (
     CsvWriter,
     JsonArrayWriter,
     JsonLinesWriter,
+    Reporter,
     TableWriter,
     default_format,
     fmt_float,
     lookup,
     make_writer,
+    printable,
+    to_json,
     uninterrupted,
 )
 
@@ -167,3 +171,42 @@ def test_human_size():
     from vqa2cli.output import human_size
 
     assert [human_size(n) for n in (999, 3_500_000, 16_400_000_000)] == ["999 B", "3.5 MB", "16.4 GB"]
+
+
+def test_uninterrupted_holds_sigterm_back_too():
+    from vqa2cli.errors import Stopped
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    done = []
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(Stopped) as stopped:
+            with uninterrupted():
+                signal.raise_signal(signal.SIGTERM)
+                done.append("rest of the block")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert done == ["rest of the block"] and stopped.value.signum == signal.SIGTERM
+
+
+def test_printable_escapes_what_a_terminal_would_obey_and_nothing_else():
+    assert printable("a\nb\x1b[31mc\u202ed\udcff\x7f é 日本 \\ ok") == "a\\nb\\x1b[31mc\\u202ed\\udcff\\x7f é 日本 \\ ok"
+
+
+def test_table_cells_and_notes_are_printable_and_never_markup(capsys):
+    stream = io.StringIO()
+    with TableWriter(stream, [Column("path", "Path", no_wrap=True)], title="vqa2 (\x1b[2J)") as writer:
+        writer.write({"path": "x\x1b[31m[bold]y\nz.mp4", "error": None})
+    text = stream.getvalue()
+    assert "\x1b" not in text and "x\\x1b[31m[bold]y\\nz.mp4" in text and "vqa2 (\\x1b[2J)" in text
+    Reporter(live=False).note("error: a\nb\x1b[0m.mp4: not a video")
+    assert capsys.readouterr().err == "error: a\\nb\\x1b[0m.mp4: not a video\n"
+
+
+def test_json_keeps_a_file_name_that_is_not_utf8_and_stays_utf8():
+    name = os.fsdecode(b"clip\xff\n.mp4")
+    text = to_json({"path": name})
+    assert text == '{"path": "clip\\udcff\\n.mp4"}'
+    assert os.fsencode(json.loads(text.encode("utf-8"))["path"]) == b"clip\xff\n.mp4"

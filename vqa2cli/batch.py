@@ -39,6 +39,19 @@ def is_video_name(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS
 
 
+class EmptyFolder(str):
+    """A folder given as an input that holds no video file: `expand_paths` yields it, and it becomes a
+    failed record saying why (`reason`), since nothing could be scored from that input."""
+
+    def __new__(cls, path: str, reason: str):
+        folder = super().__new__(cls, path)
+        folder.reason = reason
+        return folder
+
+    def __getnewargs__(self):  # copies (dataclasses.asdict) and pickles keep the reason
+        return str(self), self.reason
+
+
 def _walk(directory: str, recursive: bool, warn: Callable[[str], None]) -> Iterator[str]:
     found = 0
     skipped_dirs = 0
@@ -52,10 +65,12 @@ def _walk(directory: str, recursive: bool, warn: Callable[[str], None]) -> Itera
             if not name.startswith(".") and is_video_name(name):
                 found += 1
                 yield os.path.join(root, name)
+    skipped = f"{skipped_dirs} subdirector{'y' if skipped_dirs == 1 else 'ies'} skipped (use --recursive)"
     if not found:
-        warn(f"{directory}: no video files found (looked for {', '.join(sorted(VIDEO_EXTENSIONS))})")
-    if skipped_dirs:
-        warn(f"{directory}: {skipped_dirs} subdirector{'y' if skipped_dirs == 1 else 'ies'} skipped (use --recursive)")
+        looked = f"no video files found (looked for {', '.join(sorted(VIDEO_EXTENSIONS))})"
+        yield EmptyFolder(directory, f"{looked}; {skipped}" if skipped_dirs else looked)
+    elif skipped_dirs:
+        warn(f"{directory}: {skipped}")
 
 
 def _stdin_paths(stdin) -> Iterator[str]:
@@ -99,7 +114,8 @@ def expand_paths(
     (a missing file becomes an error record later). `-` reads paths from `stdin` (an iterable of
     lines: a text file, or `fd_lines(0)`), one per line, as
     they arrive, so `find ... | vqa2 score -` starts before `find` ends; a directory read there is
-    expanded the same way. `warn` gets one-line notes (empty directories, skipped subdirectories).
+    expanded the same way; one without videos is yielded as an `EmptyFolder`, to fail as an input. `warn`
+    gets one-line notes (skipped subdirectories).
     """
     warn = warn or (lambda message: None)
     for item in inputs:
@@ -134,7 +150,9 @@ def error_message(path: str, error: BaseException) -> str:
     """One line naming the file and the reason, for any exception raised while handling `path`."""
     message = str(error) if isinstance(error, InputError) else f"{type(error).__name__}: {error}".rstrip(": ")
     message = " ".join(message.splitlines())
-    return message if path in message else f"{path}: {message}"
+    # a VideoError names its file (on one line even when the name holds a line break)
+    names_file = getattr(error, "path", None) == path or path in message
+    return message if names_file else f"{path}: {message}"
 
 
 _DONE = object()
@@ -226,7 +244,13 @@ def score_videos(
     (the model or device failing as a whole) ends the batch with that exception after the records
     already yielded.
     """
-    decode = model.sampling(max_motion_frames, max_keyframes).load
+    load = model.sampling(max_motion_frames, max_keyframes).load
+
+    def decode(path):
+        if isinstance(path, EmptyFolder):
+            raise InputError(f"{path}: {path.reason}")
+        return load(path)
+
     pending = []  # (record, sample or None, decode seconds), in input order
 
     def flush():

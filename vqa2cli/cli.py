@@ -733,6 +733,9 @@ def finetune(data, stage, model_name, output, method, train_parts, part, mos_ran
 
 def main():
     """Console entry point; a command may return an int to set the exit code (1: some inputs failed)."""
+    if hasattr(sys.stdout, "reconfigure"):
+        # a file name that is not UTF-8 goes into CSV and JSON Lines as the bytes it is, never a crash
+        sys.stdout.reconfigure(errors="surrogateescape")
     with _stop:
         exit_code = _run()
     sys.exit(_stop.exit_code if exit_code == EXIT_INTERRUPTED else exit_code)
@@ -750,15 +753,20 @@ def _run() -> int:
     except click.exceptions.Exit as exit_:
         return exit_.exit_code
     except SetupError as error:
-        click.echo(f"error: {error}", err=True)
+        _error_line(error)
         return 2
     except Vqa2Error as error:
-        click.echo(f"error: {error}", err=True)
+        _error_line(error)
         return 1
     except Exception as error:  # a bug: still one line for the user, the traceback on request
         if os.environ.get("VQA2_DEBUG"):
             raise
-        message = " ".join(f"{type(error).__name__}: {error}".split())
-        click.echo(f"error: internal error ({message}); run with VQA2_DEBUG=1 for the traceback", err=True)
+        _error_line(f"internal error ({type(error).__name__}: {error}); run with VQA2_DEBUG=1 for the traceback")
         return 1
     return exit_code if isinstance(exit_code, int) else 0
+
+
+def _error_line(message):
+    from vqa2cli.output import printable
+
+    click.echo(f"error: {printable(message)}", err=True)

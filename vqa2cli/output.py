@@ -19,6 +19,7 @@ import contextlib
 import csv
 import json
 import math
+import re
 import signal
 import sys
 import threading
@@ -57,6 +58,19 @@ def lookup(record: dict, key: str):
     return value
 
 
+# What must not reach a terminal raw: control characters (a line break splits a "one-line" message, an
+# escape sequence recolours or rewrites the screen), bidirectional overrides (text that reads differently
+# from what it is) and the undecodable bytes of a file name (os.fsdecode's surrogates, unprintable).
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def printable(text) -> str:
+    """`text` made safe to show on a terminal, on one line: each unprintable character is written as its
+    Python escape (\\n, \\x1b, \\u202e, \\udcff). For people only; data (JSON, CSV) keeps the true text."""
+    return _UNPRINTABLE.sub(lambda match: repr(match.group())[1:-1], str(text))
+
+
 def _json_safe(value):
     # NaN/inf are not JSON; a parser downstream must never choke on our output.
     if isinstance(value, float) and not math.isfinite(value):
@@ -69,7 +83,10 @@ def _json_safe(value):
 
 
 def to_json(record: dict, indent=None) -> str:
-    return json.dumps(_json_safe(record), ensure_ascii=False, indent=indent)
+    text = json.dumps(_json_safe(record), ensure_ascii=False, indent=indent)
+    # a file name that is not UTF-8 (os.fsdecode's surrogates) as \udcXX escapes: valid UTF-8 JSON, and
+    # json.loads + os.fsencode give the name back
+    return _SURROGATE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
 @contextlib.contextmanager
@@ -206,11 +223,13 @@ class TableWriter(_Writer):
     def _close(self):
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
         console = Console(file=self.stream, highlight=False)
         wide = console.width >= WIDE_TABLE
         columns = [column for column in self.columns if column.in_table and (wide or not column.wide_only)]
-        table = Table(title=self.title, title_justify="left")
+        title = None if self.title is None else Text(printable(self.title))
+        table = Table(title=title, title_justify="left")
         for column in columns:
             whole = column.no_wrap or column.justify == "right"
             table.add_column(column.header, justify=column.justify, no_wrap=whole, overflow="ellipsis" if whole else "fold")
@@ -226,7 +245,7 @@ class TableWriter(_Writer):
                 error = record.get("error") or ""
                 path = str(record.get("path"))
                 cells.append(error[len(path) + 2:] if error.startswith(path + ": ") else error)
-            table.add_row(*cells)
+            table.add_row(*(Text(printable(cell)) for cell in cells))  # Text: a name is never markup
         console.print(table)
         self.stream.flush()
 
@@ -267,6 +286,8 @@ def human_size(size_bytes: int) -> str:
 class Reporter:
     """Everything a command tells the user on stderr: one-line notes, a spinner, a progress bar.
 
+    Notes are shown `printable`: a file name with a line break or an escape sequence stays one harmless line.
+
     The spinner and the progress bar (count, rate, ETA) show only when `live` (stderr is a terminal
     and not --quiet); notes always print, one line each, above the bar when it is showing. Use as a
     context manager so the bar is gone before a table is printed on stdout. While the bar shows,
@@ -285,6 +306,7 @@ class Reporter:
         return cls(live=not quiet and sys.stderr.isatty(), unit=unit)
 
     def note(self, message: str):
+        message = printable(message)
         if self._progress is not None:
             # soft_wrap: a long path must stay on one line, not be folded at the terminal width
             self._progress.console.print(message, markup=False, highlight=False, soft_wrap=True)
@@ -297,8 +319,9 @@ class Reporter:
         if not self.live:
             return contextlib.nullcontext()
         from rich.console import Console
+        from rich.text import Text
 
-        return Console(stderr=True).status(message)
+        return Console(stderr=True).status(Text(printable(message)))
 
     def start(self, description: str, total=None):
         """Show the progress bar; `total` None (paths still streaming in on stdin) means no ETA."""
