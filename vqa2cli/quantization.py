@@ -58,6 +58,20 @@ def choose_precision(device: torch.device, quant: str = "auto", dtype: str | tor
     return Precision(quant=quant, dtype=dtype)
 
 
+# Bytes a quantized weight takes on the device: the packed values plus their per-block scales (blocks of 64).
+_QUANTIZED_BYTES = {"4bit": 0.5 + 4 / 64, "8bit": 1 + 4 / 64}
+
+
+def weight_bytes(config, precision: Precision) -> int:
+    """About how many bytes the weights of a model of `config` take once loaded at `precision`."""
+    total = config.parameter_count()
+    itemsize = precision.dtype.itemsize
+    if precision.quant == "none":
+        return total * itemsize
+    quantized = config.parameter_count(quantizable_only=True)
+    return int(quantized * _QUANTIZED_BYTES[precision.quant] + (total - quantized) * itemsize)
+
+
 def quantizable(name: str, module: torch.nn.Module) -> bool:
     return (
         type(module) is torch.nn.Linear
