@@ -606,7 +606,7 @@ def _prepare_output(output: Path, resume: bool) -> None:
 
 
 def _validated_data(options: FinetuneOptions, output: Path, procs: Processes, say) -> Dataset:
-    dataset = load_dataset(options.data, options.stage, mos_range=options.mos_range)
+    dataset = load_dataset(options.data, options.stage, mos_range=options.mos_range, say=say if procs.main else None)
     if dataset.problems:
         if procs.main:
             output.mkdir(parents=True, exist_ok=True)
