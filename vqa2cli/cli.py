@@ -155,7 +155,8 @@ def model_options(func):
         metavar="NAME|DIR|REPO",
         default=None,
         help="Model: a name from `vqa2 models`, a model directory or a Hugging Face repo id "
-        "[env: VQA2_MODEL; default: the command's default model].",
+        "[env: VQA2_MODEL; default: the command's default model, downloaded on first use; vqa2-tiny is "
+        "shipped with vqa2 and works offline].",
     )(func)
     return func
 
