@@ -44,6 +44,7 @@ KNOWN_VISION_TOWERS = {
 # size of every decoded frame; parameters are checked against the machine at load time as well.
 MAX_LAYERS = 1024
 MAX_FRAME_SIDE = 4096
+MAX_MOTION_FRAMES = 1_000_000  # rows of the motion position table (the release has 2000)
 MAX_PARAMETERS = 100e9  # the released model has 8 B
 SLOWFAST_DEPTHS = (18, 50, 101, 152)  # pytorchvideo's create_slowfast
 # SlowFast blocks 0..4 hold about this many parameters per squared stem width (measured on pytorchvideo).
@@ -131,7 +132,7 @@ class MotionConfig:
         for width in self.stem_dim_outs:
             _whole("motion.stem_dim_outs", width, high=MAX_FRAME_SIDE)
         _whole("motion.channel_reduction_ratio", self.channel_reduction_ratio, high=self.stem_dim_outs[0])
-        _whole("motion.max_frames", self.max_frames, low=4)
+        _whole("motion.max_frames", self.max_frames, low=4, high=MAX_MOTION_FRAMES)
         _whole("motion.chunk_frames", self.chunk_frames, low=0)
 
     @property
