@@ -762,7 +762,8 @@ def _run() -> int:
     except Exception as error:  # a bug: still one line for the user, the traceback on request
         if os.environ.get("VQA2_DEBUG"):
             raise
-        _error_line(f"internal error ({type(error).__name__}: {error}); run with VQA2_DEBUG=1 for the traceback")
+        message = " ".join(f"{type(error).__name__}: {error}".split())
+        _error_line(f"internal error ({message}); run with VQA2_DEBUG=1 for the traceback")
         return 1
     return exit_code if isinstance(exit_code, int) else 0
 
