@@ -327,7 +327,8 @@ class VQA2Config:
             raise ValueError(f"mm_hidden_size {cfg['mm_hidden_size']} does not match {tower_name}")
         # select_layer -2 = hidden state after layer 26 of 27: the layers after it are never run.
         select = cfg.get("mm_vision_select_layer", -2)
-        _whole("mm_vision_select_layer", select, low=-tower["num_hidden_layers"])
+        if isinstance(select, bool) or not isinstance(select, int):
+            raise ValueError(f"mm_vision_select_layer must be a whole number, got {select!r}")
         kept = tower["num_hidden_layers"] + 1 + select if select < 0 else select
         if not 0 < kept <= tower["num_hidden_layers"]:
             raise ValueError(f"mm_vision_select_layer={select} is out of range for {tower_name}")
