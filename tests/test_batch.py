@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from vqa2cli.batch import Prefetcher, ScoreRecord, error_message, expand_paths, fd_lines
+from vqa2cli.batch import EmptyFolder, Prefetcher, ScoreRecord, error_message, expand_paths, fd_lines
 from vqa2cli.errors import InputError, SetupError
 
 
@@ -40,10 +40,15 @@ def test_expand_explicit_files_always_tried_and_order_kept(tmp_path):
     assert list(expand_paths([missing, txt])) == [missing, txt]
 
 
-def test_expand_empty_directory_warns(tmp_path):
+def test_expand_empty_directory_is_an_input_that_fails(tmp_path):
+    (tmp_path / "notes.txt").write_text("")
+    (tmp_path / "sub").mkdir()
     notes = []
-    assert list(expand_paths([str(tmp_path)], warn=notes.append)) == []
-    assert len(notes) == 1 and "no video files found" in notes[0]
+    assert list(expand_paths([str(tmp_path)], warn=notes.append)) == [str(tmp_path)]
+    folder, = expand_paths([str(tmp_path)])
+    assert isinstance(folder, EmptyFolder) and notes == []
+    assert folder.reason.startswith("no video files found (looked for .3g2, .3gp,")
+    assert folder.reason.endswith("; 1 subdirectory skipped (use --recursive)")
 
 
 def test_expand_stdin_lines_including_directories(tmp_path):

@@ -4,12 +4,16 @@ subprocesses where only a real process will do (import cost, SIGINT, pipes)."""
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures.processes import default_stop_signals, vqa2_process
 from vqa2cli.registry import registry
 
 
@@ -361,8 +365,8 @@ def test_sigkilled_run_resumes_to_the_records_of_an_uninterrupted_run(vqa2, cata
 
     output = tmp_path / "scores.jsonl"
     # paths on stdin, which stays open: the run cannot be over before the kill
-    process = _vqa2_process("score", "-", "-m", tiny_model_dir, "--output", output, "--workers", "2",
-                            stdin=subprocess.PIPE)
+    process = vqa2_process("score", "-", "-m", tiny_model_dir, "--output", output, "--workers", "2",
+                           stdin=subprocess.PIPE)
     process.stdin.write("".join(f"{path}\n" for path in paths[:8]).encode())
     process.stdin.flush()
     deadline = time.monotonic() + 120
@@ -448,23 +452,13 @@ def test_ask_bad_video_is_one_line_exit_1(vqa2, tmp_path, tiny_model_dir):
 # --- real processes: Ctrl-C and closed pipes -------------------------------------------------------
 
 
-def _vqa2_process(*args, **popen):
-    return subprocess.Popen(
-        [sys.executable, "-m", "vqa2cli", *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        **popen,
-    )
-
-
-def test_sigint_mid_batch_leaves_valid_json(clips_dir, tiny_model_dir):
-    import signal
-    import threading
-    import time
-
-    # paths stream in on stdin, which stays open: the batch is never over before the interrupt,
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP"])
+def test_stop_signal_mid_batch_leaves_valid_json(clips_dir, tiny_model_dir, signum, code):
+    # Ctrl-C, `kill`/`timeout`/`docker stop` and a closed terminal: the same ending.
+    # Paths stream in on stdin, which stays open: the batch is never over before the signal,
     # whether it lands while the model computes or while the command waits for more paths
-    process = _vqa2_process("score", "-", "--model", tiny_model_dir, "--json", stdin=subprocess.PIPE)
+    process = vqa2_process("score", "-", "--model", tiny_model_dir, "--json", stdin=subprocess.PIPE)
     process.stdin.write(f"{clips_dir / 'a.mp4'}\n".encode() * 20)
     process.stdin.flush()
     received = bytearray()
@@ -479,24 +473,99 @@ def test_sigint_mid_batch_leaves_valid_json(clips_dir, tiny_model_dir):
     while time.monotonic() < deadline and b"}" not in received:  # the first record is out
         time.sleep(0.05)
     helpers = _descendants(process.pid)  # the decode workers and the process they are forked from
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     try:
         process.wait(timeout=60)
     finally:
         process.kill()
     reader.join()
     err = process.stderr.read().decode()
-    assert process.returncode == 130, err
+    assert process.returncode == code, err
     assert len(helpers) >= 2 and _wait_gone(helpers) == []  # no process left behind
     records = json.loads(received)
     assert 1 <= len(records) <= 20
     for record in records:
         _check_success(record, clips_dir / "a.mp4", tiny_model_dir)
-    assert "Traceback" not in err and "interrupted:" in err
+    name = signal.Signals(signum).name
+    assert err == f"interrupted by {name}: {len(records)} video(s) done, results so far written\n"
+
+
+# A command that works until a signal comes; with "cleanup" its cleanup after the signal never ends,
+# without, it lets the KeyboardInterrupt go (it has nothing to keep).
+_STUCK_COMMAND = """
+import sys, time
+from vqa2cli import cli
+
+cleanup = sys.argv[1] == "cleanup"
+
+@cli.cli.command("stuck")
+def stuck():
+    try:
+        print("working", flush=True)
+        time.sleep(60)
+    except KeyboardInterrupt:
+        if not cleanup:
+            raise
+        print("cleaning up", flush=True)
+        time.sleep(60)
+    return cli.EXIT_INTERRUPTED
+
+sys.argv = ["vqa2", "stuck"]
+cli.main()
+"""
+
+
+def _stuck_process(cleanup=True, ignored=()):
+    return subprocess.Popen([sys.executable, "-c", _STUCK_COMMAND, "cleanup" if cleanup else "none"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_stop_signals(ignored))
+
+
+def test_a_second_signal_ends_the_process_at_once():
+    process = _stuck_process()
+    try:
+        assert process.stdout.readline() == b"working\n"
+        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)  # as `timeout` does: to its child, then to the process group
+        assert process.stdout.readline() == b"cleaning up\n"
+        time.sleep(1)
+        assert process.poll() is None  # one stop, delivered twice
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == -signal.SIGINT
+    finally:
+        process.kill()
+
+
+def test_an_ignored_signal_stays_ignored():
+    # `nohup vqa2 ...`: a hangup must not stop the run; SIGTERM still does
+    process = _stuck_process(ignored=(signal.SIGHUP,))
+    try:
+        assert process.stdout.readline() == b"working\n"
+        process.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert process.poll() is None
+        process.send_signal(signal.SIGTERM)
+        assert process.stdout.readline() == b"cleaning up\n"
+        time.sleep(1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        process.kill()
+
+
+def test_a_command_with_nothing_to_keep_stops_in_one_line():
+    # the exit code and the note still name the signal
+    process = _stuck_process(cleanup=False)
+    try:
+        assert process.stdout.readline() == b"working\n"
+        process.send_signal(signal.SIGHUP)
+        assert process.wait(timeout=10) == 129
+    finally:
+        process.kill()
+    assert process.stderr.read() == b"interrupted by SIGHUP\n"
 
 
 def test_closed_stdout_pipe_stops_quietly(clips_dir, tiny_model_dir):
-    process = _vqa2_process("score", *[clips_dir / "a.mp4"] * 20, "--model", tiny_model_dir, "--jsonl")
+    process = vqa2_process("score", *[clips_dir / "a.mp4"] * 20, "--model", tiny_model_dir, "--jsonl")
     first = process.stdout.readline()  # like `| head -1`
     process.stdout.close()
     process.wait(timeout=300)

@@ -172,9 +172,9 @@ def test_invalid_records_stop_before_training_or_are_skipped(base, data, tmp_pat
     lines = []
     with pytest.raises(DataError, match="2 of 4 records in .* are invalid"):
         run(options(base, bad.parent, tmp_path / "run", data=str(bad)), say=lines.append)
-    assert lines[0] == "d.csv: 2 of 4 records are invalid:"
-    assert lines[1].startswith("  d.csv line 3: video 'nope.mp4': file not found")
-    assert "d.csv line 4: video path '../x.mp4' leaves the data folder" in lines[2]
+    assert lines[:2] == [f"using d.csv from {bad}", "d.csv: 2 of 4 records are invalid:"]
+    assert lines[2].startswith("  d.csv line 3: video 'nope.mp4': file not found")
+    assert "d.csv line 4: video path '../x.mp4' leaves the data folder" in lines[3]
     assert not checkpoint_dirs(tmp_path / "run")
     assert (tmp_path / "run" / "invalid_records.txt").read_text().count("\n") == 2
     result = run(options(base, bad.parent, tmp_path / "run", data=str(bad), skip_invalid=True, max_steps=1),

@@ -1,6 +1,7 @@
 import csv
 import io
 import json
+import os
 import signal
 
 import pytest
@@ -11,11 +12,14 @@ from vqa2cli.output import (
     CsvWriter,
     JsonArrayWriter,
     JsonLinesWriter,
+    Reporter,
     TableWriter,
     default_format,
     fmt_float,
     lookup,
     make_writer,
+    printable,
+    to_json,
     uninterrupted,
 )
 
@@ -144,7 +148,7 @@ class _InterruptedWhileWriting(io.StringIO):
         return written
 
 
-def test_ctrl_c_mid_record_still_leaves_a_valid_array():
+def test_ctrl_c_mid_record_still_leaves_a_valid_array(sigint_raises):
     stream = _InterruptedWhileWriting()
     with pytest.raises(KeyboardInterrupt):
         with JsonArrayWriter(stream) as writer:
@@ -154,7 +158,7 @@ def test_ctrl_c_mid_record_still_leaves_a_valid_array():
     assert json.loads(stream.getvalue()) == [RECORDS[0]]
 
 
-def test_uninterrupted_delivers_the_interrupt_at_the_end():
+def test_uninterrupted_delivers_the_interrupt_at_the_end(sigint_raises):
     done = []
     with pytest.raises(KeyboardInterrupt):
         with uninterrupted():
@@ -261,3 +265,42 @@ def test_resume_refuses_files_that_are_not_ours(tmp_path):
     with pytest.raises(ValueError, match="name a .jsonl or .csv file"):
         open_record_file(tmp_path / "out.json", FILE_COLUMNS)
     assert damaged.read_text().count("\n") == 3 and other.read_text() == "name,rating\nx.mp4,3\n"  # untouched
+
+
+def test_uninterrupted_holds_sigterm_back_too():
+    from vqa2cli.errors import Stopped
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    done = []
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(Stopped) as stopped:
+            with uninterrupted():
+                signal.raise_signal(signal.SIGTERM)
+                done.append("rest of the block")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert done == ["rest of the block"] and stopped.value.signum == signal.SIGTERM
+
+
+def test_printable_escapes_what_a_terminal_would_obey_and_nothing_else():
+    assert printable("a\nb\x1b[31mc\u202ed\udcff\x7f é 日本 \\ ok") == "a\\nb\\x1b[31mc\\u202ed\\udcff\\x7f é 日本 \\ ok"
+
+
+def test_table_cells_and_notes_are_printable_and_never_markup(capsys):
+    stream = io.StringIO()
+    with TableWriter(stream, [Column("path", "Path", no_wrap=True)], title="vqa2 (\x1b[2J)") as writer:
+        writer.write({"path": "x\x1b[31m[bold]y\nz.mp4", "error": None})
+    text = stream.getvalue()
+    assert "\x1b" not in text and "x\\x1b[31m[bold]y\\nz.mp4" in text and "vqa2 (\\x1b[2J)" in text
+    Reporter(live=False).note("error: a\nb\x1b[0m.mp4: not a video")
+    assert capsys.readouterr().err == "error: a\\nb\\x1b[0m.mp4: not a video\n"
+
+
+def test_json_keeps_a_file_name_that_is_not_utf8_and_stays_utf8():
+    name = os.fsdecode(b"clip\xff\n.mp4")
+    text = to_json({"path": name})
+    assert text == '{"path": "clip\\udcff\\n.mp4"}'
+    assert os.fsencode(json.loads(text.encode("utf-8"))["path"]) == b"clip\xff\n.mp4"

@@ -21,12 +21,25 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Iterator, Optional
 
-from vqa2cli.errors import SetupError
+from vqa2cli.errors import InputError, SetupError
 from vqa2cli.prefetch import DEFAULT_PREFETCH, Prefetcher, error_message  # noqa: F401 (the public names)
 from vqa2cli.video import VIDEO_EXTENSIONS  # files named on the command line or stdin are tried whatever their name
 
 def is_video_name(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS
+
+
+class EmptyFolder(str):
+    """A folder given as an input that holds no video file: `expand_paths` yields it, and it becomes a
+    failed record saying why (`reason`), since nothing could be scored from that input."""
+
+    def __new__(cls, path: str, reason: str):
+        folder = super().__new__(cls, path)
+        folder.reason = reason
+        return folder
+
+    def __getnewargs__(self):  # copies (dataclasses.asdict) and pickles keep the reason
+        return str(self), self.reason
 
 
 def _walk(directory: str, recursive: bool, warn: Callable[[str], None]) -> Iterator[str]:
@@ -42,10 +55,12 @@ def _walk(directory: str, recursive: bool, warn: Callable[[str], None]) -> Itera
             if not name.startswith(".") and is_video_name(name):
                 found += 1
                 yield os.path.join(root, name)
+    skipped = f"{skipped_dirs} subdirector{'y' if skipped_dirs == 1 else 'ies'} skipped (use --recursive)"
     if not found:
-        warn(f"{directory}: no video files found (looked for {', '.join(sorted(VIDEO_EXTENSIONS))})")
-    if skipped_dirs:
-        warn(f"{directory}: {skipped_dirs} subdirector{'y' if skipped_dirs == 1 else 'ies'} skipped (use --recursive)")
+        looked = f"no video files found (looked for {', '.join(sorted(VIDEO_EXTENSIONS))})"
+        yield EmptyFolder(directory, f"{looked}; {skipped}" if skipped_dirs else looked)
+    elif skipped_dirs:
+        warn(f"{directory}: {skipped}")
 
 
 def _stdin_paths(stdin) -> Iterator[str]:
@@ -90,8 +105,9 @@ def expand_paths(
     (a missing file becomes an error record later). `-` reads paths from `stdin` (an iterable of
     lines: a text file, or `fd_lines(0)`), one per line, as
     they arrive, so `find ... | vqa2 score -` starts before `find` ends; a directory read there is
-    expanded the same way. `warn` gets one-line notes (empty directories, skipped subdirectories).
-    `shard` (k, n) keeps only the paths of share k of n (see `in_shard`).
+    expanded the same way; one without videos is yielded as an `EmptyFolder`, to fail as an input. `warn`
+    gets one-line notes (skipped subdirectories). `shard` (k, n) keeps only the paths of share k of n (see
+    `in_shard`).
     """
     warn = warn or (lambda message: None)
     for item in inputs:
@@ -188,7 +204,7 @@ def score_videos(
     with `error`; with `strict`, so do damaged files (a sample with warnings). A SetupError (the model
     or device failing as a whole) ends the batch with that exception after the records already yielded.
     """
-    decode = model.sampling(max_motion_frames, max_keyframes).load
+    decode = Loader(model.sampling(max_motion_frames, max_keyframes))
     pending = []  # (record, sample or None, decode seconds), in input order
 
     def flush():
@@ -207,6 +223,18 @@ def score_videos(
         yield from flush()
 
 
+@dataclass(frozen=True)
+class Loader:
+    """Decoding for one model, picklable for decode worker processes; an `EmptyFolder` input fails here."""
+
+    sampling: object
+
+    def __call__(self, path):
+        if isinstance(path, EmptyFolder):
+            raise InputError(f"{path}: {path.reason}")
+        return self.sampling.load(path)
+
+
 def score_one(model, video, prompt: Optional[str] = None, strict: bool = False,
               max_motion_frames: Optional[int] = None, max_keyframes: Optional[int] = None) -> ScoreRecord:
     """The ScoreRecord of one video: a path (decoded here, for this model) or a decoded `VideoSample`.
@@ -216,7 +244,7 @@ def score_one(model, video, prompt: Optional[str] = None, strict: bool = False,
     if isinstance(video, (str, os.PathLike)):
         path = os.fspath(video)
         try:
-            sample = model.sampling(max_motion_frames, max_keyframes).load(path)
+            sample = Loader(model.sampling(max_motion_frames, max_keyframes))(path)
         except Exception as failure:
             error = error_message(path, failure)
     else:

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from vqa2cli.config import FORMAT, VQA2Config
+from vqa2cli.config import FORMAT, VQA2Config, parse_json
 from vqa2cli.errors import CheckpointError, ModelNotFoundError, SetupError
-from vqa2cli.quantization import Precision, load_weight, prepare
+from vqa2cli.quantization import Precision, load_weight, prepare, weight_bytes
 
 # Official name prefix -> our prefix, first match wins. transformers 5's SiglipVisionModel has no
 # `vision_model.` level in its own names, so that level is dropped.
@@ -103,10 +103,11 @@ def official_files(directory: Path) -> list[Path]:
     index = directory / OFFICIAL_INDEX
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as error:
+            weight_map = parse_json(index.read_text())["weight_map"]
+            names = list(dict.fromkeys(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise CheckpointError(f"{index}: not a safetensors index ({_first_line(error)})") from error
-        files = [directory / name for name in dict.fromkeys(weight_map.values())]
+        files = [directory / _shard_name(index, name) for name in names]
     else:
         files = sorted(directory.glob("*.safetensors"))
     missing = [f.name for f in files if not f.is_file()]
@@ -114,6 +115,15 @@ def official_files(directory: Path) -> list[Path]:
         what = f"shards missing: {_listing(missing)}" if missing else "no *.safetensors files"
         raise CheckpointError(f"checkpoint {directory}: {what}")
     return files
+
+
+def _shard_name(index: Path, name) -> str:
+    """`name` from the index's weight_map, if it names a file inside the index's own folder. Checked by its
+    text, not by resolving links: a Hugging Face cache snapshot holds links into its blobs/ folder."""
+    parts = Path(name).parts if isinstance(name, str) and name else ()
+    if not parts or Path(name).is_absolute() or ".." in parts or "\\" in name:
+        raise CheckpointError(f"{index}: names {name!r} as a shard; an index may only name files inside its folder")
+    return name
 
 
 def _first_line(error: BaseException) -> str:
@@ -127,6 +137,41 @@ def _listing(names: list[str]) -> str:
 
 
 # ---- building and filling the model ---------------------------------------------------------------------
+
+
+def check_fits(config: VQA2Config, precision: Precision, device: torch.device, label: str) -> None:
+    """Refuse, before anything is built, a model whose weights cannot fit in the device's memory (the
+    machine's RAM for the CPU), by the config's parameter estimate at `precision`; the config's numbers
+    themselves were checked when it was read (`VQA2Config`)."""
+    from transformers.activations import ACT2FN
+
+    from vqa2cli.output import human_size
+
+    if config.vision.hidden_act not in ACT2FN:
+        raise CheckpointError(f"{label}: unknown vision.hidden_act {config.vision.hidden_act!r}")
+    need = weight_bytes(config, precision)
+    have, where = _memory_of(device)
+    if have and need > have:
+        hint = " (try --quant 4bit)" if precision.quant == "none" else ""
+        raise CheckpointError(f"{label}: its weights need about {human_size(need)} in {precision.describe()}, "
+                              f"more than the {human_size(have)} {where}{hint}")
+
+
+def _memory_of(device: torch.device) -> tuple[int | None, str]:
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_properties(index).total_memory, f"of GPU {index}"
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system
+        total = None
+    try:  # a container's memory limit (cgroup v2) is what this process may use
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            total = min(total or int(limit), int(limit))
+    except OSError:
+        pass
+    return total, "of memory this machine has"
 
 
 def build_empty(config: VQA2Config):
@@ -278,8 +323,8 @@ def _has_motion_weights(directory: Path) -> bool:
 
 def is_official(directory: Path) -> bool:
     try:
-        return json.loads((directory / CONFIG_FILE).read_text()).get("model_type") == "llava_qwen"
-    except (OSError, ValueError):
+        return parse_json((directory / CONFIG_FILE).read_text()).get("model_type") == "llava_qwen"
+    except (OSError, ValueError, AttributeError):  # AttributeError: not a JSON object
         return False
 
 
@@ -289,7 +334,7 @@ def official_config(directory: Path, **overrides) -> VQA2Config:
     not the release's (test checkpoints, variants); the released checkpoints have none."""
     path = directory / CONFIG_FILE
     try:
-        raw = json.loads(path.read_text())
+        raw = parse_json(path.read_text())
         section = raw.get("vqa2", {})
         if "vision" in section:  # the section's tower replaces the one `mm_vision_tower` names
             raw = {k: v for k, v in raw.items() if k != "mm_hidden_size"}
@@ -320,6 +365,7 @@ def load_official(
     device = torch.device(device)
     precision = precision or Precision("none", torch.float32)
     config = config or official_config(directory)
+    check_fits(config, precision, device, f"checkpoint {directory}")
     model = build_empty(config)
     expected = all_expected = expected_tensors(model)  # before quantization swaps modules
     prepare(model, precision)
@@ -459,8 +505,8 @@ def check_slowfast(expected: dict[str, tuple[int, ...]], tensors: dict[str, torc
 
 def is_model_dir(directory: Path) -> bool:
     try:
-        return json.loads((directory / CONFIG_FILE).read_text()).get("format") == FORMAT
-    except (OSError, ValueError):
+        return parse_json((directory / CONFIG_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):  # AttributeError: not a JSON object
         return False
 
 
@@ -511,7 +557,9 @@ def load_model_dir(
     directory = Path(directory)
     device = torch.device(device)
     precision = precision or Precision("none", torch.float32)
-    model = build_empty(_model_dir_config(directory))
+    config = _model_dir_config(directory)
+    check_fits(config, precision, device, f"model directory {directory}")
+    model = build_empty(config)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"model directory {directory}: {WEIGHTS_FILE} is missing")

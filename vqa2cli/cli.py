@@ -7,8 +7,11 @@ Conventions every command follows (and new ones should too):
 - stdout carries only data, written through `vqa2cli.output` writers; `@output_format_options`
   adds --json/--jsonl/--csv and passes `fmt` (a table on a terminal, JSON Lines otherwise);
 - messages go to stderr through `output.Reporter`: one line per problem, no tracebacks;
-- a command returns its exit code: 0 all good, 1 some inputs failed, 130 interrupted; errors that
-  stop the command are raised (`SetupError` -> 2, other `Vqa2Error` -> 1, see `main`).
+- a command returns its exit code: 0 all good, 1 some inputs failed, EXIT_INTERRUPTED; errors that
+  stop the command are raised (`SetupError` -> 2, other `Vqa2Error` -> 1, see `main`);
+- SIGTERM and SIGHUP arrive as Ctrl-C does, as a KeyboardInterrupt (`errors.Stopped`): a command that
+  catches it keeps what it finished, says so in one line (`_stop.note`) and returns EXIT_INTERRUPTED,
+  which `main` turns into 128 + the signal number (130 SIGINT, 143 SIGTERM, 129 SIGHUP).
 """
 
 import dataclasses
@@ -16,20 +19,85 @@ import functools
 import os
 import signal
 import sys
+import threading
 import time
 import typing
 
 import click
 
 from vqa2cli import __version__
-from vqa2cli.errors import SetupError, Vqa2Error
+from vqa2cli.errors import STOP_SIGNALS, SetupError, Stopped, Vqa2Error
 from vqa2cli.finetune.options import FinetuneOptions
 
 EXIT_FAILED = 1  # some inputs failed
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+EXIT_INTERRUPTED = 130  # stopped by a signal; `main` exits with 128 + its number (130 is SIGINT's)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _StopSignals:
+    """While a command runs, SIGINT, SIGTERM and SIGHUP raise `Stopped` (a KeyboardInterrupt) in the
+    main thread, so `kill`, `timeout`, `docker stop` and a closed terminal end a run the way Ctrl-C does.
+
+    A second signal ends the process at once, by the signal's default action (a writer still finishes
+    the record it is writing: `output.uninterrupted`), unless it follows the first within REPEAT_WINDOW:
+    `timeout` signals its child and then the child's whole process group, so one stop can arrive twice.
+    A signal the caller ignores (SIGHUP under `nohup`, SIGINT in a script's background job) stays ignored.
+    """
+
+    REPEAT_WINDOW = 0.5  # seconds
+
+    def __init__(self):
+        self.signum = None
+        self._since = 0.0
+        self._previous = {}
+
+    def __enter__(self):
+        self.signum = None
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                if signal.getsignal(signum) not in (signal.SIG_IGN, None):
+                    self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        now = time.monotonic()
+        if self.signum is None:
+            self.signum, self._since = signum, now
+            raise Stopped(signum)
+        if now - self._since < self.REPEAT_WINDOW:
+            return
+        for number in self._previous:
+            signal.signal(number, signal.SIG_DFL)
+        signal.raise_signal(signum)
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+        return False
+
+    def note(self, what: str = "") -> str:
+        """The one line telling the user the run was stopped, and by which signal."""
+        by = f" by {signal.Signals(self.signum).name}" if self.signum else ""
+        return f"interrupted{by}: {what}" if what else f"interrupted{by}"
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
+
+
+_stop = _StopSignals()
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:  # a command with nothing to keep (ask's streamed answer): one line
+            click.echo(_stop.note(), err=True)
+            return EXIT_INTERRUPTED
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="vqa2")
 def cli():
     """Tell how good a video looks, and why, with the VQA² model.
@@ -90,7 +158,8 @@ def model_options(func):
         metavar="NAME|DIR|REPO",
         default=None,
         help="Model: a name from `vqa2 models`, a model directory or a Hugging Face repo id "
-        "[env: VQA2_MODEL; default: the command's default model].",
+        "[env: VQA2_MODEL; default: the command's default model, downloaded on first use; vqa2-tiny is "
+        "shipped with vqa2 and works offline].",
     )(func)
     return func
 
@@ -160,11 +229,6 @@ def _connect_ray(reporter, address, model_name):
         ray_scoring.connect(address)
     name, config = ray_scoring.model_config(model_name)
     return name, config.level_words
-
-
-def _ignore_further_interrupts():
-    # the second Ctrl-C of an impatient user must not cut the closing `]` of a JSON array
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # --- score ---------------------------------------------------------------------------------------
@@ -302,7 +366,6 @@ def _write_records(records, writer, reporter):
                     reporter.note(f"warning: {record['path']}: {'; '.join(record['warnings'])}")
             reporter.advance()
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM/SIGHUP turned into one by main()
-        _ignore_further_interrupts()
         return scored, failed, damaged, True
     return scored, failed, damaged, False
 
@@ -355,8 +418,8 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyfr
     With --ray the same inputs are scored by a Ray Data pipeline on the cluster RAY_ADDRESS (or
     --ray-address) names, or on a new local one: decode tasks, then --ray-actors model actors.
 
-    Exit status: 0 all scored, 1 some failed, 2 bad usage or model not available, 130 interrupted
-    (the results so far are written, and --json output stays a valid array).
+    Exit status: 0 all scored, 1 some failed, 2 bad usage or model not available; 130, 143, 129
+    stopped by Ctrl-C, SIGTERM, SIGHUP (the results so far are written, --json stays a valid array).
 
     \b
     Examples:
@@ -404,10 +467,9 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyfr
         writer, inputs, total = _score_writer(fmt, output, resume, name, level_words, inputs, total,
                                               (lambda message: None) if quiet else reporter.note)
     except KeyboardInterrupt:
-        _ignore_further_interrupts()
         if fmt == "json" and output is None:  # no results yet, but what reads our stdout still gets valid JSON
             make_writer(fmt, sys.stdout, []).close()
-        reporter.note("interrupted before any video was scored")
+        reporter.note(_stop.note("no video was scored"))
         return EXIT_INTERRUPTED
     start = time.perf_counter()
     if ray is None:
@@ -425,12 +487,12 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyfr
         reporter.start("Scoring", total=total)
         scored, failed, damaged, interrupted = _write_records(records, writer, reporter)
     finally:
-        scores.close()  # stops the decoders (or the Ray pipeline)
         reporter.stop()
-        writer.close()
+        writer.close()  # first: a second signal ends the process at once
+        scores.close()  # stops the decoders (or the Ray pipeline)
     where = f"; records in {output}" if output else ""
     if interrupted:
-        reporter.note(f"interrupted: {scored + failed} video(s) done, results so far written{where}")
+        reporter.note(_stop.note(f"{scored + failed} video(s) done, results so far written{where}"))
         return EXIT_INTERRUPTED
     if not quiet:
         with_warnings = f" ({damaged} with warnings)" if damaged else ""
@@ -503,8 +565,7 @@ def ask(video, question, questions_file, model_name, device, quant, max_new_toke
                 for question_text in questions:
                     writer.write(record(question_text))
             except KeyboardInterrupt:
-                _ignore_further_interrupts()
-                reporter.note(f"interrupted: {writer.count} of {len(questions)} question(s) answered")
+                reporter.note(_stop.note(f"{writer.count} of {len(questions)} question(s) answered"))
                 return EXIT_INTERRUPTED
         return 0
     for number, question_text in enumerate(questions, 1):
@@ -656,7 +717,7 @@ def synth(out, clips_dir, count, seed, size, fps, seconds, crf, content, speed, 
             meta = generate_dataset(out, settings, clips_dir=clips_dir, overwrite=overwrite, on_clip=on_clip,
                                     jobs=min(jobs or usable_cpus(), count))
     except KeyboardInterrupt:
-        reporter.note(f"interrupted: the clips made so far are labelled in {out}")
+        reporter.note(_stop.note(f"the clips made so far are labelled in {out}"))
         return EXIT_INTERRUPTED
     for message in meta["skipped_sources"]:
         reporter.note(f"skipped: {message}")
@@ -755,13 +816,12 @@ def eval_(labels, model_name, device, quant, predictions_path, max_motion_frames
                               on_record=on_record, batch_size=batch_size, workers=workers, strict=strict)
     except KeyboardInterrupt:
         interrupted = True
-        _ignore_further_interrupts()
     finally:
         reporter.stop()
         predictions.close()
         handle.close()
     if interrupted:
-        reporter.note(f"interrupted: predictions so far are in {predictions_path}")
+        reporter.note(_stop.note(f"predictions so far are in {predictions_path}"))
         return EXIT_INTERRUPTED
     summary["predictions"] = predictions_path
     columns = summary_columns(label_set.kind)
@@ -925,26 +985,41 @@ def serve(model_name, device, quant, host, port, allow_dir, max_upload_mb, queue
 
 def main():
     """Console entry point; a command may return an int to set the exit code (1: some inputs failed)."""
+    if hasattr(sys.stdout, "reconfigure"):
+        # a file name that is not UTF-8 goes into CSV and JSON Lines as the bytes it is, never a crash
+        sys.stdout.reconfigure(errors="surrogateescape")
+    with _stop:
+        exit_code = _run()
+    sys.exit(_stop.exit_code if exit_code == EXIT_INTERRUPTED else exit_code)
+
+
+def _run() -> int:
     try:
         exit_code = cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+    except click.exceptions.Abort:  # Ctrl-C while click parsed the command line, or end of input at a prompt
+        click.echo(_stop.note() if _stop.signum else "Aborted.", err=True)
+        return EXIT_INTERRUPTED
     except click.ClickException as error:
         error.show()
-        sys.exit(error.exit_code)
+        return error.exit_code
     except click.exceptions.Exit as exit_:
-        sys.exit(exit_.exit_code)
+        return exit_.exit_code
     except SetupError as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(2)
+        _error_line(error)
+        return 2
     except Vqa2Error as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(1)
+        _error_line(error)
+        return 1
     except Exception as error:  # a bug: still one line for the user, the traceback on request
         if os.environ.get("VQA2_DEBUG"):
             raise
         message = " ".join(f"{type(error).__name__}: {error}".split())
-        click.echo(f"error: internal error ({message}); run with VQA2_DEBUG=1 for the traceback", err=True)
-        sys.exit(1)
-    sys.exit(exit_code if isinstance(exit_code, int) else 0)
+        _error_line(f"internal error ({message}); run with VQA2_DEBUG=1 for the traceback")
+        return 1
+    return exit_code if isinstance(exit_code, int) else 0
+
+
+def _error_line(message):
+    from vqa2cli.output import printable
+
+    click.echo(f"error: {printable(message)}", err=True)

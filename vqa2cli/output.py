@@ -20,6 +20,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -27,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from vqa2cli.errors import SetupError
+from vqa2cli.errors import STOP_SIGNALS, SetupError
 
 FORMATS = ("table", "json", "jsonl", "csv")
 
@@ -60,6 +61,19 @@ def lookup(record: dict, key: str):
     return value
 
 
+# What must not reach a terminal raw: control characters (a line break splits a "one-line" message, an
+# escape sequence recolours or rewrites the screen), bidirectional overrides (text that reads differently
+# from what it is) and the undecodable bytes of a file name (os.fsdecode's surrogates, unprintable).
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def printable(text) -> str:
+    """`text` made safe to show on a terminal, on one line: each unprintable character is written as its
+    Python escape (\\n, \\x1b, \\u202e, \\udcff). For people only; data (JSON, CSV) keeps the true text."""
+    return _UNPRINTABLE.sub(lambda match: repr(match.group())[1:-1], str(text))
+
+
 def _json_safe(value):
     # NaN/inf are not JSON; a parser downstream must never choke on our output.
     if isinstance(value, float) and not math.isfinite(value):
@@ -72,30 +86,39 @@ def _json_safe(value):
 
 
 def to_json(record: dict, indent=None) -> str:
-    return json.dumps(_json_safe(record), ensure_ascii=False, indent=indent)
+    text = json.dumps(_json_safe(record), ensure_ascii=False, indent=indent)
+    # a file name that is not UTF-8 (os.fsdecode's surrogates) as \udcXX escapes: valid UTF-8 JSON, and
+    # json.loads + os.fsencode give the name back
+    return _SURROGATE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
 @contextlib.contextmanager
 def uninterrupted():
-    """Hold Ctrl-C (SIGINT) back until the block ends, then deliver it.
+    """Hold the stop signals (Ctrl-C, SIGTERM, SIGHUP) back until the block ends, then deliver them.
 
-    Writers wrap each record and their closing text in it, so an interrupt never leaves half a
-    record, or a record the writer does not know it wrote (and `]` closing an array it never opened).
+    Writers wrap each record and their closing text in it, so a signal never leaves half a record, or
+    a record the writer does not know it wrote (and `]` closing an array it never opened).
     """
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous is None:
-        yield  # handlers can only be set from the main thread; None: not ours to replace
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be set from the main thread
         return
     caught = []
-    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    previous = {}
+    for signum in STOP_SIGNALS:
+        handler = signal.getsignal(signum)
+        if handler is not None and handler != signal.SIG_IGN:  # None: not ours to replace; ignored stays so
+            previous[signum] = signal.signal(signum, lambda number, frame: caught.append((number, frame)))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught and callable(previous):
-            previous(signal.SIGINT, caught[0])  # the default handler raises KeyboardInterrupt here
-        elif caught and previous == signal.SIG_DFL:
-            signal.raise_signal(signal.SIGINT)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if caught:
+            signum, frame = caught[0]
+            if callable(previous[signum]):
+                previous[signum](signum, frame)  # Python's SIGINT handler raises KeyboardInterrupt here
+            else:  # SIG_DFL: what the signal would have done (end the process)
+                signal.raise_signal(signum)
 
 
 class _Writer:
@@ -205,12 +228,14 @@ class TableWriter(_Writer):
     def _close(self):
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
         console = Console(file=self.stream, highlight=False)
         wide = console.width >= WIDE_TABLE
         columns = [column for column in self.columns if column.in_table and (wide or not column.wide_only)
                    and (not column.when_set or any(lookup(record, column.key) for record in self.rows))]
-        table = Table(title=self.title, title_justify="left")
+        title = None if self.title is None else Text(printable(self.title))
+        table = Table(title=title, title_justify="left")
         for column in columns:
             whole = column.no_wrap or column.justify == "right"
             table.add_column(column.header, justify=column.justify, no_wrap=whole, overflow="ellipsis" if whole else "fold")
@@ -226,7 +251,7 @@ class TableWriter(_Writer):
                 error = record.get("error") or ""
                 path = str(record.get("path"))
                 cells.append(error[len(path) + 2:] if error.startswith(path + ": ") else error)
-            table.add_row(*cells)
+            table.add_row(*(Text(printable(cell)) for cell in cells))  # Text: a name is never markup
         console.print(table)
         self.stream.flush()
 
@@ -446,6 +471,8 @@ def human_size(size_bytes: int) -> str:
 class Reporter:
     """Everything a command tells the user on stderr: one-line notes, a spinner, a progress bar.
 
+    Notes are shown `printable`: a file name with a line break or an escape sequence stays one harmless line.
+
     The spinner and the progress bar (count, rate, ETA) show only when `live` (stderr is a terminal
     and not --quiet); notes always print, one line each, above the bar when it is showing. Use as a
     context manager so the bar is gone before a table is printed on stdout. While the bar shows,
@@ -464,6 +491,7 @@ class Reporter:
         return cls(live=not quiet and sys.stderr.isatty(), unit=unit)
 
     def note(self, message: str):
+        message = printable(message)
         if self._progress is not None:
             # soft_wrap: a long path must stay on one line, not be folded at the terminal width
             self._progress.console.print(message, markup=False, highlight=False, soft_wrap=True)
@@ -476,8 +504,9 @@ class Reporter:
         if not self.live:
             return contextlib.nullcontext()
         from rich.console import Console
+        from rich.text import Text
 
-        return Console(stderr=True).status(message)
+        return Console(stderr=True).status(Text(printable(message)))
 
     def start(self, description: str, total=None):
         """Show the progress bar; `total` None (paths still streaming in on stdin) means no ETA."""

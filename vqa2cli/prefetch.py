@@ -67,7 +67,9 @@ def error_message(path, error: BaseException) -> str:
     path = str(path)
     message = str(error) if isinstance(error, InputError) else f"{type(error).__name__}: {error}".rstrip(": ")
     message = " ".join(message.splitlines())
-    return message if path in message else f"{path}: {message}"
+    # a VideoError names its file (on one line even when the name holds a line break)
+    names_file = getattr(error, "path", None) == path or path in message
+    return message if names_file else f"{path}: {message}"
 
 
 class _Raised:

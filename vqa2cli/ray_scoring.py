@@ -23,7 +23,7 @@ import time
 from dataclasses import fields
 from typing import Iterable, Iterator
 
-from vqa2cli.batch import ScoreRecord, error_message, score_decoded
+from vqa2cli.batch import EmptyFolder, Loader, ScoreRecord, error_message, score_decoded
 
 RECORD_FIELDS = tuple(f.name for f in fields(ScoreRecord))
 
@@ -32,18 +32,20 @@ class _Decode:
     """Ray Data `map` function: {"path"} -> {"path", "sample" (pickled VideoSample or None), "error", "seconds"}."""
 
     def __init__(self, sampling):
-        self.sampling = sampling
+        self.load = Loader(sampling)
 
     def __call__(self, row: dict) -> dict:
         path = row["path"]
+        if row.get("empty"):
+            path = EmptyFolder(path, row["empty"])
         start = time.perf_counter()
         try:
             # pickled, because a VideoSample's tensors vary in shape from video to video; it only travels
             # between this job's own workers
-            sample, error = pickle.dumps(self.sampling.load(path)), None
+            sample, error = pickle.dumps(self.load(path)), None
         except Exception as failure:  # this file's record, not the job's end
             sample, error = None, error_message(path, failure)
-        return {"path": path, "sample": sample, "error": error, "seconds": time.perf_counter() - start}
+        return {"path": str(path), "sample": sample, "error": error, "seconds": time.perf_counter() - start}
 
 
 class _Scorer:
@@ -128,7 +130,8 @@ def score_dataset(
     import ray
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    dataset = paths if isinstance(paths, ray.data.Dataset) else ray.data.from_items([{"path": str(p)} for p in paths])
+    dataset = paths if isinstance(paths, ray.data.Dataset) else ray.data.from_items(
+        [{"path": str(p), "empty": getattr(p, "reason", None)} for p in paths])  # an EmptyFolder keeps its reason
     if gpus_per_actor is None:
         gpus_per_actor = 1 if device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
     sampling = model_config(model)[1].sampling(max_motion_frames, max_keyframes)

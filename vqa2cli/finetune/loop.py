@@ -122,7 +122,7 @@ def _claim(folder: OutputFolder, resume: bool, accelerator, say) -> None:
 
 
 def validated_data(options: FinetuneOptions, folder: OutputFolder, main: bool, say) -> Dataset:
-    dataset = load_dataset(options.data, options.stage, mos_range=options.mos_range)
+    dataset = load_dataset(options.data, options.stage, mos_range=options.mos_range, say=say if main else None)
     if main:
         folder.report_invalid(dataset.problems)
     if dataset.problems:

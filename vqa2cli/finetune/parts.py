@@ -74,6 +74,9 @@ def select_trainable(model: torch.nn.Module, parts: tuple[str, ...]) -> list[str
 
 def add_lora(model: torch.nn.Module, options, targets: list[str]) -> None:
     """LoRA adapters on the named linear layers, in place (4-bit layers get bitsandbytes adapters)."""
+    from vqa2cli.quantization import forbid_hub_kernels
+
+    forbid_hub_kernels()  # before peft imports bitsandbytes
     import peft
 
     config = peft.LoraConfig(
