@@ -1,4 +1,4 @@
-"""The starting filters `weights/build_vqa2_tiny.py` gives vqa2-tiny before training, and which parts its
+"""The starting filters `tools/build_vqa2_tiny.py` gives vqa2-tiny before training, and which parts its
 stages train: without the filters the tiny towers did not learn blur, noise, blocking or shake from the
 synthetic data (see the functions' docstrings)."""
 
@@ -11,7 +11,7 @@ import torch
 
 from vqa2cli.modeling import VQA2Model
 from vqa2cli.finetune import select_trainable
-from vqa2cli_weights.build_vqa2_tiny import (
+from tools.build_vqa2_tiny import (
     PARTS,
     dct_patch_embedding_,
     identity_vision_layers_,

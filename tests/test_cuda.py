@@ -1,6 +1,11 @@
 """What only a CUDA GPU shows: bitsandbytes 4-bit / 8-bit on the GPU, CPU and GPU agreeing on the same
 model, the CLI on `--device cuda`, and fine-tuning under bf16 autocast and QLoRA. Skipped without a GPU
-(tests/conftest.py)."""
+(tests/conftest.py).
+
+Precision is judged on the trained vqa2-tiny over clips it scores 0.15-0.78 (`graded_reference`), as a
+fraction of that spread: on CPU, 4-bit moves a score by at most 1.7% of it, 8-bit and bf16 by 0.3%
+(tests/test_quantization.py); on the GPU the compute is bf16 as well, hence the wider margins.
+"""
 
 import json
 import math
@@ -8,18 +13,12 @@ import math
 import pytest
 import torch
 
-from tests.fixtures.clips import make_clip
-from tests.fixtures.finetune import finetune_options, quiet, write_stage_data
-from tests.fixtures.models import quantized_modules, tiny_sample
+from tests.fixtures.finetune import finetune_options, quiet
+from tests.fixtures.models import assert_within_spread, quantized_modules, tiny_sample
 from vqa2cli.finetune import run
 from vqa2cli.pipeline import load_model
 
 pytestmark = pytest.mark.cuda
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_stage_data(tmp_path_factory.mktemp("data"))
 
 
 def _on_cuda(module):
@@ -29,7 +28,6 @@ def _on_cuda(module):
 def test_4bit_on_cuda(wide_model_dir):
     import bitsandbytes as bnb
 
-    reference = load_model(str(wide_model_dir), device="cpu", quant="none")
     q4 = load_model(str(wide_model_dir), device="cuda")  # auto on CUDA: NF4, bf16 compute
     assert q4.precision.quant == "4bit" and q4.precision.dtype == torch.bfloat16
     assert _on_cuda(q4.model)
@@ -38,62 +36,59 @@ def test_4bit_on_cuda(wide_model_dir):
     proj = q4.model.language_model.model.layers[0].self_attn.k_proj
     assert isinstance(proj, bnb.nn.Linear4bit) and proj.weight.dtype == torch.uint8
     assert proj.weight.quant_state.quant_type == "nf4" and proj.weight.quant_state.nested
-    for seed in (0, 1):
-        a, b = reference.score(tiny_sample(reference.config, seed)), q4.score(tiny_sample(q4.config, seed))
-        assert abs(a.score - b.score) < 0.05
-        assert max(abs(a.probs[k] - b.probs[k]) for k in a.probs) < 0.05
     sample = tiny_sample(q4.config)
     assert q4.score(sample) == q4.score(sample)
 
 
 def test_8bit_and_bf16_on_cuda(wide_model_dir):
-    reference = load_model(str(wide_model_dir), device="cpu", quant="none")
     q8 = load_model(str(wide_model_dir), device="cuda", quant="8bit")
     assert set(quantized_modules(q8.model).values()) == {"Linear8bitLt"} and _on_cuda(q8.model)
     # int8 as loaded, not at the first forward: loading must never hold the bf16 weights on the GPU
     assert q8.model.language_model.model.layers[0].mlp.up_proj.weight.dtype == torch.int8
     bf16 = load_model(str(wide_model_dir), device="cuda", quant="none")
     assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
-    sample = tiny_sample(reference.config)
-    expected = reference.score(sample).score
-    assert abs(q8.score(sample).score - expected) < 0.05
-    assert abs(bf16.score(sample).score - expected) < 0.02
 
 
-def test_float32_on_cuda_matches_cpu(tiny_model_dir, tmp_path):
-    clip = make_clip(tmp_path / "clip.mp4", seconds=2, size=(160, 120))
-    cpu = load_model(str(tiny_model_dir), device="cpu")
-    gpu = load_model(str(tiny_model_dir), device="cuda", quant="none", dtype="float32")
-    a, b = cpu.score(str(clip)), gpu.score(str(clip))
-    assert abs(a.score - b.score) < 2e-3  # cuDNN may run convolutions in TF32
-    assert a.level == b.level
-    assert gpu.ask(str(clip), "Is there any blur?", max_new_tokens=4) == cpu.ask(str(clip), "Is there any blur?",
-                                                                               max_new_tokens=4)
+@pytest.mark.parametrize("options, fraction", [
+    ({}, 0.05),  # auto: NF4 with bf16 compute
+    ({"quant": "8bit"}, 0.03),
+    ({"quant": "none"}, 0.03),  # bf16
+    ({"quant": "none", "dtype": "float32"}, 0.01),  # cuDNN may run convolutions in TF32
+])
+def test_the_trained_model_on_cuda_scores_like_on_cpu(graded_reference, options, fraction):
+    samples, reference = graded_reference
+    model = load_model("vqa2-tiny", device="cuda", **options)
+    assert_within_spread(reference, [model.score(sample).score for sample in samples], fraction)
 
 
-def test_shipped_model_scores_on_cuda_from_the_cli(vqa2, tmp_path):
-    clips = tmp_path / "clips"
-    clips.mkdir()
-    for name, seconds in (("a.mp4", 2), ("b.mp4", 3)):
-        make_clip(clips / name, seconds=seconds, size=(160, 120))
-    code, out, err = vqa2("score", clips, "--model", "vqa2-tiny", "--device", "cpu", "--json")
-    assert code == 0, err
-    on_cpu = {r["path"]: r["score"] for r in json.loads(out)}
-    code, out, err = vqa2("score", clips, "--model", "vqa2-tiny", "--device", "cuda", "--json")
-    assert code == 0, err
-    on_gpu = {r["path"]: r["score"] for r in json.loads(out)}
-    assert on_gpu.keys() == on_cpu.keys() and len(on_gpu) == 2
-    for path, score in on_cpu.items():
-        assert abs(on_gpu[path] - score) < 0.01, (path, score, on_gpu[path])
+def test_float32_on_cuda_answers_like_cpu(graded_reference):
+    samples, _ = graded_reference
+    cpu = load_model("vqa2-tiny", device="cpu")
+    gpu = load_model("vqa2-tiny", device="cuda", quant="none", dtype="float32")
+    for sample in samples[:3]:
+        question = "Is there any blur?"
+        assert gpu.ask(sample, question, max_new_tokens=8) == cpu.ask(sample, question, max_new_tokens=8)
+
+
+def test_shipped_model_scores_on_cuda_from_the_cli(vqa2, graded_clips):
+    folder = graded_clips[0].parent
+    results = {}
+    for device in ("cpu", "cuda"):
+        code, out, err = vqa2("score", folder, "--model", "vqa2-tiny", "--device", device, "--json")
+        assert code == 0, err
+        results[device] = {r["path"]: r["score"] for r in json.loads(out)}
+    assert results["cuda"].keys() == results["cpu"].keys() and len(results["cpu"]) == len(graded_clips)
+    paths = sorted(results["cpu"])
+    assert_within_spread([results["cpu"][p] for p in paths], [results["cuda"][p] for p in paths], 0.05)
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
-def test_finetune_on_cuda(wide_model_dir, data, tmp_path, method):
+def test_finetune_on_cuda(wide_model_dir, stage_data, tmp_path, method):
     out = tmp_path / "run"
-    result = run(finetune_options(wide_model_dir, data, out, stage=2, method=method, device="cuda", max_steps=3),
-                 say=quiet)
+    result = run(finetune_options(wide_model_dir, stage_data, out, stage=2, method=method, device="cuda",
+                                  max_steps=3), say=quiet)
     assert result.step == 3 and math.isfinite(result.loss)
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     tuned = load_model(str(out), device="cuda", quant="none")
-    assert 0.0 <= tuned.score(str(data / "b1.mp4")).score <= 1.0
+    assert 0.0 <= tuned.score(str(stage_data / "b1.mp4")).score <= 1.0

@@ -67,7 +67,8 @@ def test_vqa2_tiny_scores_and_explains_from_one_decoding(vqa2, short_clips, deco
     """Measured answers: "The video has no visible distortion. Overall, the quality is high." and "The video
     has severe noise throughout the video. Overall, the quality is poor.\""""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code, out, err = vqa2("score", *short_clips, "-m", "vqa2-tiny", "--explain", "--jsonl")
+    # decoded in this process (--workers 0), where `decodes` counts them
+    code, out, err = vqa2("score", *short_clips, "-m", "vqa2-tiny", "--explain", "--jsonl", "--workers", "0")
     assert code == 0, err
     clean, noisy = (json.loads(line) for line in out.splitlines())
     assert "no visible distortion" in clean["explanation"] and "noise" in noisy["explanation"]

@@ -65,7 +65,7 @@ def test_image_prompt_places_the_keyframe_block_only(tiny_tokenizer):
     keyframe = torch.rand(1, 3, 56, 56) * 2 - 1
     with torch.no_grad():
         encoded = model.encode_video(keyframe, None, pool=False)
-        inputs = model.build_inputs([ids], [encoded], [None])
+        inputs = model.build_inputs([ids], [encoded])
     types = inputs.token_types[0]
     assert (types == KEYFRAME).sum() == 49 and (types == NEWLINE).sum() == 1 and (types == MOTION).sum() == 0
     assert (types == TEXT).sum() == len(ids) - 1 and inputs.inputs_embeds.shape[1] == len(ids) - 1 + 50
@@ -150,7 +150,8 @@ def test_video_only_model_refuses_an_image_sample(tiny_model_dir, image_model_di
 
 
 def test_cli_scores_a_folder_mixing_images_and_videos(vqa2, media, image_model_dir, tiny_model_dir):
-    code, out, err = vqa2("score", media, "-m", image_model_dir, "--json")
+    # decoded in a worker process: photos come back from it as ImageSamples
+    code, out, err = vqa2("score", media, "-m", image_model_dir, "--json", "--workers", "1")
     assert code == 0, err
     records = {r["path"].rsplit("/", 1)[1]: r for r in json.loads(out)}
     assert sorted(records) == ["a.png", "b.jpg", "c.mp4"]

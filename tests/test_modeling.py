@@ -1,17 +1,16 @@
 import dataclasses
-import math
 import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.fixtures.checkpoints import RELEASED_CONFIG
 from tests.fixtures.models import make_tiny_model, tiny_video
 from vqa2cli import prompts
 from vqa2cli.config import VQA2Config
 from vqa2cli.config import tiny_config as make_tiny_config
-from vqa2cli.modeling import KEYFRAME, MOTION, NEWLINE, PAD, TEXT, LongSequenceWarning, VQA2Model, motion_splits
+from vqa2cli.modeling import (KEYFRAME, MOTION, NEWLINE, PAD, TEXT, EncodedVideo, LongSequenceWarning, VQA2Model,
+                              motion_splits)
 
 IMG = prompts.IMAGE_TOKEN_INDEX
 
@@ -23,22 +22,32 @@ def _ids(tokenizer, kind="ugc"):
 # ---- branches ---------------------------------------------------------------------------------------
 
 
-def test_keyframe_branch_shapes_and_pooling(tiny_model, tiny_config):
+def test_keyframe_branch_equals_transformers_llava_onevision(tiny_model, tiny_config):
+    """The keyframe block is what transformers' LLaVA-OneVision computes for a video with the same weights:
+    SigLIP's last kept layer (no post-LN), the 2-layer GELU projector, 2D bilinear pooling to ceil(G/2),
+    frames in order, then the newline."""
+    from transformers import LlavaOnevisionConfig
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+    config = LlavaOnevisionConfig(
+        vision_config=tiny_config.vision.siglip_config().to_dict(), text_config=tiny_config.text.qwen2_config().to_dict(),
+        vision_feature_layer=-1, vision_feature_select_strategy="full", projector_hidden_act="gelu",
+    )
+    reference = LlavaOnevisionModel(config).eval()
+    weights = {f"vision_tower.{k}": v for k, v in tiny_model.vision_tower.state_dict().items()}
+    for ours, theirs in ((0, "linear_1"), (2, "linear_2")):
+        weights[f"multi_modal_projector.{theirs}.weight"] = tiny_model.mm_projector[ours].weight
+        weights[f"multi_modal_projector.{theirs}.bias"] = tiny_model.mm_projector[ours].bias
+    weights["image_newline"] = tiny_model.image_newline
+    missing, unexpected = reference.load_state_dict(weights, strict=False)
+    assert not unexpected and all(k.startswith("language_model.") for k in missing)
     keyframes, _ = tiny_video(tiny_config, num_keyframes=3)
     with torch.no_grad():
+        expected = reference.get_video_features(keyframes[None], vision_feature_layer=-1, output_hidden_states=True,
+                                                vision_feature_select_strategy="full").pooler_output[0]
         block = tiny_model.encode_keyframes(keyframes)
-        # Recompute by hand: tower without post_layernorm, projector on all tokens, then pooling.
-        tower = tiny_model.vision_tower
-        hidden = tower(pixel_values=keyframes, output_hidden_states=True).hidden_states[-1]
-        proj = tiny_model.mm_projector(hidden)
-    g, p, h = tiny_config.vision.grid, tiny_config.pooled_grid, tiny_config.text.hidden_size
-    assert hidden.shape == (3, g * g, tiny_config.vision.hidden_size)
-    pooled = F.interpolate(proj.view(3, g, g, h).permute(0, 3, 1, 2), size=(p, p), mode="bilinear")
-    expected = pooled.permute(0, 2, 3, 1).reshape(3 * p * p, h)
-    assert block.shape == (3 * p * p + 1, h)
-    assert torch.equal(block[:-1], expected)
-    assert torch.equal(block[-1], tiny_model.image_newline)
-    assert p == math.ceil(g / 2)
+    assert block.shape == (3 * tiny_config.tokens_per_keyframe + 1, tiny_config.text.hidden_size)
+    assert torch.equal(block, expected)
 
 
 def test_released_geometry_with_tiny_widths():
@@ -135,7 +144,7 @@ def test_official_layout_positions(tiny_model, tiny_config, tiny_tokenizer):
     ids = _ids(tiny_tokenizer)
     keyframes, motion = tiny_video(tiny_config, num_keyframes=3, num_motion=8)
     with torch.no_grad():
-        inp = tiny_model.build_inputs(ids, keyframes, motion)
+        inp = tiny_model.build_inputs(ids, tiny_model.encode_video(keyframes, motion))
         kf = tiny_model.encode_keyframes(keyframes)
         mo = tiny_model.encode_motion(motion).to(kf.dtype)
         text = tiny_model.language_model.get_input_embeddings()(ids[ids != IMG])
@@ -167,7 +176,7 @@ def test_per_second_layout_positions(tiny_config, tiny_tokenizer):
 
     def check(ids, splits, cut):
         with torch.no_grad():
-            inp = model.build_inputs(ids, keyframes, motion, motion_splits=splits)
+            inp = model.build_inputs(ids, EncodedVideo(kf, mo), motion_splits=splits)
         a = (ids == IMG).nonzero()[0].item()
         emb, types = inp.inputs_embeds[0], inp.token_types[0]
         want_types = [KEYFRAME] * per + [MOTION] * cut + [KEYFRAME] * per + [MOTION] * (8 - cut) + [NEWLINE]
@@ -185,7 +194,7 @@ def test_per_second_layout_positions(tiny_config, tiny_tokenizer):
     assert inp.inputs_embeds.shape[1] == len(two) - 2 + 2 * per + 8 + 1
     assert (inp.token_types[0] == MOTION).sum() == 8
     with pytest.raises(ValueError, match="splits"):
-        model.build_inputs(one, keyframes, motion, motion_splits=[4, 3])
+        model.build_inputs(one, EncodedVideo(kf, mo), motion_splits=[4, 3])
 
 
 def test_motion_splits_follow_source_frames():
@@ -199,17 +208,22 @@ def test_motion_splits_follow_source_frames():
 def test_single_placeholder_takes_keyframes_only(tiny_model, tiny_config, tiny_tokenizer):
     """The streaming scorer's prompt has one <image>: like the release, it gets the keyframe block only."""
     ids = _ids(tiny_tokenizer, "streaming")
-    keyframes, _ = tiny_video(tiny_config)
+    keyframes, motion = tiny_video(tiny_config)
+    assert not tiny_model.places_motion(ids) and tiny_model.places_motion(_ids(tiny_tokenizer))
     with torch.no_grad():
-        inp = tiny_model.build_inputs(ids, keyframes, None)
+        without_motion = tiny_model.encode_video(keyframes)
+        inp = tiny_model.build_inputs(ids, without_motion)
+        # a motion block given anyway takes no place: the release never computes it for this prompt
+        assert torch.equal(tiny_model.build_inputs(ids, tiny_model.encode_video(keyframes, motion)).inputs_embeds,
+                           inp.inputs_embeds)
     types = inp.token_types[0]
     assert (types == MOTION).sum() == 0 and (types == NEWLINE).sum() == 1
     assert (types == KEYFRAME).sum() == 2 * tiny_config.tokens_per_keyframe
     with pytest.raises(ValueError, match="motion"):
-        tiny_model.build_inputs(_ids(tiny_tokenizer), keyframes, None)
+        tiny_model.build_inputs(_ids(tiny_tokenizer), without_motion)
     three = torch.tensor(prompts.tokenize_prompt("<image><image><image>", tiny_tokenizer))
     with pytest.raises(ValueError, match="3 <image> placeholders"):
-        tiny_model.build_inputs(three, keyframes, None)
+        tiny_model.build_inputs(three, without_motion)
 
 
 def test_labels_are_expanded_with_ignore_on_media(tiny_model, tiny_config, tiny_tokenizer):
@@ -220,11 +234,11 @@ def test_labels_are_expanded_with_ignore_on_media(tiny_model, tiny_config, tiny_
     ids, labels = torch.tensor(ids), torch.tensor(labels)
     keyframes, motion = tiny_video(tiny_config)
     model = make_tiny_model(tiny_config)
-    inp = model.build_inputs(ids, keyframes, motion, labels=labels)
+    inp = model.build_inputs(ids, model.encode_video(keyframes, motion), labels=labels)
     media = (inp.token_types != TEXT)[0]
     assert (inp.labels[0][media] == prompts.IGNORE_INDEX).all()
     assert torch.equal(inp.labels[0][~media], labels[ids != IMG])  # text labels keep their order
-    out = model(ids, keyframes, motion, labels=labels)
+    out = model(ids, model.encode_video(keyframes, motion), labels=labels)
     assert torch.isfinite(out.loss)
     out.loss.backward()
     assert model.motion_projector[0].weight.grad is not None
@@ -238,8 +252,8 @@ def test_forward_is_bitwise_repeatable(tiny_model, tiny_config, tiny_tokenizer):
     ids = _ids(tiny_tokenizer)
     keyframes, motion = tiny_video(tiny_config)
     with torch.no_grad():
-        first = tiny_model(ids, keyframes, motion).logits
-        second = tiny_model(ids, keyframes, motion).logits
+        first = tiny_model(ids, tiny_model.encode_video(keyframes, motion)).logits
+        second = tiny_model(ids, tiny_model.encode_video(keyframes, motion)).logits
     assert first.shape == (1, first.shape[1], tiny_config.text.vocab_size)
     assert torch.equal(first, second)
 
@@ -249,9 +263,10 @@ def test_batch_matches_single(tiny_model, tiny_config, tiny_tokenizer):
     videos = [tiny_video(tiny_config, num_keyframes=1, num_motion=4, seed=1),
               tiny_video(tiny_config, num_keyframes=3, num_motion=12, seed=2)]
     with torch.no_grad():
-        single = [tiny_model(ids, kf, mo).logits[0, -1] for kf, mo in videos]
-        batch = tiny_model([ids, ids], [v[0] for v in videos], [v[1] for v in videos])
-        inp = tiny_model.build_inputs([ids, ids], [v[0] for v in videos], [v[1] for v in videos])
+        encoded = [tiny_model.encode_video(kf, mo) for kf, mo in videos]
+        single = [tiny_model(ids, video).logits[0, -1] for video in encoded]
+        batch = tiny_model([ids, ids], encoded)
+        inp = tiny_model.build_inputs([ids, ids], encoded)
     # Left padding: the shorter video is padded at the front, so -1 is every row's last prompt token.
     assert (inp.token_types[0, : inp.attention_mask[0].eq(0).sum()] == PAD).all()
     assert inp.attention_mask[:, -1].all()
@@ -271,11 +286,12 @@ def test_generate_returns_new_tokens_and_streams(tiny_model, tiny_config, tiny_t
         def end(self):
             pieces.append(None)
 
-    out = tiny_model.generate(ids, keyframes, motion, max_new_tokens=6, eos_token_id=-1, pad_token_id=0,
+    video = tiny_model.encode_video(keyframes, motion)
+    out = tiny_model.generate(ids, video, max_new_tokens=6, eos_token_id=-1, pad_token_id=0,
                               streamer=Collect())
     assert out.shape == (1, 6)
     with torch.no_grad():
-        logits = tiny_model(ids, keyframes, motion).logits[0, -1]
+        logits = tiny_model(ids, video).logits[0, -1]
     assert out[0, 0] == logits.argmax()  # greedy, and only new tokens come back
     assert pieces[-1] is None and torch.equal(torch.cat([p.flatten() for p in pieces[1:-1]]), out[0])
 
@@ -285,10 +301,10 @@ def test_long_sequence_warns(tiny_model, tiny_config, tiny_tokenizer):
     model = make_tiny_model(config)
     keyframes, motion = tiny_video(config)
     with pytest.warns(LongSequenceWarning):
-        model.build_inputs(_ids(tiny_tokenizer), keyframes, motion)
+        model.build_inputs(_ids(tiny_tokenizer), model.encode_video(keyframes, motion))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        tiny_model.build_inputs(_ids(tiny_tokenizer), keyframes, motion)
+        tiny_model.build_inputs(_ids(tiny_tokenizer), tiny_model.encode_video(keyframes, motion))
 
 
 # ---- released size ----------------------------------------------------------------------------------
@@ -325,8 +341,9 @@ def test_next_token_logits_is_the_last_row(tiny_model, tiny_config, tiny_tokeniz
     ids = _ids(tiny_tokenizer)
     keyframes, motion = tiny_video(tiny_config)
     with torch.no_grad():
-        row = tiny_model.next_token_logits(ids, keyframes, motion)
-        full = tiny_model(ids, keyframes, motion).logits
+        video = tiny_model.encode_video(keyframes, motion)
+        row = tiny_model.next_token_logits(ids, video)
+        full = tiny_model(ids, video).logits
     assert row.shape == (1, tiny_config.text.vocab_size)
     assert torch.allclose(row, full[:, -1], atol=1e-6, rtol=0)
 
@@ -334,9 +351,10 @@ def test_next_token_logits_is_the_last_row(tiny_model, tiny_config, tiny_tokeniz
 def test_batched_generation_matches_single(tiny_model, tiny_config, tiny_tokenizer):
     ids = torch.tensor(prompts.tokenize_prompt(prompts.question_prompt("Is it blurry?", 2, 8), tiny_tokenizer))
     videos = [tiny_video(tiny_config, 1, 4, seed=1), tiny_video(tiny_config, 3, 12, seed=2)]
-    single = [tiny_model.generate(ids, kf, mo, max_new_tokens=5, pad_token_id=0) for kf, mo in videos]
-    batch = tiny_model.generate([ids, ids], [v[0] for v in videos], [v[1] for v in videos],
-                                max_new_tokens=5, pad_token_id=0)
+    with torch.no_grad():
+        encoded = [tiny_model.encode_video(kf, mo) for kf, mo in videos]
+    single = [tiny_model.generate(ids, video, max_new_tokens=5, pad_token_id=0) for video in encoded]
+    batch = tiny_model.generate([ids, ids], encoded, max_new_tokens=5, pad_token_id=0)
     assert torch.equal(batch, torch.cat(single))
 
 

@@ -1,15 +1,14 @@
 """load_model -> VQA2: scoring and answering with tiny models on CPU, from both directory formats."""
 
+import math
 import shutil
 
 import pytest
 import torch
 
-from tests.fixtures.models import make_tiny_model, tiny_sample
+from tests.fixtures.models import tiny_sample
 from vqa2cli.errors import InputError, ModelNotFoundError, SetupError
 from vqa2cli.pipeline import ScoreResult, load_model, resolve_device
-from vqa2cli.prompts import scoring_prompt, tokenize_prompt
-from vqa2cli.scoring import score_from_logits
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +31,23 @@ def test_official_checkpoint_scores(official):
     assert official.name.endswith("tiny-llava_qwen") and official.precision.quant == "none"
 
 
-def test_score_is_the_level_logits_at_the_last_prefill_token(ours):
-    """The loaded model scores exactly like the in-memory model it was saved from."""
-    sample = tiny_sample(ours.config)
-    reference = make_tiny_model(ours.config, seed=0)
-    ids = torch.tensor(tokenize_prompt(scoring_prompt("ugc"), ours.tokenizer))
-    with torch.inference_mode():
-        logits = reference(ids, sample.keyframes, sample.motion, logits_to_keep=1).logits[0, -1]
-    score, level, probs = score_from_logits(logits[ours.level_ids])
-    assert ours.score(sample) == ScoreResult(score, level, probs)
+@pytest.mark.parametrize("level_logits, score, level", [
+    ((0.0, math.log(2.0), 0.0, 0.0, 0.0), 3.25 / 6, "good"),  # probabilities (1, 2, 1, 1, 1) / 6
+    ((0.0, 0.0, 0.0, 0.0, math.log(3.0)), 2.5 / 7, "low"),  # (1, 1, 1, 1, 3) / 7
+])
+def test_score_from_known_logits(tiny_model_dir, level_logits, score, level):
+    """An output layer that ignores its input (zero weights) and gives the level words known logits:
+    the score is the hand-computed weighted level probability (weights 1, .75, .5, .25, 0)."""
+    model = load_model(str(tiny_model_dir), device="cpu")
+    head = torch.nn.Linear(model.config.text.hidden_size, model.config.text.vocab_size)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(9.0)  # every other word is far likelier: only the level words' logits count
+        head.bias[model.level_ids] = torch.tensor(level_logits)
+    model.model.language_model.lm_head = head
+    result = model.score(tiny_sample(model.config))
+    assert result.score == pytest.approx(score, abs=1e-7) and result.level == level  # float32 logits
+    assert sum(result.probs.values()) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_repeat_runs_and_reloads_are_bitwise_identical(ours, tiny_model_dir):
@@ -81,7 +88,8 @@ def test_too_many_motion_frames_is_an_input_error(ours):
 
 
 def test_a_sample_decoded_at_other_sizes_is_refused_in_one_line(ours, clip_factory):
-    """Regression: `load_video(path)` (384 px defaults) then `score` raised a raw tensor-size RuntimeError."""
+    """`load_video(path)` (384 px defaults) given to a 128 px model: a one-line InputError saying how to decode
+    it, not a raw tensor-size error from deep in the model."""
     from vqa2cli.video import load_video
 
     clip = clip_factory(seconds=2, fps=8)
@@ -151,24 +159,23 @@ def test_scores_a_video_file(ours, clip_factory):
     assert ours.score(clip, max_motion_frames=32) != result
 
 
-def test_per_second_layout_places_motion_by_second(tmp_path):
+def test_per_second_layout_places_motion_by_second(tmp_path, monkeypatch):
     from tests.fixtures.checkpoints import write_tiny_model_dir
     from tests.fixtures.clips import make_clip
-    from vqa2cli.video import load_video
 
     model = load_model(str(write_tiny_model_dir(tmp_path / "per-second", token_layout="per_second")), device="cpu")
     # 2.5 s at 10 fps: keyframes 0, 10, 20 and 24 motion frames, i.e. 10 + 10 + 4 by second (an even
     # split would be 8 + 8 + 8).
-    sample = load_video(make_clip(tmp_path / "clip.mp4", frames=25, fps=10, size=(32, 32)),
-                        keyframe_size=model.config.keyframe_size, motion_size=model.config.motion_size)
+    sample = model.load_video(make_clip(tmp_path / "clip.mp4", frames=25, fps=10, size=(32, 32)))
     assert sample.keyframe_indices == [0, 10, 20] and len(sample.motion_indices) == 24
 
-    def level_logits(splits):
-        ids = torch.tensor(tokenize_prompt(scoring_prompt(model.config.prompt), model.tokenizer))
-        with torch.inference_mode():
-            logits = model.model.next_token_logits(ids, sample.keyframes, sample.motion, motion_splits=splits)
-        return logits[0].index_select(-1, model.level_ids)
+    seen = []
+    build = model.model.build_inputs
 
-    by_second, even = level_logits([10, 10, 4]), level_logits(None)
-    assert not torch.allclose(by_second, even)
-    assert model.score(sample).score == score_from_logits(by_second, model.config.level_words)[0]
+    def spy(input_ids, videos, labels=None, motion_splits=None):
+        seen.append(motion_splits)
+        return build(input_ids, videos, labels, motion_splits)
+
+    monkeypatch.setattr(model.model, "build_inputs", spy)
+    model.score(sample)
+    assert seen == [[[10, 10, 4]]]

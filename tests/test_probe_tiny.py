@@ -1,11 +1,11 @@
-"""`weights/probe_vqa2_tiny.py`: the ridge probe that measures how much of the MOS a model's encodings hold."""
+"""`tools/probe_vqa2_tiny.py`: the ridge probe that measures how much of the MOS a model's encodings hold."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from vqa2cli.metrics import srcc
-from vqa2cli_weights.probe_vqa2_tiny import best_alpha, encodings, ridge
+from tools.probe_vqa2_tiny import best_alpha, encodings, ridge
 
 
 def test_ridge_probe_finds_a_linear_signal_and_nothing_in_noise():

@@ -12,10 +12,7 @@ def test_ugc_prompt_text():
         "How would you rate the quality of this video?"
     )
     closed = SYSTEM + f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\nThe quality of the video is<|im_end|>\n"
-    assert prompts.scoring_prompt("ugc", close_turn=True) == closed
-    assert prompts.scoring_prompt("ugc") == closed[: -len("<|im_end|>\n")]
-    assert prompts.score_logit_index("ugc", close_turn=True) == -3
-    assert prompts.score_logit_index("ugc") == -1
+    assert prompts.scoring_prompt("ugc") == closed[: -len("<|im_end|>\n")]  # the release's, two tokens short
 
 
 def test_streaming_and_enhanced_prompt_text():
@@ -26,8 +23,6 @@ def test_streaming_and_enhanced_prompt_text():
     )
     enhanced = SYSTEM + "<|im_start|>user\n<image><image><|im_end|>\n<|im_start|>assistant\n"
     assert prompts.scoring_prompt("enhanced") == enhanced
-    assert prompts.scoring_prompt("enhanced", close_turn=True) == enhanced
-    assert prompts.score_logit_index("enhanced", close_turn=True) == -1
     with pytest.raises(ValueError, match="unknown prompt kind"):
         prompts.scoring_prompt("hdr")
 
@@ -44,47 +39,58 @@ def test_question_prompt():
         prompts.question_prompt("q", 1, 4, choices=[str(i) for i in range(9)])
 
 
-def test_tokenize_prompt_places_image_slots(tiny_tokenizer):
-    text = prompts.scoring_prompt("ugc")
-    ids = prompts.tokenize_prompt(text, tiny_tokenizer)
+class CharTokenizer:
+    """One token per character (its code point): expected ids can be written out by hand."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def chars(text):
+    return [ord(c) for c in text]
+
+
+def test_tokenize_prompt_places_image_slots():
+    assert prompts.tokenize_prompt("ab<image>c<image><image>", CharTokenizer()) == chars("ab") + [
+        IMAGE_TOKEN_INDEX] + chars("c") + [IMAGE_TOKEN_INDEX, IMAGE_TOKEN_INDEX]
+    assert prompts.tokenize_prompt("<image>", CharTokenizer()) == [IMAGE_TOKEN_INDEX]
+
+
+def test_tokenize_prompt_with_the_tiny_tokenizer(tiny_tokenizer):
+    ids = prompts.tokenize_prompt(prompts.scoring_prompt("ugc"), tiny_tokenizer)
     assert ids.count(IMAGE_TOKEN_INDEX) == 2
-    chunks = text.split("<image>")
-    first = tiny_tokenizer(chunks[0], add_special_tokens=False)["input_ids"]
-    assert ids[: len(first)] == first and ids[len(first)] == IMAGE_TOKEN_INDEX
     # ChatML markers are single special tokens; the <image> vocabulary token itself never appears.
     assert ids[0] == tiny_tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert tiny_tokenizer.convert_tokens_to_ids("<image>") not in ids
-    assert tiny_tokenizer.decode([i for i in ids if i >= 0]) == text.replace("<image>", "")
+    assert tiny_tokenizer.decode([i for i in ids if i >= 0]) == prompts.scoring_prompt("ugc").replace("<image>", "")
 
 
-def test_training_example_masks_all_but_answers(tiny_tokenizer):
-    answer = "The quality of this video is good."
-    conv = [{"from": "human", "value": prompts.UGC_USER}, {"from": "gpt", "value": answer}]
+def test_training_example_masks_all_but_answers():
+    conv = [{"from": "human", "value": "Hi<image>"}, {"from": "gpt", "value": "No."},
+            {"from": "human", "value": "Why?"}, {"from": "gpt", "value": "Blur."}]
+    ids, labels = prompts.training_example(conv, CharTokenizer(), system="S")
+    prompt = "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi"
+    middle = "<|im_end|>\n<|im_start|>assistant\n"
+    second = "<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n"
+    assert ids == (chars(prompt) + [IMAGE_TOKEN_INDEX] + chars(middle + "No.<|im_end|>\n" + second
+                                                                  + "Blur.<|im_end|>\n"))
+    ignored = [IGNORE_INDEX]
+    # supervised: each answer and the <|im_end|> closing it; not the newline after it, nor any prompt part
+    assert labels == (ignored * (len(prompt) + 1 + len(middle)) + chars("No.<|im_end|>") + ignored
+                      + ignored * len(second) + chars("Blur.<|im_end|>") + ignored)
+    with pytest.raises(ValueError, match="speaker"):
+        prompts.training_example([{"from": "system", "value": "x"}], CharTokenizer())
+    with pytest.raises(ValueError, match="answer cannot contain"):
+        prompts.training_example([{"from": "human", "value": "q"}, {"from": "gpt", "value": "<image>"}], CharTokenizer())
+
+
+def test_training_prompt_part_is_the_inference_prompt(tiny_tokenizer):
+    """Tokenised turn by turn, a training example starts with exactly the ids `vqa2 ask`/`score` feed."""
+    conv = [{"from": "human", "value": prompts.UGC_USER}, {"from": "gpt", "value": "The quality of this video is good."}]
     ids, labels = prompts.training_example(conv, tiny_tokenizer)
-    assert len(ids) == len(labels)
-    supervised = [t for t in labels if t != IGNORE_INDEX]
-    im_end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert supervised == tiny_tokenizer(answer, add_special_tokens=False)["input_ids"] + [im_end]
-    # The prompt part is token-for-token what inference feeds (user turn + opened assistant turn).
     prompt = prompts.tokenize_prompt(prompts.chatml([("user", prompts.UGC_USER), ("assistant", None)]), tiny_tokenizer)
     assert ids[: len(prompt)] == prompt
-    assert labels[len(prompt) - 1] == IGNORE_INDEX and labels[len(prompt)] != IGNORE_INDEX
-    with pytest.raises(ValueError, match="speaker"):
-        prompts.training_example([{"from": "system", "value": "x"}], tiny_tokenizer)
-
-
-def test_multi_turn_training_example(tiny_tokenizer):
-    conv = [
-        {"from": "human", "value": "<image>\n<image>\nIs it sharp?"}, {"from": "gpt", "value": "No."},
-        {"from": "human", "value": "Why?"}, {"from": "gpt", "value": "It is blurry."},
-    ]
-    ids, labels = prompts.training_example(conv, tiny_tokenizer)
-    im_end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
-    supervised = [t for t in labels if t != IGNORE_INDEX]
-    expected = (tiny_tokenizer("No.", add_special_tokens=False)["input_ids"] + [im_end]
-                + tiny_tokenizer("It is blurry.", add_special_tokens=False)["input_ids"] + [im_end])
-    assert supervised == expected
-    assert ids.count(IMAGE_TOKEN_INDEX) == 2
+    assert set(labels[: len(prompt)]) == {IGNORE_INDEX} and labels[len(prompt)] != IGNORE_INDEX
 
 
 def test_tiny_tokenizer(tiny_tokenizer):

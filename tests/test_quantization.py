@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.fixtures.models import quantized_modules, tiny_sample
+from tests.fixtures.models import assert_within_spread, quantized_modules, tiny_sample
 from vqa2cli.errors import SetupError
 from vqa2cli.pipeline import load_model
 from vqa2cli.quantization import MIN_QUANT_WIDTH, Precision, choose_precision
@@ -25,7 +25,6 @@ def test_precision_policy():
 def test_4bit_on_cpu(wide_model_dir):
     import bitsandbytes as bnb
 
-    full = load_model(str(wide_model_dir), device="cpu", quant="none")
     q4 = load_model(str(wide_model_dir), device="cpu", quant="4bit")
     quantized = quantized_modules(q4.model)
     # 2 layers x (q, k, v, o, gate, up, down); nothing outside the decoder layers.
@@ -37,11 +36,6 @@ def test_4bit_on_cpu(wide_model_dir):
     assert layer.self_attn.k_proj.weight.quant_state.nested  # double quantization
     assert type(q4.model.language_model.lm_head) is torch.nn.Linear
     assert type(q4.model.mm_projector[0]) is torch.nn.Linear
-    for seed in (0, 1):
-        a, b = full.score(tiny_sample(full.config, seed)), q4.score(tiny_sample(q4.config, seed))
-        assert all(torch.isfinite(torch.tensor(list(b.probs.values()))))
-        assert abs(a.score - b.score) < 0.05
-        assert max(abs(a.probs[k] - b.probs[k]) for k in a.probs) < 0.05
     sample = tiny_sample(q4.config)
     assert q4.score(sample) == q4.score(sample)  # repeatable when quantized too
 
@@ -61,9 +55,6 @@ def test_narrow_layers_stay_unquantized(tiny_model_dir):
 def test_8bit_on_cpu(wide_model_dir):
     q8 = load_model(str(wide_model_dir), device="cpu", quant="8bit")
     assert set(quantized_modules(q8.model).values()) == {"Linear8bitLt"}
-    full = load_model(str(wide_model_dir), device="cpu", quant="none")
-    sample = tiny_sample(full.config)
-    assert abs(full.score(sample).score - q8.score(sample).score) < 0.05
 
 
 def test_bf16_on_cpu(wide_model_dir):
@@ -71,9 +62,16 @@ def test_bf16_on_cpu(wide_model_dir):
     assert {p.dtype for p in model.model.parameters()} == {torch.bfloat16}
     # RoPE frequencies are buffers computed in float32 and must stay so.
     assert model.model.language_model.model.rotary_emb.inv_freq.dtype == torch.float32
-    full = load_model(str(wide_model_dir), device="cpu")
-    sample = tiny_sample(full.config)
-    assert abs(full.score(sample).score - model.score(sample).score) < 0.05
+
+
+# Measured on graded_clips (spread 0.63): the largest move is 0.011 for 4-bit, 0.0012 for 8-bit, 0.0018 for
+# bf16, with the ranking unchanged; the tolerances leave a margin of 2-10x.
+@pytest.mark.parametrize("options, fraction", [({"quant": "4bit"}, 0.05), ({"quant": "8bit"}, 0.02),
+                                               ({"dtype": "bf16"}, 0.02)])
+def test_lower_precision_keeps_the_trained_models_scores(graded_reference, options, fraction):
+    samples, reference = graded_reference
+    model = load_model("vqa2-tiny", device="cpu", **options)
+    assert_within_spread(reference, [model.score(sample).score for sample in samples], fraction)
 
 
 def test_quantized_model_cannot_be_saved(tiny_model_dir, tmp_path):

@@ -85,16 +85,18 @@ def test_answer_text():
 
 
 def test_prefill_end_reads_the_same_row_as_closed_turn(tiny_model, tiny_config, tiny_tokenizer):
-    """Reading -1 of the sequence ending at "is" equals reading -3 of "... is<|im_end|>\\n" (causal)."""
+    """Reading -1 of the sequence ending at "is" equals reading -3 of the release's "... is<|im_end|>\\n"
+    (attention is causal)."""
     keyframes, motion = tiny_video(tiny_config)
-    ids_open = torch.tensor(prompts.tokenize_prompt(prompts.scoring_prompt("ugc"), tiny_tokenizer))
-    ids_closed = torch.tensor(prompts.tokenize_prompt(prompts.scoring_prompt("ugc", close_turn=True), tiny_tokenizer))
+    text = prompts.scoring_prompt("ugc")
+    ids_open = torch.tensor(prompts.tokenize_prompt(text, tiny_tokenizer))
+    ids_closed = torch.tensor(prompts.tokenize_prompt(text + "<|im_end|>\n", tiny_tokenizer))
     assert torch.equal(ids_closed[:-2], ids_open)
     level_ids = level_token_ids(tiny_tokenizer)
     with torch.no_grad():
-        open_row = tiny_model(ids_open, keyframes, motion).logits[0, prompts.score_logit_index("ugc")]
-        closed = tiny_model(ids_closed, keyframes, motion).logits[0]
-    closed_row = closed[prompts.score_logit_index("ugc", close_turn=True)]
-    assert torch.allclose(open_row, closed_row, atol=1e-5, rtol=0)
-    assert not torch.allclose(closed[-1][level_ids], closed_row[level_ids], atol=1e-3)  # one off differs
-    assert score_from_logits(open_row[level_ids])[0] == pytest.approx(score_from_logits(closed_row[level_ids])[0], abs=1e-5)
+        video = tiny_model.encode_video(keyframes, motion)
+        open_row = tiny_model(ids_open, video).logits[0, -1]
+        closed = tiny_model(ids_closed, video).logits[0]
+    assert torch.allclose(open_row, closed[-3], atol=1e-5, rtol=0)
+    assert not torch.allclose(closed[-1][level_ids], closed[-3][level_ids], atol=1e-3)  # one off differs
+    assert score_from_logits(open_row[level_ids])[0] == pytest.approx(score_from_logits(closed[-3][level_ids])[0], abs=1e-5)

@@ -133,6 +133,29 @@ def test_cli_timeline_in_every_format(vqa2, tiny_model_dir, lossless):
     assert json.loads(row["segments"]) == record["segments"]
 
 
+@pytest.mark.parametrize("suffix", ["jsonl", "csv"])
+def test_timeline_output_file_resumes(vqa2, tiny_model_dir, lossless, tmp_path, suffix):
+    """--output FILE with --timeline: the records keep their segments in the file, --resume skips the videos it
+    holds, and a CSV file's header (its segments column) is only this kind of run's."""
+    clip, cut = lossless
+    short = cut(0, 30)  # 1.2 s: one window
+    records_file = tmp_path / f"scores.{suffix}"
+    code, out, err = vqa2("score", clip, "-m", tiny_model_dir, "--timeline", "--output", records_file)
+    assert code == 0 and out == "", err
+    code, _, err = vqa2("score", clip, short, "-m", tiny_model_dir, "--timeline", "--output", records_file, "--resume")
+    assert code == 0 and "1 video(s) already scored are skipped" in err, err
+    text = records_file.read_text()
+    if suffix == "jsonl":
+        records = [json.loads(line) for line in text.splitlines()]
+    else:
+        records = [{**row, "segments": json.loads(row["segments"])} for row in csv.DictReader(io.StringIO(text))]
+    assert [r["path"] for r in records] == [str(clip), str(short)]
+    assert [[(s["start"], s["end"]) for s in r["segments"]] for r in records] == [[(0.0, 2.0), (2.0, 4.0)], [(0.0, 1.2)]]
+    if suffix == "csv":  # the same file continued without --timeline would mix two kinds of rows
+        code, _, err = vqa2("score", short, "-m", tiny_model_dir, "--output", records_file, "--resume")
+        assert code == 2 and err.startswith(f"error: {records_file}: its columns are not this run's") and "\n" == err[-1]
+
+
 def test_table_shows_a_sparkline_and_the_worst_window():
     from vqa2cli.cli import _score_columns
     from vqa2cli.output import TableWriter

@@ -1,4 +1,4 @@
-"""The shipped `vqa2-tiny` model (weights/vqa2-tiny, built by weights/build_vqa2_tiny.py): it loads offline,
+"""The shipped `vqa2-tiny` model (weights/vqa2-tiny, built by tools/build_vqa2_tiny.py): it loads offline,
 is listed by `vqa2 models`, scores clips the test makes, its scores fall with damage it never saw, asked
 what is wrong it names five of the eight distortions, and it says whether a named distortion is there.
 

@@ -28,16 +28,26 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
+from vqa2cli.config import parse_json
 from vqa2cli.errors import DataError
 from vqa2cli.prompts import IMAGE_TOKEN as IMAGE_SLOT
 from vqa2cli.prompts import UGC_USER as SCORE_QUESTION  # stage-2 records ask exactly what `vqa2 score` asks
 from vqa2cli.scoring import answer_text, mos_to_level
 
 DATA_SUFFIXES = (".json", ".jsonl", ".csv")
+# What `vqa2 synth` writes beside the stage files that is not training data: its settings, the clips'
+# sources and distortions, and the `vqa2 eval` labels.
+NOT_TRAINING_DATA = frozenset({"synth.json", "manifest.csv", "labels.csv"})
+# JSON and JSON Lines files are read whole, and their records take about ten times the file's size in
+# memory: a bigger file is refused rather than exhausting the machine.
+MAX_JSON_BYTES = 1 << 30
+BIG_FILE_BYTES = 20 << 20  # files from this size on get a progress line
 KINDS = ("spatial", "motion")
 CSV_COLUMNS = {1: ("video", "distortion"), 2: ("video", "mos"), 3: ("video", "question", "answer")}
 ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
+T = TypeVar("T")
 
 
 @dataclass
@@ -73,21 +83,26 @@ class Dataset:
     total: int  # records in the file, valid or not
 
 
-def find_data_file(path: str | os.PathLike) -> Path:
-    """DATA may be the file itself or a folder holding exactly one data file."""
+def find_data_file(path: str | os.PathLike, stage: int | None = None) -> Path:
+    """DATA may be the file itself or a folder holding it: the stage's own file (``stage2.json``, as `vqa2
+    synth` names them; JSON before JSONL before CSV, since a JSON file needs no --mos-range), or the one data
+    file there; files that are not training data (`NOT_TRAINING_DATA`) are never taken."""
     path = Path(path)
     if path.is_file():
         if path.suffix.lower() not in DATA_SUFFIXES:
             raise DataError(f"{path}: unknown data format (expected {', '.join(DATA_SUFFIXES)})")
         return path
     if path.is_dir():
-        found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+        found = {p.name: p for p in sorted(path.iterdir())
+                 if p.is_file() and p.suffix.lower() in DATA_SUFFIXES and p.name not in NOT_TRAINING_DATA}
+        own = [found[name] for name in (f"stage{stage}{suffix}" for suffix in DATA_SUFFIXES) if name in found]
+        if own:
+            return own[0]
         if len(found) == 1:
-            return found[0]
+            return next(iter(found.values()))
         if not found:
             raise DataError(f"{path}: no .json, .jsonl or .csv data file in this folder")
-        names = ", ".join(p.name for p in found)
-        raise DataError(f"{path}: several data files ({names}); name the one to use")
+        raise DataError(f"{path}: several data files ({', '.join(found)}); name the one to use")
     raise DataError(f"{path}: no such file or folder")
 
 
@@ -131,19 +146,22 @@ def load_dataset(
     stage: int,
     mos_range: tuple[float, float] | None = None,
     check_videos: bool = True,
+    say=None,
 ) -> Dataset:
-    """Read and validate every record; raises DataError only when the file as a whole is unusable."""
+    """Read and validate every record; raises DataError only when the file as a whole is unusable.
+    `say(line)` hears which file of a folder was taken, and progress on big files."""
     if stage not in (1, 2, 3):
         raise DataError(f"unknown stage {stage} (1, 2 or 3)")
-    file = find_data_file(path)
+    say = say or (lambda line: None)
+    file = find_data_file(path, stage)
+    if file != Path(path):
+        say(f"using {file.name} from {path}")
     root = file.parent.resolve()
     suffix = file.suffix.lower()
     if suffix == ".csv":
-        entries = _read_csv(file, root, stage, mos_range)
+        entries = _read_csv(file, stage, mos_range)
     else:
-        items = _read_jsonl(file) if suffix == ".jsonl" else _read_json_array(file)
-        entries = [(where, _json_record(where, item, root, stage)) if not isinstance(item, Problem) else
-                   (where, item) for where, item in items]
+        entries = _read_json_entries(file, root, stage, say, check_videos)
     if check_videos:
         _check_videos(entries, root)
     records = [entry for _, entry in entries if isinstance(entry, Record)]
@@ -160,49 +178,83 @@ def format_problems(dataset: Dataset, limit: int = 20) -> list[str]:
     return lines
 
 
-# --- CSV -----------------------------------------------------------------------------------------
+# --- CSV: the one reader, for fine-tuning data and `vqa2 eval` label files ------------------------
 
-def _read_csv(file: Path, root: Path, stage: int, mos_range) -> list[tuple[str, Record | Problem]]:
-    if stage == 2 and mos_range is None:
-        raise DataError(f"{file}: a stage-2 CSV needs --mos-range LO HI (the scale of its mos column, e.g. 1 5)")
-    name = file.name
+@dataclass
+class CsvRow:
+    where: str  # "labels.csv line 3": the line the row starts on
+    fields: dict[str, str]  # lower-cased column name -> stripped cell
+    path: str  # the video path as written
+    video: Path  # that path resolved inside the file's folder
+
+
+def read_csv(file: Path, check_header: Callable[[list[str]], T], video_columns=("video",),
+             name: str | None = None) -> tuple[T, list[CsvRow | Problem]]:
+    """`check_header(columns)`'s result and the rows of a CSV file with a header, in file order: a `CsvRow`
+    each, or a `Problem` saying where and why.
+
+    One error policy for every CSV vqa2 reads: a problem with the file as a whole (not UTF-8, malformed, no
+    header, a header that `check_header(columns)` refuses by raising) is a `DataError` naming the file; a
+    problem with one row (its number of fields, its video path) is that row's `Problem`, so a caller reports
+    them all at once and decides whether the rest is usable. Column names are stripped and lower-cased; the
+    first of `video_columns` in the header names each row's video, relative to the file's folder, which it
+    may not leave (`resolve_video_path`). Blank lines are skipped; places read ``<name> line <n>`` (name:
+    the file's name unless given) and a quoted field may span lines, so n is where the row starts.
+    """
+    root = file.parent.resolve()
+    name = file.name if name is None else name
     try:
         # utf-8-sig: spreadsheets often write a byte-order mark before the header
         with open(file, newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
-            try:
-                header = next(reader)
-            except StopIteration:
-                raise DataError(f"{file}: empty CSV (a header line is needed)") from None
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{file}: empty file (a header line is needed)")
             columns = [column.strip().lower() for column in header]
-            missing = [column for column in CSV_COLUMNS[stage] if column not in columns]
-            if missing:
-                expected = ",".join(CSV_COLUMNS[stage]) + (",kind" if stage == 1 else "")
-                raise DataError(f"{file}: header lacks {', '.join(missing)}; stage {stage} expects {expected}")
-            entries = []
+            checked = check_header(columns)
+            video_column = next((c for c in video_columns if c in columns), None)
+            if video_column is None:
+                raise DataError(f"{file}: the header names no video column ({' or '.join(video_columns)})")
+            rows: list[CsvRow | Problem] = []
             line = reader.line_num + 1
-            for row in reader:
-                where = f"{name} line {line}"
-                line = reader.line_num + 1  # a quoted field may span lines: the next record starts after them
-                if not any(cell.strip() for cell in row):
-                    continue
-                if len(row) != len(columns):
-                    entries.append((where, Problem(where, f"{len(row)} fields, the header has {len(columns)}")))
-                    continue
-                fields = {column: cell.strip() for column, cell in zip(columns, row)}
-                entries.append((where, _csv_record(where, fields, root, stage, mos_range)))
+            for cells in reader:
+                where, line = f"{name} line {line}", reader.line_num + 1
+                if any(cell.strip() for cell in cells):
+                    rows.append(_csv_row(where, cells, columns, video_column, root))
     except UnicodeDecodeError as error:
         raise DataError(f"{file}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     except csv.Error as error:
         raise DataError(f"{file}: malformed CSV ({error})") from None
-    return entries
+    return checked, rows
 
 
-def _csv_record(where, fields, root, stage, mos_range) -> Record | Problem:
+def _csv_row(where: str, cells: list[str], columns: list[str], video_column: str, root: Path) -> CsvRow | Problem:
+    if len(cells) != len(columns):
+        return Problem(where, f"{len(cells)} fields, the header has {len(columns)}")
+    fields = {column: cell.strip() for column, cell in zip(columns, cells)}
     try:
-        video = resolve_video_path(root, fields["video"])
+        video = resolve_video_path(root, fields[video_column])
     except ValueError as error:
         return Problem(where, str(error))
+    return CsvRow(where, fields, fields[video_column], video)
+
+
+def _read_csv(file: Path, stage: int, mos_range) -> list[tuple[str, Record | Problem]]:
+    if stage == 2 and mos_range is None:
+        raise DataError(f"{file}: a stage-2 CSV needs --mos-range LO HI (the scale of its mos column, e.g. 1 5)")
+
+    def check_header(columns: list[str]) -> None:
+        missing = [column for column in CSV_COLUMNS[stage] if column not in columns]
+        if missing:
+            expected = ",".join(CSV_COLUMNS[stage]) + (",kind" if stage == 1 else "")
+            raise DataError(f"{file}: header lacks {', '.join(missing)}; stage {stage} expects {expected}")
+
+    return [(row.where, row if isinstance(row, Problem) else _csv_record(row, stage, mos_range))
+            for row in read_csv(file, check_header)[1]]
+
+
+def _csv_record(row: CsvRow, stage: int, mos_range) -> Record | Problem:
+    where, fields, video = row.where, row.fields, row.video
     if stage == 1:
         distortion = fields["distortion"]
         kind = (fields.get("kind") or "spatial").lower()
@@ -231,6 +283,19 @@ def _csv_record(where, fields, root, stage, mos_range) -> Record | Problem:
 
 # --- JSON / JSONL -------------------------------------------------------------------------------
 
+def _read_json_entries(file: Path, root: Path, stage: int, say, check_videos: bool):
+    size = file.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise DataError(f"{file}: {size / 2**30:.1f} GiB; JSON data files are read whole and may be at most "
+                        f"{MAX_JSON_BYTES / 2**30:.0f} GiB: split it into several runs")
+    progress = say if size >= BIG_FILE_BYTES else lambda line: None
+    progress(f"reading {file.name} ({size / 2**20:.0f} MiB)")
+    items = _read_jsonl(file) if file.suffix.lower() == ".jsonl" else _read_json_array(file)
+    progress(f"read {len(items)} records; checking them" + (" and their videos" if check_videos else ""))
+    return [(where, item if isinstance(item, Problem) else _json_record(where, item, root, stage))
+            for where, item in items]
+
+
 def _read_text(file: Path) -> str:
     try:
         return file.read_text(encoding="utf-8-sig")
@@ -245,17 +310,27 @@ def _read_jsonl(file: Path) -> list[tuple[str, object]]:
             continue
         where = f"{file.name} line {number}"
         try:
-            items.append((where, json.loads(line)))
-        except json.JSONDecodeError as error:
-            items.append((where, Problem(where, f"not valid JSON ({error.msg} at column {error.colno})")))
+            items.append((where, parse_json(line)))
+        except ValueError as error:
+            reason = f"{error.msg} at column {error.colno}" if isinstance(error, json.JSONDecodeError) else error
+            items.append((where, Problem(where, f"not valid JSON ({reason})")))
     return items
 
 
 def _read_json_array(file: Path) -> list[tuple[str, object]]:
-    """Decode a top-level array element by element, so each record knows its index and line."""
+    """Decode a top-level array element by element, so each record knows its index and line. Lines are
+    counted on from the previous element, so the whole file is read once (linear in its size)."""
     text = _read_text(file)
     decoder = json.JSONDecoder()
     space = re.compile(r"\s*")
+    counted, line = 0, 1  # `line` is the line number at offset `counted`
+
+    def line_at(offset: int) -> int:
+        nonlocal counted, line
+        line += text.count("\n", counted, offset)
+        counted = offset
+        return line
+
     position = space.match(text).end()
     if not text.startswith("[", position):
         raise DataError(f"{file}: expected a JSON array of records")
@@ -264,13 +339,15 @@ def _read_json_array(file: Path) -> list[tuple[str, object]]:
     if text.startswith("]", position):
         return items
     while True:
+        place = f"[{len(items)}] (line {line_at(position)})"
         try:
             item, end = decoder.raw_decode(text, position)
         except json.JSONDecodeError as error:
             raise DataError(f"{file}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno})") \
                 from None
-        line = text.count("\n", 0, position) + 1
-        items.append((f"{file.name} [{len(items)}] (line {line})", item))
+        except RecursionError:
+            raise DataError(f"{file}: record {place} is nested too deeply to be read") from None
+        items.append((f"{file.name} {place}", item))
         position = space.match(text, end).end()
         if text.startswith(",", position):
             position = space.match(text, position + 1).end()
@@ -279,8 +356,7 @@ def _read_json_array(file: Path) -> list[tuple[str, object]]:
                 raise DataError(f"{file}: unexpected text after the JSON array")
             return items
         else:
-            line = text.count("\n", 0, position) + 1
-            raise DataError(f"{file}: not valid JSON (expected ',' or ']' at line {line})")
+            raise DataError(f"{file}: not valid JSON (expected ',' or ']' at line {line_at(position)})")
 
 
 def _json_record(where: str, item, root: Path, stage: int) -> Record | Problem:

@@ -6,13 +6,13 @@ Two kinds of label file, told apart by the CSV header:
 - questions: `path,question,answer` -> every question asked; accuracy, overall and per answer kind
   (yes/no, option letter, open).
 `video` is accepted for `path`, so `vqa2 synth`'s stage2.csv/stage3.csv can be evaluated as they are.
-Paths are relative to the CSV's folder and may not leave it. A video that is missing or fails to decode
-or score is a failed prediction (counted, reported, left out of the metrics), never the end of the run.
+The file is read by `vqa2cli.data.read_csv` (the one CSV reader): paths are relative to the CSV's folder
+and may not leave it; invalid rows refuse the file before anything runs. A video that is missing or fails to
+decode or score is a failed prediction (counted, reported, left out of the metrics), never the end of the run.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,7 +27,6 @@ QUESTION_COLUMNS = ("path", "question", "answer")
 
 @dataclass
 class LabelRow:
-    line: int  # line in the CSV, for messages
     path: str  # as written in the CSV (what prediction records show)
     video: Path  # resolved, inside the CSV's folder
     mos: Optional[float] = None
@@ -43,77 +42,66 @@ class LabelSet:
 
 
 def read_labels(path) -> LabelSet:
-    """Read and check a label CSV; DataError (one line, naming the file and line) when it is unusable."""
-    from vqa2cli.data import resolve_video_path
+    """Read and check a label CSV (`vqa2cli.data.read_csv`); DataError (one line, naming the file and the
+    first invalid row's line) when it is unusable."""
+    from vqa2cli.data import Problem, read_csv
 
     file = Path(path)
     if not file.is_file():
         raise DataError(f"{file}: no such file")
-    root = file.parent.resolve()
-    try:
-        with open(file, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
-            header = next(reader, None)
-            if header is None:
-                raise DataError(f"{file}: empty file (expected a header: path,mos or path,question,answer)")
-            columns = [("path" if c.strip().lower() == "video" else c.strip().lower()) for c in header]
-            if all(c in columns for c in QUESTION_COLUMNS):
-                kind = "questions"
-            elif all(c in columns for c in SCORE_COLUMNS):
-                kind = "scores"
-            else:
-                raise DataError(
-                    f"{file}: header '{','.join(header)}' is neither path,mos (scores) nor path,question,answer"
-                )
-            labels = LabelSet(file, kind)
-            line = reader.line_num + 1
-            for row in reader:
-                number, line = line, reader.line_num + 1  # quoted fields may span lines
-                where = f"{file} line {number}"
-                if not any(cell.strip() for cell in row):
-                    continue
-                if len(row) != len(columns):
-                    raise DataError(f"{where}: {len(row)} fields, the header has {len(columns)}")
-                fields = {c: cell.strip() for c, cell in zip(columns, row)}
-                try:
-                    video = resolve_video_path(root, fields["path"])
-                except ValueError as error:
-                    raise DataError(f"{where}: {error}") from None
-                entry = LabelRow(number, fields["path"], video)
-                if kind == "scores":
-                    try:
-                        entry.mos = float(fields["mos"])
-                    except ValueError:
-                        raise DataError(f"{where}: mos '{fields['mos']}' is not a number") from None
-                    if not math.isfinite(entry.mos):
-                        raise DataError(f"{where}: mos '{fields['mos']}' is not a finite number")
-                else:
-                    entry.question, entry.answer = fields["question"], fields["answer"]
-                    if not entry.question or not entry.answer:
-                        raise DataError(f"{where}: empty {'question' if not entry.question else 'answer'}")
-                labels.rows.append(entry)
-    except UnicodeDecodeError as error:
-        raise DataError(f"{file}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    except csv.Error as error:
-        raise DataError(f"{file}: malformed CSV ({error})") from None
-    if not labels.rows:
+
+    def kind_of(columns: list[str]) -> str:
+        named = {"path" if c == "video" else c for c in columns}
+        if named.issuperset(QUESTION_COLUMNS):
+            return "questions"
+        if named.issuperset(SCORE_COLUMNS):
+            return "scores"
+        raise DataError(f"{file}: header '{','.join(columns)}' is neither path,mos (scores) nor path,question,answer")
+
+    kind, rows = read_csv(file, kind_of, video_columns=("path", "video"), name=str(file))
+    entries = [row if isinstance(row, Problem) else _label_row(row, kind) for row in rows]
+    problems = [entry for entry in entries if isinstance(entry, Problem)]
+    if problems:  # metrics over a silently thinned set would mislead: refuse, naming the first
+        more = f" (and {len(problems) - 1} more invalid rows)" if len(problems) > 1 else ""
+        raise DataError(f"{problems[0]}{more}")
+    if not entries:
         raise DataError(f"{file}: no rows after the header")
-    return labels
+    return LabelSet(file, kind, entries)
 
 
-def evaluate_scores(model, labels: LabelSet, max_motion_frames=2000, on_record: Callable = None, batch_size=1):
+def _label_row(row, kind: str):
+    """A checked `LabelRow` of a CSV row, or the row's `Problem`."""
+    from vqa2cli.data import Problem
+
+    if kind == "scores":
+        text = row.fields["mos"]
+        try:
+            mos = float(text)
+        except ValueError:
+            return Problem(row.where, f"mos '{text}' is not a number")
+        if not math.isfinite(mos):
+            return Problem(row.where, f"mos '{text}' is not a finite number")
+        return LabelRow(row.path, row.video, mos=mos)
+    question, answer = row.fields["question"], row.fields["answer"]
+    if not question or not answer:
+        return Problem(row.where, f"empty {'question' if not question else 'answer'}")
+    return LabelRow(row.path, row.video, question=question, answer=answer)
+
+
+def evaluate_scores(model, labels: LabelSet, max_motion_frames=2000, on_record: Callable = None, batch_size=1,
+                    workers=0, strict=False):
     """Score every video; returns (prediction records, summary). `on_record(record)` sees each as it ends."""
     from vqa2cli import metrics
     from vqa2cli.batch import score_videos
 
     records = []
     scores = score_videos(model, (str(row.video) for row in labels.rows), max_motion_frames=max_motion_frames,
-                          batch_size=batch_size)
+                          batch_size=batch_size, workers=workers, strict=strict)
     try:
         for row, scored in zip(labels.rows, scores):
             error = scored.error.replace(str(row.video), row.path) if scored.error else None
             record = {"path": row.path, "mos": row.mos, "score": scored.score, "level": scored.level,
-                      "seconds": scored.seconds, "error": error}
+                      "seconds": scored.seconds, "warnings": scored.warnings, "error": error}
             records.append(record)
             if on_record:
                 on_record(record)
@@ -132,32 +120,27 @@ def evaluate_scores(model, labels: LabelSet, max_motion_frames=2000, on_record: 
 
 
 def evaluate_questions(model, labels: LabelSet, max_motion_frames=2000, max_new_tokens=64,
-                       on_record: Callable = None):
+                       on_record: Callable = None, workers=0, strict=False):
     """Ask every question, decoding each video once; returns (prediction records, summary)."""
     from vqa2cli import metrics
-    from vqa2cli.batch import Prefetcher, error_message
-    from vqa2cli.errors import SetupError
+    from vqa2cli.batch import Prefetcher, damage_error, warnings_of
+
     by_video = {}
     for row in labels.rows:
         by_video.setdefault(row.video, []).append(row)
 
     records = []
-    with Prefetcher((str(video) for video in by_video), model.sampling(max_motion_frames).load) as prefetcher:
+    with Prefetcher((str(video) for video in by_video), model.sampling(max_motion_frames).load,
+                    workers=workers) as prefetcher:
         for (video, rows), (_, sample, error, decode_seconds) in zip(by_video.items(), prefetcher):
+            warnings = warnings_of(sample)
+            if strict and warnings and error is None:
+                error, sample = damage_error(video, warnings), None
             for row in rows:
-                start = time.perf_counter()
-                record = {"path": row.path, "question": row.question, "answer": row.answer, "predicted": None,
-                          "correct": None, "kind": metrics.answer_kind(row.answer), "seconds": 0.0,
-                          "error": error.replace(str(video), row.path) if error else None}
-                if sample is not None:
-                    try:
-                        record["predicted"] = model.ask(sample, row.question, max_new_tokens=max_new_tokens)
-                        record["correct"] = metrics.answer_matches(record["predicted"], row.answer)
-                    except SetupError:
-                        raise
-                    except Exception as failure:  # this question fails; the set goes on
-                        record["error"] = error_message(row.path, failure)
-                record["seconds"] = round(time.perf_counter() - start + (decode_seconds if row is rows[0] else 0), 3)
+                record = _answer(model, row, sample, warnings, error.replace(str(video), row.path) if error else None,
+                                 max_new_tokens)
+                if row is rows[0]:
+                    record["seconds"] = round(record["seconds"] + decode_seconds, 3)
                 records.append(record)
                 if on_record:
                     on_record(record)
@@ -175,6 +158,28 @@ def evaluate_questions(model, labels: LabelSet, max_motion_frames=2000, max_new_
     return records, summary
 
 
+def _answer(model, row, sample, warnings, error, max_new_tokens) -> dict:
+    """The prediction record of one question about a decoded video (or about one that failed: `error`)."""
+    from vqa2cli import metrics
+    from vqa2cli.batch import error_message
+    from vqa2cli.errors import SetupError
+
+    start = time.perf_counter()
+    record = {"path": row.path, "question": row.question, "answer": row.answer, "predicted": None,
+              "correct": None, "kind": metrics.answer_kind(row.answer), "seconds": 0.0, "warnings": warnings,
+              "error": error}
+    if sample is not None:
+        try:
+            record["predicted"] = model.ask(sample, row.question, max_new_tokens=max_new_tokens)
+            record["correct"] = metrics.answer_matches(record["predicted"], row.answer)
+        except SetupError:
+            raise
+        except Exception as failure:  # this question fails; the set goes on
+            record["error"] = error_message(row.path, failure)
+    record["seconds"] = round(time.perf_counter() - start, 3)
+    return record
+
+
 def _summary(model, labels, records, ok):
     return {
         "labels": str(labels.file),
@@ -187,11 +192,12 @@ def _summary(model, labels, records, ok):
 
 
 def evaluate(model, labels: LabelSet, max_motion_frames=2000, max_new_tokens=64, on_record: Callable = None,
-             batch_size=1):
-    """Run the evaluation the label file asks for: (prediction records, summary)."""
+             batch_size=1, workers=0, strict=False):
+    """Run the evaluation the label file asks for: (prediction records, summary). `workers`: decode
+    worker processes (0: a thread); `strict`: damaged videos are failed items (see `vqa2cli.batch`)."""
     if labels.kind == "scores":
-        return evaluate_scores(model, labels, max_motion_frames, on_record, batch_size)
-    return evaluate_questions(model, labels, max_motion_frames, max_new_tokens, on_record)
+        return evaluate_scores(model, labels, max_motion_frames, on_record, batch_size, workers, strict)
+    return evaluate_questions(model, labels, max_motion_frames, max_new_tokens, on_record, workers, strict)
 
 
 def prediction_columns(kind):
@@ -199,9 +205,9 @@ def prediction_columns(kind):
     from vqa2cli.output import Column
 
     if kind == "scores":
-        keys = ("path", "mos", "score", "level", "seconds", "error")
+        keys = ("path", "mos", "score", "level", "seconds", "warnings", "error")
     else:
-        keys = ("path", "question", "answer", "predicted", "correct", "kind", "seconds", "error")
+        keys = ("path", "question", "answer", "predicted", "correct", "kind", "seconds", "warnings", "error")
     return [Column(key, key) for key in keys]
 
 

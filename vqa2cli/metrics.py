@@ -105,16 +105,6 @@ def fit_logistic(pred, mos):
     return best[1], tuple(float(p) for p in best[2]), "logistic4", None
 
 
-def plcc(pred, mos) -> float:
-    """Pearson correlation of the logistic-mapped predictions with MOS."""
-    return score_metrics(pred, mos)["plcc"]
-
-
-def rmse(pred, mos) -> float:
-    """Root mean squared error of the logistic-mapped predictions, on the MOS scale."""
-    return score_metrics(pred, mos)["rmse"]
-
-
 def score_metrics(pred, mos) -> dict:
     """All score metrics at once (one fit): srcc, plcc, krcc, rmse, n, fit, fit_params, note."""
     from scipy import stats

@@ -150,6 +150,11 @@ def _token_types(count: int, kind: int) -> torch.Tensor:
     return torch.full((count,), kind, dtype=torch.long)
 
 
+def _slots(input_ids: torch.Tensor) -> list[int]:
+    """Positions of the `<image>` placeholders."""
+    return (input_ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
+
+
 def _triple(value):
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * 3
 
@@ -167,12 +172,12 @@ class MultimodalInputs:
 
 @dataclass
 class EncodedVideo:
-    """A video after the encoders and projectors: what `build_inputs` places at the placeholders. It takes one
-    in place of a video's keyframes (its motion entry is then ignored), so training whose encoders are
-    frozen can encode each video once (`vqa2cli.finetune.FeatureCache`)."""
+    """A video after the encoders and projectors (`VQA2Model.encode_video`): the blocks `build_inputs` places
+    at a prompt's placeholders. Training whose encoders are frozen encodes each video once and reuses this
+    (`vqa2cli.finetune.examples.FeatureCache`)."""
 
     keyframe_block: torch.Tensor  # [N*P*P + 1, H], image_newline included
-    motion_block: torch.Tensor | None  # [T, H]; None: the video was encoded without motion frames
+    motion_block: torch.Tensor | None  # [T, H]; None: encoded without motion frames (see `places_motion`)
 
     @property
     def nbytes(self) -> int:
@@ -224,9 +229,19 @@ class VQA2Model(nn.Module):
         feats = feats.to(torch.float16).to(self.motion_projector[0].weight.dtype)
         return self.motion_projector(feats)  # [T, H]
 
-    def encode_video(self, keyframes: torch.Tensor, motion: torch.Tensor | None, pool: bool = True) -> EncodedVideo:
+    def encode_video(self, keyframes: torch.Tensor, motion: torch.Tensor | None = None,
+                     pool: bool = True) -> EncodedVideo:
+        """Both branches: keyframes [N, 3, S, S] and motion frames [T, 3, S', S'] (uint8 or normalised float;
+        None when the prompt places no motion tokens, see `places_motion`) -> their blocks. `pool`: see
+        `encode_keyframes`."""
         return EncodedVideo(self.encode_keyframes(keyframes, pool),
                             None if motion is None else self.encode_motion(motion))
+
+    def places_motion(self, input_ids: torch.Tensor) -> bool:
+        """Whether a prompt with these ids takes motion tokens. In the `official` layout a single
+        placeholder (the streaming scorer's prompt) takes the keyframe block only, as in the release, so
+        its videos are encoded without motion; two placeholders, or the `per_second` layout, take both."""
+        return self.config.token_layout == "per_second" or len(_slots(input_ids)) == 2
 
     # ---- token layout --------------------------------------------------------------------------------
 
@@ -268,64 +283,55 @@ class VQA2Model(nn.Module):
     def build_inputs(
         self,
         input_ids: list[torch.Tensor] | torch.Tensor,
-        keyframes: list[torch.Tensor | EncodedVideo] | torch.Tensor,
-        motion: list[torch.Tensor | None] | torch.Tensor | None,
+        videos: list[EncodedVideo] | EncodedVideo,
         labels: list[torch.Tensor] | torch.Tensor | None = None,
         motion_splits: list[list[int] | None] | list[int] | None = None,
     ) -> MultimodalInputs:
-        """Token ids with `IMAGE_TOKEN_INDEX` placeholders + each video's frames -> LLM inputs.
+        """Token ids with `IMAGE_TOKEN_INDEX` placeholders + each video's encoding -> LLM inputs.
 
-        One entry per video (a keyframes entry may be an `EncodedVideo`, whose blocks are then used as they
-        are); bare tensors (and a flat `motion_splits`) mean a batch of one. Each prompt
-        has one or two placeholders, filled per the layout (`_blocks`). In `official`, a single
-        placeholder (the streaming scorer's prompt) takes only the keyframe block, as in the release,
-        and motion is then not computed. Sequences are left-padded so that position -1 is every row's
-        last prompt token (scoring, generation). `labels` (same shape as the ids) come back expanded with
-        IGNORE_INDEX on multimodal and padding positions.
+        One entry per video; bare ids with one `EncodedVideo` (and a flat `motion_splits`) mean a batch of
+        one. Each prompt has one or two placeholders, filled per the layout (`_blocks`). Sequences are
+        left-padded so that position -1 is every row's last prompt token (scoring, generation). `labels`
+        (same shape as the ids) come back expanded with IGNORE_INDEX on multimodal and padding positions.
         """
         if isinstance(input_ids, torch.Tensor):
-            input_ids, keyframes, motion = [input_ids.reshape(-1)], [keyframes], [motion]
+            input_ids, videos = [input_ids.reshape(-1)], [videos]
             labels = None if labels is None else [labels.reshape(-1)]
             motion_splits = [motion_splits]
         count = len(input_ids)
-        motion = [None] * count if motion is None else motion
         motion_splits = [None] * count if motion_splits is None else motion_splits
-        if not len(keyframes) == len(motion) == len(motion_splits) == count:
-            raise ValueError("input_ids, keyframes, motion and motion_splits need one entry per video")
-        embed = self.language_model.get_input_embeddings()
-        dtype = embed.weight.dtype
-        rows = []
-        for b, ids in enumerate(input_ids):
-            ids = ids.to(embed.weight.device)
-            slots = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
-            if len(slots) not in (1, 2):
-                raise ValueError(f"the prompt has {len(slots)} <image> placeholders; VQA² prompts have 1 or 2")
-            needs_motion = len(slots) == 2 or self.config.token_layout == "per_second"
-            if isinstance(keyframes[b], EncodedVideo):
-                kf_block, mo_block = keyframes[b].keyframe_block, keyframes[b].motion_block
-            else:
-                kf_block = self.encode_keyframes(keyframes[b])
-                mo_block = self.encode_motion(motion[b]) if needs_motion and motion[b] is not None else None
-            if needs_motion and mo_block is None:
-                raise ValueError("this prompt needs motion frames (its layout places motion tokens)")
-            blocks = self._blocks(kf_block, mo_block, len(slots), motion_splits[b])
-            row_labels = None if labels is None else labels[b].to(ids.device)
-            pieces, types, lab = [], [], []
-            start = 0
-            for slot, (block, block_types) in zip(slots + [len(ids)], blocks + [(None, None)]):
-                text = ids[start:slot]
-                pieces.append(embed(text))
-                types.append(_token_types(len(text), TEXT))
-                if row_labels is not None:
-                    lab.append(row_labels[start:slot])
-                if block is not None:
-                    pieces.append(block.to(device=ids.device, dtype=dtype))
-                    types.append(block_types)
-                    if row_labels is not None:
-                        lab.append(torch.full((len(block),), IGNORE_INDEX, dtype=torch.long, device=ids.device))
-                start = slot + 1
-            rows.append((torch.cat(pieces), torch.cat(types), torch.cat(lab) if lab else None))
+        if not len(videos) == len(motion_splits) == count:
+            raise ValueError("input_ids, videos and motion_splits need one entry per video")
+        rows = [self._row(ids, video, None if labels is None else labels[b], motion_splits[b])
+                for b, (ids, video) in enumerate(zip(input_ids, videos))]
         return self._pad(rows, labels is not None)
+
+    def _row(self, ids: torch.Tensor, video: EncodedVideo, labels: torch.Tensor | None, splits: list[int] | None):
+        """One sequence: (embeddings [L, H], token types [L], labels [L] or None)."""
+        embed = self.language_model.get_input_embeddings()
+        ids = ids.to(embed.weight.device)
+        slots = _slots(ids)
+        if len(slots) not in (1, 2):
+            raise ValueError(f"the prompt has {len(slots)} <image> placeholders; VQA² prompts have 1 or 2")
+        if self.places_motion(ids) and video.motion_block is None:
+            raise ValueError("this prompt needs motion frames (its layout places motion tokens)")
+        blocks = self._blocks(video.keyframe_block, video.motion_block, len(slots), splits)
+        labels = None if labels is None else labels.to(ids.device)
+        pieces, types, lab = [], [], []
+        start = 0
+        for slot, (block, block_types) in zip(slots + [len(ids)], blocks + [(None, None)]):
+            text = ids[start:slot]
+            pieces.append(embed(text))
+            types.append(_token_types(len(text), TEXT))
+            if labels is not None:
+                lab.append(labels[start:slot])
+            if block is not None:
+                pieces.append(block.to(device=ids.device, dtype=embed.weight.dtype))
+                types.append(block_types)
+                if labels is not None:
+                    lab.append(torch.full((len(block),), IGNORE_INDEX, dtype=torch.long, device=ids.device))
+            start = slot + 1
+        return torch.cat(pieces), torch.cat(types), torch.cat(lab) if lab else None
 
     def _pad(self, rows, with_labels: bool) -> MultimodalInputs:
         length = max(r[0].shape[0] for r in rows)
@@ -360,10 +366,11 @@ class VQA2Model(nn.Module):
 
     # ---- LLM -----------------------------------------------------------------------------------------
 
-    def forward(self, input_ids, keyframes, motion=None, labels=None, logits_to_keep: int = 0, motion_splits=None):
+    def forward(self, input_ids, videos, labels=None, logits_to_keep: int = 0, motion_splits=None):
         """Logits [B, L, vocab] (the last `logits_to_keep` positions only if > 0) and, with labels, the
-        shifted next-token loss. Returns the transformers `CausalLMOutputWithPast`."""
-        inputs = self.build_inputs(input_ids, keyframes, motion, labels, motion_splits)
+        shifted next-token loss, for encoded videos (`encode_video`; see `build_inputs` for the arguments).
+        Returns the transformers `CausalLMOutputWithPast`."""
+        inputs = self.build_inputs(input_ids, videos, labels, motion_splits)
         return self.language_model(
             inputs_embeds=inputs.inputs_embeds,
             attention_mask=inputs.attention_mask,
@@ -373,17 +380,16 @@ class VQA2Model(nn.Module):
             use_cache=False,
         )
 
-    def next_token_logits(self, input_ids, keyframes, motion=None, motion_splits=None) -> torch.Tensor:
+    def next_token_logits(self, input_ids, videos, motion_splits=None) -> torch.Tensor:
         """[B, vocab] logits at each prompt's last token (the score's row for prompts ending at the
         prefill). Only that row goes through lm_head: full logits of a long video would take GBs."""
-        return self(input_ids, keyframes, motion, logits_to_keep=1, motion_splits=motion_splits).logits[:, -1]
+        return self(input_ids, videos, logits_to_keep=1, motion_splits=motion_splits).logits[:, -1]
 
     @torch.no_grad()
     def generate(
         self,
         input_ids,
-        keyframes,
-        motion=None,
+        videos,
         *,
         max_new_tokens: int = 512,
         eos_token_id: int | list[int] | None = None,
@@ -393,7 +399,7 @@ class VQA2Model(nn.Module):
     ) -> torch.Tensor:
         """Greedy decoding; returns only the new token ids [B, <= max_new_tokens]. `streamer` is a
         transformers streamer (e.g. `TextIteratorStreamer`/`TextStreamer`) fed each new token."""
-        inputs = self.build_inputs(input_ids, keyframes, motion, motion_splits=motion_splits)
+        inputs = self.build_inputs(input_ids, videos, motion_splits=motion_splits)
         if pad_token_id is None:
             pad_token_id = eos_token_id[0] if isinstance(eos_token_id, list) else eos_token_id
         return self.language_model.generate(

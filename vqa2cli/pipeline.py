@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from vqa2cli import checkpoint, registry
+from vqa2cli import checkpoint
 from vqa2cli.config import PROMPT_KINDS, VQA2Config
-from vqa2cli.errors import CheckpointError, InputError, ModelNotFoundError, SetupError
+from vqa2cli.errors import CheckpointError, InputError, SetupError
 from vqa2cli.quantization import Precision, choose_precision
 
 
@@ -63,24 +63,9 @@ def load_model(
     """
     device = resolve_device(device)  # before resolving: a bad option must not wait for a download
     precision = choose_precision(device, quant, dtype)
-    resolved = registry.resolve(name_or_path, task)
-    path = resolved.path
-    if checkpoint.is_model_dir(path):
-        model, tokenizer = checkpoint.load_model_dir(path, device=device, precision=precision)
-    elif checkpoint.is_official(path):
-        # Official configs do not say which prompt the checkpoint was trained with, or whether on images too;
-        # the registry does.
-        overrides = {"prompt": resolved.prompt, "images": resolved.images} if resolved.entry else {}
-        config = checkpoint.official_config(path, **overrides)
-        model = checkpoint.load_official(path, device=device, precision=precision, config=config)
-        tokenizer = checkpoint.load_tokenizer(path)
-    else:
-        raise ModelNotFoundError(
-            f"{path} is not a model directory (no config.json with \"format\": \"vqa2\" "
-            "or \"model_type\": \"llava_qwen\")"
-        )
-    model.requires_grad_(False)
-    return VQA2(resolved.name, model, tokenizer, device, precision)
+    loaded = checkpoint.load_any(name_or_path, task, device=device, precision=precision)
+    loaded.model.requires_grad_(False)
+    return VQA2(loaded.name, loaded.model, loaded.tokenizer, device, precision)
 
 
 class VQA2:
@@ -150,14 +135,13 @@ class VQA2:
 
         return motion_splits(sample.keyframe_indices, sample.motion_indices)
 
-    def _keyframes(self, sample):
-        """What the model takes for the sample's keyframes: the frames, or for a still image its unpooled
-        encoding (`vqa2cli.images`; its motion is never placed: the image prompts have one placeholder)."""
+    def _encode(self, ids: torch.Tensor, sample):
+        """The sample through the encoders, its motion frames only where the prompt places them; a still
+        image's keyframe unpooled (`vqa2cli.images`: its prompt has one placeholder, so no motion either)."""
         from vqa2cli.images import ImageSample
 
-        if not isinstance(sample, ImageSample):
-            return sample.keyframes
-        return self.model.encode_video(sample.keyframes, None, pool=False)
+        motion = sample.motion if self.model.places_motion(ids) else None
+        return self.model.encode_video(sample.keyframes, motion, pool=not isinstance(sample, ImageSample))
 
     def _ids(self, text: str) -> torch.Tensor:
         from vqa2cli.prompts import tokenize_prompt
@@ -195,15 +179,12 @@ class VQA2:
         samples = [self._sample(v, max_motion_frames, max_keyframes) for v in videos]
         if not samples:
             return []
+        ids = [self._ids(self._score_text(prompt, s)) for s in samples]
         with torch.inference_mode():
-            out = self.model(
-                [self._ids(self._score_text(prompt, s)) for s in samples],
-                [self._keyframes(s) for s in samples],
-                [s.motion for s in samples],
-                logits_to_keep=1,
-                motion_splits=[self._splits(s) for s in samples],
-            )
-            level_logits = out.logits[:, -1, :].index_select(-1, self.level_ids).float().cpu()
+            videos = [self._encode(i, s) for i, s in zip(ids, samples)]
+            logits = self.model.next_token_logits(ids, videos,
+                                                  motion_splits=[self._splits(s) for s in samples])
+            level_logits = logits.index_select(-1, self.level_ids).float().cpu()
         results = []
         for row in level_logits:
             score, level, probs = score_from_logits(row, self.config.level_words)
@@ -225,11 +206,11 @@ class VQA2:
             text = question_prompt(question, num_keyframes=sample.keyframes.shape[0],
                                    num_frames=sample.motion.shape[0])
         streamer = _callback_streamer(self.tokenizer, on_text) if on_text is not None else None
+        ids = self._ids(text)
         with torch.inference_mode():
             new_ids = self.model.generate(
-                self._ids(text),
-                self._keyframes(sample),
-                sample.motion,
+                ids,
+                self._encode(ids, sample),
                 max_new_tokens=max_new_tokens,
                 eos_token_id=self._stop_ids(),
                 streamer=streamer,

@@ -19,7 +19,7 @@ IGNORE_INDEX = -100  # label of positions that carry no loss
 SCORE_PREFILL = "The quality of the video is"
 SCORE_QUESTION = "How would you rate the quality of this video?"
 # First-release scorer prompts (UGC scorer, streaming scorer). The streaming prompt has ONE placeholder:
-# in the release it therefore receives only the keyframe block (see VQA2Model.build_inputs).
+# in the release it therefore receives only the keyframe block (see VQA2Model.places_motion).
 UGC_USER = (
     f"The key frames of this video are:\n{IMAGE_TOKEN}. And the motion feature of the video is\n"
     f"{IMAGE_TOKEN}. {SCORE_QUESTION}"
@@ -36,23 +36,20 @@ def chatml(turns: list[tuple[str, str | None]], system: str = SYSTEM_PROMPT) -> 
     return text
 
 
-def scoring_prompt(kind: str = "ugc", context: str = "", close_turn: bool = False) -> str:
+def scoring_prompt(kind: str = "ugc", context: str = "") -> str:
     """The scorer prompt of a checkpoint kind: "ugc", "streaming" or "enhanced".
 
     `context` is prepended to the user turn (streaming data puts stalling information there).
-    The level distribution is read at the last token of the assistant prefill ("... is"). The release
-    renders the prefill as a closed turn (`is<|im_end|>\\n`) and reads position -3; since attention is
-    causal, ending the sequence at "is" and reading position -1 gives the same logits with two tokens
-    less, so that is the default (`close_turn=False`). For "enhanced" the assistant turn is empty and
-    the row read is the last one either way.
+    The level distribution is read at the last position. The release renders the assistant prefill as a
+    closed turn ("... is<|im_end|>\\n") and reads position -3; attention being causal, ending the sequence
+    at "is" gives the same logits at -1 with two tokens less. For "enhanced" the assistant turn is empty.
     """
     if kind == "enhanced":
         return chatml([("user", context + ENHANCED_USER), ("assistant", None)])
     users = {"ugc": UGC_USER, "streaming": STREAMING_USER}
     if kind not in users:
         raise ValueError(f"unknown prompt kind {kind!r}; expected ugc, streaming or enhanced")
-    text = chatml([("user", context + users[kind]), ("assistant", SCORE_PREFILL)])
-    return text if close_turn else text[: -len(f"{IM_END}\n")]
+    return chatml([("user", context + users[kind]), ("assistant", SCORE_PREFILL)])[: -len(f"{IM_END}\n")]
 
 
 # The release's image scripts (enhanced checkpoint; model_score_image.py, model_vqa_image.py): ONE placeholder,
@@ -70,11 +67,6 @@ def image_scoring_prompt() -> str:
 def image_question_prompt(question: str) -> str:
     """The Assistant prompt for a question about a still image, ready for generation."""
     return chatml([("user", f"{IMAGE_PREAMBLE}\n{IMAGE_TOKEN}\n{question.strip()}"), ("assistant", None)])
-
-
-def score_logit_index(kind: str = "ugc", close_turn: bool = False) -> int:
-    """Position of the logit row holding the level distribution for `scoring_prompt(kind, close_turn)`."""
-    return -3 if close_turn and kind != "enhanced" else -1
 
 
 # Our wording of the Assistant's preamble: the reference gives its content (N keyframes sampled one per

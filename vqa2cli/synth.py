@@ -22,6 +22,8 @@ import math
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vqa2cli.errors import InputError, SetupError
+from vqa2cli.errors import STOP_SIGNALS, InputError, SetupError
 
 CLEAN_MOS = 90.0
 MAX_IMPAIRMENT = 0.8
@@ -880,9 +882,18 @@ def _render_outcome(out, plan, settings, clips_dir):
     return None
 
 
-def _ignore_sigint():
-    # Ctrl-C reaches the whole process group: workers finish their clip and the parent decides what to keep.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _init_worker():
+    # Ctrl-C (and `timeout`'s SIGTERM) reach the whole process group: workers finish their clip and the
+    # parent decides what to keep. A worker left behind by a parent killed at once exits by itself.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_when_orphaned(parent: int):
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
 
 
 def usable_cpus() -> int:
@@ -894,7 +905,7 @@ def usable_cpus() -> int:
 
 def _worker_pool(jobs):
     # spawn, not fork: forking while the progress bar's thread holds a lock can deadlock the child.
-    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint)
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
 
 
 def _render(out, plan, settings, clips_dir):

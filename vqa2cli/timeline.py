@@ -16,9 +16,11 @@ One pass: `WindowSampler` rides on the whole clip's decoding (`load_video(..., t
 window to the model as soon as its last frame is in, so memory holds the whole clip's sample (bounded by its
 caps, as without --timeline) plus ONE window's frames, whatever the video's length. Frames the whole clip
 also keeps are copied from it rather than resized again where both sampling rules give the same pixels.
-The cost: decoding and the model alternate for the file (no prefetching of the next video), and frames
-the whole clip's sampling skips (a long clip's motion stream is subsampled, a window's is not) are resized
-once more; `tests/bench/bench_timeline.py` measures it.
+The cost: decoding and the model alternate for the file (no prefetching of the next video, and no decode
+worker processes: the windows go to the model as they come off the decoder, so it decodes where the model
+runs; a worker would have to hold every window until its file is done, or `vqa2cli.prefetch` would need a
+stream of results per file), and frames the whole clip's sampling skips (a long clip's motion stream is
+subsampled, a window's is not) are resized once more; `tests/bench/bench_timeline.py` measures it.
 """
 
 from __future__ import annotations
@@ -48,50 +50,24 @@ class Window:
 class _WindowBuffers:
     """The keyframes and motion frames of one window, chosen by the whole-clip rules (`vqa2cli.video`)."""
 
-    def __init__(self, number: int, first: int, expected: int, step: int, sampling):
-        import torch
-
-        from vqa2cli.video import _keyframe_rule, _MotionBuffer
+    def __init__(self, path: str, number: int, first: int, expected: int, step: int, sampling):
+        from vqa2cli.video import _Buffers
 
         self.number, self.first = number, first
-        self.sampling = sampling
-        self.is_keyframe = _keyframe_rule(expected, step, sampling.max_keyframes)
-        count = min(math.ceil(expected / step), sampling.max_keyframes)
-        size = sampling.keyframe_size
-        self.keyframes = torch.empty((count, 3, size, size))
-        self.keyframe_indices: list[int] = []
-        cap = sampling.max_motion_frames
-        self.motion = _MotionBuffer(expected, cap - cap % 4, sampling.motion_size)
+        self.buffers = _Buffers(path, expected, step, sampling.keyframe_size, sampling.motion_size,
+                                sampling.max_motion_frames, sampling.max_keyframes)
         self.frames = 0
         self.width = self.height = 0
 
-    def keyframe_slot(self, local: int, finish) -> Optional[np.ndarray]:
-        if not self.is_keyframe(local) or len(self.keyframe_indices) >= self.sampling.max_keyframes:
-            return None
-        n = len(self.keyframe_indices)
-        if n == self.keyframes.shape[0]:  # more frames than counted
-            finish(0)  # queued jobs write into the old buffer
-            grown = self.keyframes.new_empty((2 * n, *self.keyframes.shape[1:]))
-            grown[:n] = self.keyframes
-            self.keyframes = grown
-        self.keyframe_indices.append(local)
-        return self.keyframes[n].numpy()
-
-    def motion_slot(self, local: int, finish) -> Optional[np.ndarray]:
-        if not self.motion.wants(local):
-            return None
-        if self.motion.full:
-            finish(0)  # growing or halving moves frames that queued jobs may still write
-        return self.motion.slot(local)
-
     def window(self, path: str, fps: float) -> Window:
-        from vqa2cli.video import VideoSample, _trimmed
+        from vqa2cli.video import VideoSample
 
-        motion, motion_indices = self.motion.result()
+        keyframes, keyframe_indices = self.buffers.keyframes.result()
+        motion, motion_indices = self.buffers.motion.result()
         sample = VideoSample(
-            path=path, keyframes=_trimmed(self.keyframes, len(self.keyframe_indices)), motion=motion,
-            keyframe_indices=self.keyframe_indices, motion_indices=motion_indices, fps=fps,
-            duration=self.frames / fps, num_frames=self.frames, width=self.width, height=self.height,
+            path=path, keyframes=keyframes, motion=motion, keyframe_indices=keyframe_indices,
+            motion_indices=motion_indices, fps=fps, duration=self.frames / fps, num_frames=self.frames,
+            width=self.width, height=self.height,
         )
         return Window(self.number, self.first / fps, (self.first + self.frames) / fps, sample)
 
@@ -111,8 +87,10 @@ class WindowSampler:
         self.current: Optional[_WindowBuffers] = None
 
     def start(self, expected: int, fps: float) -> None:
+        from vqa2cli.video import _keyframe_step
+
         self.expected, self.fps = expected, fps
-        self.step = max(1, round(fps))
+        self.step = _keyframe_step(fps)
         self.window_frames = max(1, round(self.seconds * fps))
 
     def frame(self, index, frame, quarter_turns, whole_keyframe, whole_motion, submit, finish) -> None:
@@ -126,14 +104,13 @@ class WindowSampler:
             first = number * self.window_frames
             left = self.expected - first  # frames counted before decoding; more may come (damaged files)
             expected = min(left, self.window_frames) if left > 0 else self.window_frames
-            self.current = _WindowBuffers(number, first, expected, self.step, self.sampling)
+            self.current = _WindowBuffers(self.path, number, first, expected, self.step, self.sampling)
             self.current.width, self.current.height = ((frame.height, frame.width) if quarter_turns % 2
                                                        else (frame.width, frame.height))
         window = self.current
         local = index - window.first
         window.frames += 1
-        self._fill(frame, quarter_turns, window.keyframe_slot(local, finish), window.motion_slot(local, finish),
-                   whole_keyframe, whole_motion, submit)
+        self._fill(frame, quarter_turns, *window.buffers.slots(local, finish), whole_keyframe, whole_motion, submit)
 
     def _fill(self, frame, turns, keyframe, motion, whole_keyframe, whole_motion, submit) -> None:
         """Queue what fills the window's slots: a copy of the whole clip's slot where that holds the same
@@ -165,11 +142,19 @@ def score_timeline(model, path, seconds: float = DEFAULT_SECONDS, prompt: Option
                    max_motion_frames: Optional[int] = None, max_keyframes: Optional[int] = None,
                    batch_size: int = 1):
     """Decode `path` once; score it whole and window by window. Returns (sample, whole-clip ScoreResult,
-    segments), segments None for a still image (it has no timeline). Windows are scored `batch_size` at a
-    time, as they come off the decoder."""
+    segments), segments None for a still image (it has no timeline)."""
+    from vqa2cli.batch import Loader
+
+    load = Loader(model.sampling(max_motion_frames, max_keyframes))
+    sample, segments = score_windows(model, load, path, seconds, prompt, batch_size)
+    return sample, model.score(sample, prompt=prompt), segments
+
+
+def score_windows(model, load, path, seconds: float, prompt: Optional[str] = None, batch_size: int = 1):
+    """Decode `path` once with `load` (a `batch.Loader`), scoring its windows `batch_size` at a time as they
+    come off the decoder. Returns (the whole clip's sample, segments); segments None for a still image."""
     from vqa2cli.images import ImageSample
 
-    sampling = model.sampling(max_motion_frames, max_keyframes)
     segments, waiting = [], []
 
     def score_waiting():
@@ -182,14 +167,14 @@ def score_timeline(model, path, seconds: float = DEFAULT_SECONDS, prompt: Option
         if len(waiting) >= batch_size:
             score_waiting()
 
-    sampler = WindowSampler(str(path), sampling, seconds, on_window)
-    sample = sampling.load(path, tap=sampler)
+    sampler = WindowSampler(os.fspath(path), load.sampling, seconds, on_window)
+    sample = load(path, tap=sampler)
     if isinstance(sample, ImageSample):
-        return sample, model.score(sample, prompt=prompt), None
+        return sample, None
     sampler.close()
     if waiting:
         score_waiting()
-    return sample, model.score(sample, prompt=prompt), segments
+    return sample, segments
 
 
 def segment(window: Window, result) -> dict:
@@ -199,28 +184,27 @@ def segment(window: Window, result) -> dict:
 
 def timeline_records(model, paths: Iterable[str], seconds: float, prompt: Optional[str] = None,
                      max_motion_frames: int = 2000, max_keyframes: int = 40, batch_size: int = 1,
-                     after: Optional[Callable] = None) -> Iterator:
+                     strict: bool = False, after: Optional[Callable] = None) -> Iterator:
     """`batch.score_videos(..., timeline=seconds)`: one ScoreRecord per path, in order, with `segments`. Each
-    file is decoded and scored here, window by window (see the module docstring); errors are records."""
-    from vqa2cli.batch import _fill, _new_record, error_message, run_after
+    file is decoded here, its windows scored as they come (see the module docstring), then the whole clip
+    goes through `batch.score_decoded` like any decoded video; errors are records."""
+    from vqa2cli.batch import Loader, error_message, score_decoded
     from vqa2cli.errors import SetupError
 
-    for path in map(os.fspath, paths):
+    load = Loader(model.sampling(max_motion_frames, max_keyframes))
+    for path in paths:
         start = time.perf_counter()
+        sample = segments = error = None
         try:
-            sample, result, segments = score_timeline(model, path, seconds, prompt, max_motion_frames,
-                                                      max_keyframes, batch_size)
+            sample, segments = score_windows(model, load, path, seconds, prompt, batch_size)
         except SetupError:
             raise
         except Exception as failure:  # this file fails, the batch goes on
-            record = _new_record(model, path, None, error_message(path, failure))
-        else:
-            record = _new_record(model, path, sample, None)
-            _fill(record, result)
+            error = error_message(path, failure)
+        [record] = score_decoded(model, [(path, sample, error, time.perf_counter() - start)], prompt, strict, after)
+        if record.score is not None:  # not refused (--strict) or failed
             record.segments = segments
-            run_after(after, record, sample)
-            del sample  # the frames go before the next file is decoded
-        record.seconds = round(time.perf_counter() - start, 3)
+        del sample  # the frames go before the next file is decoded
         yield record
 
 

@@ -21,17 +21,10 @@
   motion frames are shared when both sizes agree. Both resizes run on one background thread, in
   decode order, while the main thread keeps the decoder fed (swscale and PIL release the GIL).
 
-Resize fidelity and cost, measured on 1080p yuv420p H.264 at 384 px against the release's path
-(full-size RGB, then PIL bicubic), per channel on the 0-255 scale, CPU per frame on this project's
-machine: keyframes are identical (they take that path: ~0.7 ms RGB conversion + ~15 ms PIL). Motion
-frames (swscale bicubic, planar gbrp output): mean 1.3 / p99 4 / max 8 on a panned natural photo,
-mean 1.2 / p99 13 / max 57 on a saturated noisy test pattern, ~2-2.5 ms. The remaining difference
-is chroma siting (swscale resamples the half-size chroma planes, the release replicates them to full
-size first). Rejected: packed rgb24 output (mean 2.3 / max 29 on the photo, and slower: its output
-stage subsamples chroma), RGB at full size then swscale (mean 0.3, ~9 ms), PIL for every frame
-(exact, ~16 ms; several times the decoder's own cost), bicubic to yuv444p then an unscaled
-conversion (no faster: ~1.4 + 0.3 ms), BICUBLIN (~0.4 ms faster, chroma bilinear: +0.03 to +0.12
-mean on YUV sources, 3.6 on RGB ones), BILINEAR and AREA (mean 2.6-2.7 on a photo-like clip).
+Keyframes are bitwise what the release's path gives; motion frames differ from it by about one grey
+level on average (chroma siting: swscale resamples the half-size chroma planes, the release replicates
+them to full size first) at a seventh of its cost. docs/sampling.md has the measurements and the
+alternatives they ruled out.
 
 Timing comes from presentation timestamps. Before decoding, one cheap pass over the packets (no
 decoding) counts the frames and reads their timestamps; indexed formats (mp4/mov, mkv/webm) then
@@ -72,19 +65,31 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import math
 import os
 import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
-import torch
 from av.video.reformatter import Interpolation, VideoReformatter
 from PIL import Image
 
 from vqa2cli.errors import InputError
+
+# torch (1.5 s to import) is imported where the output buffers are made: the extension list and
+# check_video serve processes that never decode into tensors (synth's workers, path listing, validation).
+if TYPE_CHECKING:
+    import torch
+
+# What counts as a video when walking a folder (case-insensitive). A file named explicitly is always tried.
+VIDEO_EXTENSIONS = frozenset(
+    ".3g2 .3gp .asf .avi .divx .f4v .flv .m2ts .m2v .m4v .mkv .mov .mp4 .mpeg .mpg .mts .mxf .ogv .qt"
+    " .ts .vob .webm .wmv .y4m".split()
+)
 
 MEAN = 0.5
 STD = 0.5
@@ -162,7 +167,7 @@ class Sampling:
 
 def normalize(frames: torch.Tensor) -> torch.Tensor:
     """uint8 RGB frames -> float32 scaled to [0, 1] and normalised with mean = std = 0.5."""
-    return frames.to(torch.float32).div(255.0).sub_(MEAN).div_(STD)
+    return frames.float().div(255.0).sub_(MEAN).div_(STD)
 
 
 def _normalize_into(out: np.ndarray, rgb: np.ndarray) -> None:
@@ -392,6 +397,8 @@ class _MotionBuffer:
     """
 
     def __init__(self, expected: int, limit: int, size: int):
+        import torch
+
         self.limit = limit
         self.num, self.den = (expected, limit) if expected > limit else (1, 1)
         self.frames = torch.empty((max(min(expected, limit), 4), 3, size, size), dtype=torch.uint8)
@@ -415,7 +422,7 @@ class _MotionBuffer:
                     return None
                 n = len(self.indices)
             else:
-                grown = torch.empty((min(2 * n, self.limit), *self.frames.shape[1:]), dtype=torch.uint8)
+                grown = self.frames.new_empty((min(2 * n, self.limit), *self.frames.shape[1:]))
                 grown[:n] = self.frames[:n]
                 self.frames = grown
         self.indices.append(index)
@@ -454,181 +461,286 @@ def _keyframe_rule(expected: int, step: int, max_keyframes: int):
     return chosen.__contains__
 
 
-def _decode(path: str, container, probe: _Probe, keyframe_size: int, motion_size: int,
-            max_motion_frames: int, max_keyframes: int, tap=None) -> VideoSample:
-    step = max(1, round(probe.fps))
-    expected = max(probe.packets, 1)
-    if tap is not None:
-        tap.start(expected, probe.fps)
-    is_keyframe = _keyframe_rule(expected, step, max_keyframes)
-    try:
-        motion = _MotionBuffer(expected, max_motion_frames - max_motion_frames % 4, motion_size)
-        keyframes = torch.empty((min(math.ceil(expected / step), max_keyframes), 3, keyframe_size,
-                                 keyframe_size))
-    except RuntimeError:  # torch's allocator: the output itself does not fit in memory
-        gb = (min(expected, max_motion_frames) * 3 * motion_size**2
-              + min(math.ceil(expected / step), max_keyframes) * 12 * keyframe_size**2) / 1e9
-        raise VideoError(path, f"too long to hold in memory: its {expected} frames need {gb:.1f} GB "
-                               f"of keyframes and motion frames") from None
-    keyframe_indices: list[int] = []
-    warnings: list[str] = []
-    reformatter = VideoReformatter()  # used by the resize thread only
-    # Resizing runs on its own thread (swscale and PIL release the GIL), so the main thread keeps
-    # feeding the decoder meanwhile; the jobs go in decode order to one thread, never two at once.
-    resizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqa2-resize")
-    pending: collections.deque = collections.deque()
+class _KeyframeBuffer:
+    """Stores the keyframes (float32, normalised); grows if the decoder yields more than were counted."""
 
-    def finish(limit: int) -> None:
-        """Wait until at most `limit` resize jobs are pending, raising the first one's error."""
-        while len(pending) > limit:
-            pending.popleft().result()
+    def __init__(self, count: int, size: int):
+        import torch
 
-    def resize(frame, job, *args) -> None:
+        self.size = size
+        self.frames = torch.empty((count, 3, size, size), dtype=torch.float32)
+        self.indices: list[int] = []
+
+    @property
+    def full(self) -> bool:
+        """Whether the next `slot` call moves stored frames (growing the storage)."""
+        return len(self.indices) == self.frames.shape[0]
+
+    def slot(self, index: int) -> np.ndarray:
+        """Where keyframe `index` goes ([3, S, S] float32, to be filled)."""
+        n = len(self.indices)
+        if n == self.frames.shape[0]:
+            grown = self.frames.new_empty((2 * n, *self.frames.shape[1:]))
+            grown[:n] = self.frames
+            self.frames = grown
+        self.indices.append(index)
+        return self.frames[n].numpy()
+
+    def result(self) -> tuple[torch.Tensor, list[int]]:
+        return _trimmed(self.frames, len(self.indices)), self.indices
+
+
+class _Buffers:
+    """A sample's keyframe and motion buffers, and which decoded frames go into them: `expected` frames
+    (counted before decoding) sampled with a keyframe every `step`; a `VideoError` if they cannot be had."""
+
+    def __init__(self, path: str, expected: int, step: int, keyframe_size: int, motion_size: int,
+                 max_motion_frames: int, max_keyframes: int):
+        count = min(math.ceil(expected / step), max_keyframes)
+        try:
+            self.keyframes = _KeyframeBuffer(count, keyframe_size)
+            self.motion = _MotionBuffer(expected, max_motion_frames - max_motion_frames % 4, motion_size)
+        except RuntimeError:  # torch's allocator: the output itself does not fit in memory
+            gb = (min(expected, max_motion_frames) * 3 * motion_size**2 + count * 12 * keyframe_size**2) / 1e9
+            raise VideoError(path, f"too long to hold in memory: its {expected} frames need {gb:.1f} GB "
+                                   f"of keyframes and motion frames") from None
+        self.is_keyframe = _keyframe_rule(expected, step, max_keyframes)
+        self.max_keyframes = max_keyframes
+        self.shared = keyframe_size == motion_size  # a keyframe's pixels serve as its motion frame
+
+    def slots(self, index: int, finish) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Where decoded frame `index` goes: (keyframe slot, motion slot), None where it is not wanted.
+        `finish(0)` is called before stored frames move, as pending resize jobs may still write them."""
+        keyframe = motion = None
+        # The count check holds the cap when the decoder yields more frames than were counted.
+        if self.is_keyframe(index) and len(self.keyframes.indices) < self.max_keyframes:
+            if self.keyframes.full:
+                finish(0)
+            keyframe = self.keyframes.slot(index)
+        if self.motion.wants(index):
+            if self.motion.full:
+                finish(0)
+            motion = self.motion.slot(index)
+        return keyframe, motion
+
+
+def _keyframe_step(fps: float) -> int:
+    return max(1, round(fps))
+
+
+@dataclass
+class _Counts:
+    """What one decoding pass saw, for the sample's timing and its damage report."""
+
+    frames: int = 0  # decoded
+    rejected: int = 0  # packets the decoder refused
+    corrupt: int = 0  # frames the decoder flagged as decoded with errors
+    times: list[float] = field(default_factory=list)  # presentation times, decode order
+    last_duration: float = 0.0  # of the last decoded frame with a timestamp (0: unknown)
+    read_error: str | None = None  # why demuxing stopped early
+    quarter_turns: int = 0  # display rotation, counter-clockwise
+    width: int = 0  # displayed size
+    height: int = 0
+
+
+class _Decoder:
+    """One decoding pass that fills the keyframe and motion buffers.
+
+    Resizing runs on its own thread (swscale and PIL release the GIL), so the main thread keeps feeding
+    the decoder meanwhile; the jobs go in decode order to one thread, never two at once, and at most
+    `_IN_FLIGHT` are pending. A job writes into a buffer slot, so a buffer's frames move (growing, or
+    halving the motion stream) only once every pending job is done.
+    """
+
+    def __init__(self, path: str, buffers: _Buffers, tap=None):
+        self.path = path
+        self.buffers = buffers
+        self.tap = tap  # see the module docstring
+        self.counts = _Counts()
+        self.reformatter = VideoReformatter()  # used by the resize thread only
+        self.resizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqa2-resize")
+        self.pending: collections.deque = collections.deque()
+
+    def run(self, container) -> _Counts:
+        try:
+            stream = _video_stream(self.path, container)
+            stream.thread_type = "AUTO"
+            codec = stream.codec_context
+            read_errors: list[str] = []
+            for packet in _packets(container, stream, read_errors):
+                try:
+                    frames = codec.decode(packet)
+                except (av.error.DecoderNotFoundError, av.error.PatchWelcomeError) as e:
+                    raise VideoError(self.path, f"unsupported video codec or feature: {_ffmpeg_reason(e)}") from None
+                except av.FFmpegError:
+                    self.counts.rejected += 1
+                    continue
+                for frame in frames:
+                    self._take(frame)
+            if read_errors:  # demuxing stopped before the flush packet: drain the decoder here
+                self.counts.read_error = read_errors[0]
+                try:
+                    for frame in codec.decode(None):
+                        self._take(frame)
+                except av.FFmpegError:
+                    pass
+            self._finish(0)
+        finally:
+            self.resizer.shutdown(wait=True, cancel_futures=True)
+        return self.counts
+
+    def _take(self, frame) -> None:
+        counts = self.counts
+        if counts.frames == 0:
+            counts.quarter_turns = round((frame.rotation or 0) / 90) % 4
+            counts.width, counts.height = frame.width, frame.height
+            if counts.quarter_turns % 2:
+                counts.width, counts.height = counts.height, counts.width
+        if frame.is_corrupt:
+            counts.corrupt += 1
+        if frame.pts is not None and frame.time_base:
+            counts.times.append(float(frame.pts * frame.time_base))
+            counts.last_duration = float(frame.duration * frame.time_base) if frame.duration else 0.0
+        self._queue(frame, counts.frames)
+        counts.frames += 1
+
+    def _queue(self, frame, index: int) -> None:
+        """Hand `frame` to the resize thread for each buffer that wants it."""
+        keyframe, motion = self.buffers.slots(index, self._finish)
+        turns = self.counts.quarter_turns
+        slot = motion
+        if keyframe is not None:
+            shared = slot if self.buffers.shared else None
+            self._submit(frame, _keyframe_into, keyframe, shared, frame, self.buffers.keyframes.size, turns)
+            if shared is not None:
+                slot = None
+        if slot is not None:
+            self._submit(frame, _fast_resize_into, slot, self.reformatter, frame, turns)
+        if self.tap is not None:
+            self.tap.frame(index, frame, turns, keyframe, motion, functools.partial(self._submit, frame), self._finish)
+        self._finish(_IN_FLIGHT)
+
+    def _submit(self, frame, job, *args) -> None:
+        self.pending.append(self.resizer.submit(self._resize, frame, job, *args))
+
+    def _resize(self, frame, job, *args) -> None:
         try:
             job(*args)
         except av.FFmpegError as e:
-            raise VideoError(path, f"cannot convert {frame.format.name} pixels to RGB "
-                                   f"({_ffmpeg_reason(e)})") from None
+            raise VideoError(self.path, f"cannot convert {frame.format.name} pixels to RGB "
+                                        f"({_ffmpeg_reason(e)})") from None
 
-    try:
-        stream = _video_stream(path, container)
-        stream.thread_type = "AUTO"
-        codec = stream.codec_context
-        index = 0
-        quarter_turns = 0
-        width = height = 0
-        times: list[float] = []  # presentation times of the decoded frames
-        last_duration = 0.0
-        rejected = corrupt = 0
+    def _finish(self, limit: int) -> None:
+        """Wait until at most `limit` resize jobs are pending, raising the first one's error."""
+        while len(self.pending) > limit:
+            self.pending.popleft().result()
 
-        def take(frame) -> None:
-            nonlocal index, quarter_turns, width, height, last_duration, corrupt
-            if index == 0:
-                quarter_turns = round((frame.rotation or 0) / 90) % 4
-                width, height = frame.width, frame.height
-                if quarter_turns % 2:
-                    width, height = height, width
-            if frame.is_corrupt:
-                corrupt += 1
-            if frame.pts is not None and frame.time_base:
-                times.append(float(frame.pts * frame.time_base))
-                last_duration = float(frame.duration * frame.time_base) if frame.duration else 0.0
-            convert(frame)
-            index += 1
 
-        def convert(frame) -> None:
-            nonlocal keyframes
-            keyframe = None
-            # The count check holds the cap when the decoder yields more frames than were counted.
-            if is_keyframe(index) and len(keyframe_indices) < max_keyframes:
-                n = len(keyframe_indices)
-                if n == keyframes.shape[0]:
-                    finish(0)  # pending jobs write into the old buffer
-                    grown = torch.empty((2 * n, *keyframes.shape[1:]))
-                    grown[:n] = keyframes
-                    keyframes = grown
-                keyframe = keyframes[n].numpy()
-                keyframe_indices.append(index)
-            slot = None
-            if motion.wants(index):
-                if motion.full:
-                    finish(0)  # growing or halving moves frames that pending jobs may still write
-                slot = motion.slot(index)
-            filled = (keyframe, slot)
-            if keyframe is not None:
-                shared = slot if keyframe_size == motion_size else None
-                pending.append(resizer.submit(resize, frame, _keyframe_into, keyframe, shared, frame,
-                                              keyframe_size, quarter_turns))
-                if shared is not None:
-                    slot = None
-            if slot is not None:
-                pending.append(resizer.submit(resize, frame, _fast_resize_into, slot, reformatter, frame,
-                                              quarter_turns))
-            if tap is not None:
-                tap.frame(index, frame, quarter_turns, *filled,
-                          lambda job, *args: pending.append(resizer.submit(resize, frame, job, *args)), finish)
-            finish(_IN_FLIGHT)
-
-        read_errors: list[str] = []
-        for packet in _packets(container, stream, read_errors):
-            try:
-                frames = codec.decode(packet)
-            except (av.error.DecoderNotFoundError, av.error.PatchWelcomeError) as e:
-                raise VideoError(path, f"unsupported video codec or feature: {_ffmpeg_reason(e)}") from None
-            except av.FFmpegError:
-                rejected += 1
-                continue
-            for frame in frames:
-                take(frame)
-        if read_errors:  # demuxing stopped before the flush packet: drain the decoder here
-            try:
-                for frame in codec.decode(None):
-                    take(frame)
-            except av.FFmpegError:
-                pass
-        finish(0)
-        fmt = container.format.name
-    finally:
-        resizer.shutdown(wait=True, cancel_futures=True)
-
-    picture = fmt in _PICTURE_FORMATS or fmt.endswith("_pipe")
-    if picture and index <= 1:
-        # Deliberate: one picture is not a video (animated gif/apng are).
-        kind = "a still image" if index else "an image FFmpeg cannot decode"
-        raise StillImageError(path, f"{kind} ({fmt.removesuffix('_pipe')})")
-    read_error = read_errors[0] if read_errors else probe.read_error
-    if index == 0:
-        if probe.packets == 0:
-            detail = "the video stream holds no data"
-        else:
-            detail = f"{_count(probe.packets, 'packet')}, none decodable (corrupt or truncated)"
-        raise VideoError(path, f"no decodable video frames ({detail})")
-
-    times.sort()  # damaged streams can yield frames out of order
-    intervals = np.diff(times) if len(times) >= 2 else np.zeros(0)
-    if len(intervals) and times[-1] > times[0]:
-        span = times[-1] - times[0]
-        duration = span + (last_duration or span / (len(times) - 1))
-    else:
-        duration = last_duration or index / probe.fps
-    if read_error:
-        warnings.append(f"stopped reading at damaged or truncated data after {_count(index, 'frame')} "
-                        f"({read_error})")
-    if index < 0.9 * probe.declared:
-        warnings.append(f"decoded {index} of the {probe.declared} frames the container declares "
-                        f"(file truncated or damaged)")
-    elif not probe.declared and duration < 0.9 * probe.declared_seconds:
-        warnings.append(f"decoded {duration:.2f} s of the {probe.declared_seconds:.2f} s the container "
-                        f"declares (file truncated or damaged)")
-    elif index < probe.packets and not rejected:
-        warnings.append(f"decoded {index} frames from {_count(probe.packets, 'packet')}")
-    if len(intervals):
-        # A hole the demuxer skipped silently (matroska resyncs past damage) shows as a long jump.
-        gaps = np.flatnonzero(intervals > max(0.5, 10 * float(np.median(intervals))))
-        if len(gaps):
-            widest = gaps[np.argmax(intervals[gaps])]
-            warnings.append(f"{_count(len(gaps), 'gap')} in the timestamps, widest between "
-                            f"{times[widest] - times[0]:.2f} s and {times[widest + 1] - times[0]:.2f} s "
-                            f"(missing or damaged data, or a long pause in variable-rate video)")
-    if rejected:
-        warnings.append(f"skipped {_count(rejected, 'corrupt packet')}")
-    if corrupt:
-        warnings.append(f"{_count(corrupt, 'frame')} decoded with errors")
-
-    motion_frames, motion_indices = motion.result()
+def _decode(path: str, container, probe: _Probe, keyframe_size: int, motion_size: int,
+            max_motion_frames: int, max_keyframes: int, tap=None) -> VideoSample:
+    expected = max(probe.packets, 1)
+    buffers = _Buffers(path, expected, _keyframe_step(probe.fps), keyframe_size, motion_size, max_motion_frames,
+                       max_keyframes)
+    if tap is not None:
+        tap.start(expected, probe.fps)
+    counts = _Decoder(path, buffers, tap).run(container)
+    refusal = _refusal(path, container.format.name, counts.frames, probe.packets)
+    if refusal:
+        raise refusal
+    times = sorted(counts.times)  # damaged streams can yield frames out of order
+    duration = stream_duration(times, counts.last_duration, counts.frames, probe.fps)
+    warnings = damage_warnings(
+        frames=counts.frames, packets=probe.packets, declared_frames=probe.declared,
+        declared_seconds=probe.declared_seconds, duration=duration, times=times,
+        read_error=counts.read_error or probe.read_error, rejected=counts.rejected, corrupt=counts.corrupt,
+    )
+    keyframe_frames, keyframe_indices = buffers.keyframes.result()
+    motion_frames, motion_indices = buffers.motion.result()
     return VideoSample(
         path=path,
-        keyframes=_trimmed(keyframes, len(keyframe_indices)),
+        keyframes=keyframe_frames,
         motion=motion_frames,
         keyframe_indices=keyframe_indices,
         motion_indices=motion_indices,
         fps=probe.fps,
         duration=duration,
-        num_frames=index,
-        width=width,
-        height=height,
+        num_frames=counts.frames,
+        width=counts.width,
+        height=counts.height,
         warnings=warnings,
     )
+
+
+def _refusal(path: str, fmt: str, frames: int, packets: int) -> VideoError | None:
+    """Why a decoded stream is not a usable video, or None."""
+    if (fmt in _PICTURE_FORMATS or fmt.endswith("_pipe")) and frames <= 1:
+        # Deliberate: one picture is not a video (animated gif/apng are).
+        kind = "a still image" if frames else "an image FFmpeg cannot decode"
+        return StillImageError(path, f"{kind} ({fmt.removesuffix('_pipe')})")
+    if frames == 0:
+        if packets == 0:
+            return VideoError(path, "no decodable video frames (the video stream holds no data)")
+        return VideoError(path, f"no decodable video frames ({_count(packets, 'packet')}, none decodable "
+                                "(corrupt or truncated))")
+    return None
+
+
+def stream_duration(times: list[float], last_duration: float, frames: int, fps: float) -> float:
+    """Seconds from the first frame's start to the last one's end, from sorted presentation `times`;
+    the last frame lasts `last_duration`, else the mean interval. Without timestamps: frames / fps."""
+    if len(times) >= 2 and times[-1] > times[0]:
+        span = times[-1] - times[0]
+        return span + (last_duration or span / (len(times) - 1))
+    return last_duration or frames / fps
+
+
+def damage_warnings(*, frames: int, packets: int, declared_frames: int, declared_seconds: float,
+                    duration: float, times: list[float], read_error: str | None, rejected: int,
+                    corrupt: int) -> list[str]:
+    """The damage a decoding pass tolerated, as one line each for `VideoSample.warnings`.
+
+    `frames` decoded out of `packets` demuxed; `declared_frames` / `declared_seconds` are what the
+    container claims (0: nothing); `times` are the decoded frames' presentation times, sorted;
+    `read_error` says why reading stopped early (None: it did not); `rejected` packets the decoder
+    refused, `corrupt` frames it flagged. Pure: no I/O, same lines for the same numbers.
+    """
+    warnings = []
+    if read_error:
+        warnings.append(f"stopped reading at damaged or truncated data after {_count(frames, 'frame')} "
+                        f"({read_error})")
+    if frames < 0.9 * declared_frames:
+        warnings.append(f"decoded {frames} of the {declared_frames} frames the container declares "
+                        f"(file truncated or damaged)")
+    elif not declared_frames and duration < 0.9 * declared_seconds:
+        warnings.append(f"decoded {duration:.2f} s of the {declared_seconds:.2f} s the container "
+                        f"declares (file truncated or damaged)")
+    elif frames < packets and not rejected:
+        warnings.append(f"decoded {frames} frames from {_count(packets, 'packet')}")
+    gap = _widest_gap(times)
+    if gap:
+        count, start, end = gap
+        warnings.append(f"{_count(count, 'gap')} in the timestamps, widest between {start:.2f} s and {end:.2f} s "
+                        f"(missing or damaged data, or a long pause in variable-rate video)")
+    if rejected:
+        warnings.append(f"skipped {_count(rejected, 'corrupt packet')}")
+    if corrupt:
+        warnings.append(f"{_count(corrupt, 'frame')} decoded with errors")
+    return warnings
+
+
+def _widest_gap(times: list[float]) -> tuple[int, float, float] | None:
+    """(number of gaps, start and end of the widest, in seconds from the first frame), or None.
+
+    A gap is an interval over 0.5 s and over 10 times the median one: a hole the demuxer skipped
+    silently (matroska resyncs past damage) shows as such a jump."""
+    if len(times) < 2:
+        return None
+    intervals = np.diff(times)
+    gaps = np.flatnonzero(intervals > max(0.5, 10 * float(np.median(intervals))))
+    if not len(gaps):
+        return None
+    widest = gaps[np.argmax(intervals[gaps])]
+    return len(gaps), times[widest] - times[0], times[widest + 1] - times[0]
 
 
 def _keyframe_into(out: np.ndarray, motion_slot: np.ndarray | None, frame, size: int,

@@ -1,7 +1,7 @@
 """How much of the MOS a model's encoders pass on: a ridge regression on each video's encodings, fitted on
 one labelled set and measured (SRCC) on another.
 
-    python weights/probe_vqa2_tiny.py TRAIN/labels.csv HELDOUT/labels.csv [--model vqa2-tiny]
+    python tools/probe_vqa2_tiny.py TRAIN/labels.csv HELDOUT/labels.csv [--model vqa2-tiny]
 
 Features per video: the mean, std and max of its projected keyframe tokens and of its projected motion tokens
 (what the LLM receives; 6 x the LLM width). If this probe scores the held-out set about as well as the model

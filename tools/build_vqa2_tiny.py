@@ -1,7 +1,7 @@
 """Build `vqa2-tiny` from nothing, with vqa2's own commands, and measure it on held-out clips.
 
-    python weights/build_vqa2_tiny.py                      # full build into weights/vqa2-tiny
-    python weights/build_vqa2_tiny.py --work /tmp/b --out /tmp/b/model --train-clips 40 --heldout-clips 20 \
+    python tools/build_vqa2_tiny.py                      # full build into weights/vqa2-tiny
+    python tools/build_vqa2_tiny.py --work /tmp/b --out /tmp/b/model --train-clips 40 --heldout-clips 20 \
         --steps 5,5,5,5                                    # a quick smoke run
 
 Steps (each a `vqa2` command, so the build exercises what users run):
@@ -257,7 +257,7 @@ def model_card(info: dict) -> str:
     return f"""# vqa2-tiny
 
 A tiny model with the VQA² architecture (SigLIP-style vision tower, SlowFast-R18 fast pathway, Qwen2
-decoder), trained from random weights by `weights/build_vqa2_tiny.py` with `vqa2 synth` data and `vqa2
+decoder), trained from random weights by `tools/build_vqa2_tiny.py` with `vqa2 synth` data and `vqa2
 finetune` stages 1 -> 2 -> 3. **It is a demo and CI model trained only on synthetic distortions of procedural
 clips; it is not a substitute for the released VQA² checkpoints** and its scores on real footage are rough.
 Read the held-out numbers below before using it for anything: at this training budget it has not learned every
@@ -292,7 +292,7 @@ speeds, texture detail and object counts than training), evaluated with `vqa2 ev
 
 "Is there <distortion> in this video?" ({q["count"]} questions, half Yes, half No): accuracy {q["accuracy"]:.1%}.
 
-Reproduce: `python weights/build_vqa2_tiny.py` (it rebuilds the data, the model and these numbers;
+Reproduce: `python tools/build_vqa2_tiny.py` (it rebuilds the data, the model and these numbers;
 {info["build_minutes"]:.0f} minutes on the 2 CPU cores it was built on).
 """
 
@@ -301,7 +301,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vqa2-tiny-build",
                         help="data, stage outputs, logs (replaced)")
-    parser.add_argument("--out", type=Path, default=HERE / "vqa2-tiny", help="where the shipped model goes")
+    parser.add_argument("--out", type=Path, default=HERE.parent / "weights" / "vqa2-tiny",
+                        help="where the shipped model goes (the repository's weights/vqa2-tiny)")
     # Training clips with synth's default content. Adding `leaves` (dead leaves, a fifth of the 700 clips) gave
     # held-out SRCC 0.752 / 0.726 and yes/no 74.8% / 80.5% at seeds 0 / 1, and on photos_vqa2_tiny.py's set
     # 0.543 / 0.624 (this model: 0.600): no better on either.
