@@ -323,13 +323,16 @@ def test_cli_exit_codes_report_interrupt_and_resume(base, data, tmp_path, monkey
 
     append = OutputFolder.append_metrics
 
-    def append_and_interrupt(folder, record):
-        append(folder, record)
-        signal.raise_signal(signal.SIGINT)
+    # each stop signal (`kill`, `timeout`, a closed terminal) saves like Ctrl-C and exits 128 + its number
+    for signum, expected in ((signal.SIGHUP, 129), (signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        def append_and_interrupt(folder, record, signum=signum):
+            append(folder, record)
+            signal.raise_signal(signum)
 
-    monkeypatch.setattr(OutputFolder, "append_metrics", append_and_interrupt)
-    code, _, err = vqa2("finetune", data / "s2", *common, "--mos-range", 1, 5)
-    assert code == 130 and "interrupted at step 1 of 3" in err and "--resume" in err
+        monkeypatch.setattr(OutputFolder, "append_metrics", append_and_interrupt)
+        stopped = ["--output", out.with_name(signum.name)] if signum != signal.SIGINT else []
+        code, _, err = vqa2("finetune", data / "s2", *common, *stopped, "--mos-range", 1, 5)
+        assert code == expected and "interrupted at step 1 of 3" in err and "--resume" in err, (signum, err)
     monkeypatch.setattr(OutputFolder, "append_metrics", append)
     code, _, err = vqa2("finetune", data / "s2", *common, "--mos-range", 1, 5, "--resume")
     assert code == 0 and "resuming from" in err and "done: 3 steps" in err

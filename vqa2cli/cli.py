@@ -1094,7 +1094,8 @@ def finetune(**values):
     video,question,answer). Video paths are relative to the data folder. Every record is checked
     before training; invalid ones are listed with their line numbers.
 
-    Ctrl-C finishes the current step, saves a checkpoint and exits (130); --resume continues
+    Ctrl-C, SIGTERM or SIGHUP finishes the current step, saves a checkpoint and exits (130, 143,
+    129); --resume continues
     exactly. One run at a time may use an --output folder. Several GPUs or machines: start the same
     command with `torchrun` or `accelerate launch`.
 
@@ -1110,7 +1111,10 @@ def finetune(**values):
     options = FinetuneOptions(**values)
     reporter = Reporter.for_stderr(quiet=False, unit="steps")
     result = run(options, say=reporter.note, progress=reporter)
-    return EXIT_INTERRUPTED if result.interrupted else 0
+    if result.interrupted:
+        _stop.signum = _stop.signum or result.stopped_by  # finetune's own handler caught it, not `_stop`
+        return EXIT_INTERRUPTED
+    return 0
 
 
 # --- serve ---------------------------------------------------------------------------------------

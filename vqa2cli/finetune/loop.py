@@ -24,7 +24,7 @@ import torch
 
 from vqa2cli import __version__
 from vqa2cli.data import Dataset, format_problems, load_dataset
-from vqa2cli.errors import DataError, SetupError
+from vqa2cli.errors import STOP_SIGNALS, DataError, SetupError
 from vqa2cli.finetune.checkpoints import Checkpoints, checkpoint_dirs
 from vqa2cli.finetune.examples import ExampleLoader, FeatureCache, LoadedBatch, answer_loss, answer_span
 from vqa2cli.finetune.export import save_dtype, write_model
@@ -44,6 +44,7 @@ class FinetuneResult:
     loss: float | None  # mean training loss of the last optimizer step that had one
     interrupted: bool  # stopped by a signal; a checkpoint of `step` was written
     checkpoint: Path | None
+    stopped_by: int | None = None  # the signal that stopped it
 
 
 def run(options: FinetuneOptions, say=None, progress=None) -> FinetuneResult:
@@ -193,7 +194,7 @@ class Run:
         self.scheduler = lr_schedule(self.torch_optimizer, self.total, start=self.position.step)
         if self.main:
             self.folder.trim_metrics(self.position.step)
-        saved, interrupted = None, False
+        saved, interrupted, self.stopped_by = None, False, None
         if self.position.step < self.total:
             self.say(f"{len(self.dataset.records)} records, {self.accelerator.num_processes} process(es), "
                      f"{self.steps_per_epoch} steps per epoch, {self.total} steps")
@@ -202,7 +203,7 @@ class Run:
         if interrupted:
             if saved:
                 self.say(f"interrupted at step {step} of {self.total}; checkpoint {saved}. Continue with --resume.")
-            return FinetuneResult(self.folder.path, step, self.total, loss, True, saved)
+            return FinetuneResult(self.folder.path, step, self.total, loss, True, saved, self.stopped_by)
         self.finish()
         shown = f", final loss {loss:.4f}" if loss is not None else ""
         self.say(f"done: {step} steps{shown}; use it with `vqa2 score --model {self.folder.path}`")
@@ -313,6 +314,7 @@ class Run:
             finally:
                 if self.progress:
                     self.progress.stop()
+        self.stopped_by = stop.signum
         return saved, self.position.step < self.total
 
     def on_all(self, flag: bool) -> bool:
@@ -417,19 +419,25 @@ class Run:
 
 
 class StopSignal:
-    """First SIGINT/SIGTERM: finish the optimizer step, save, stop. A second SIGINT aborts at once, except
-    under torchrun/accelerate, whose launcher forwards the user's Ctrl-C to processes that already got it."""
+    """First stop signal (SIGINT, SIGTERM, SIGHUP): finish the optimizer step, save, stop. A second SIGINT
+    aborts at once, except under torchrun/accelerate, whose launcher forwards the user's Ctrl-C to processes
+    that already got it."""
 
     def __init__(self, say, abort_on_second: bool):
         self.say = say
         self.abort_on_second = abort_on_second
-        self.requested = False
+        self.signum = None
         self.previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
+            for sig in STOP_SIGNALS:
+                if signal.getsignal(sig) not in (signal.SIG_IGN, None):  # nohup's SIGHUP stays ignored
+                    self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
@@ -437,7 +445,7 @@ class StopSignal:
             if self.abort_on_second and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             return
-        self.requested = True
+        self.signum = signum
         again = " (Ctrl-C again to abort at once)" if self.abort_on_second else ""
         self.say(f"\nstopping: finishing this step and saving a checkpoint{again}")
 
