@@ -353,6 +353,9 @@ def main() -> None:
                         help="the training photographs (python tools/training_photos.py DIR)")
     parser.add_argument("--real-heldout", type=Path,
                         help="a real-footage held-out set (python tools/real_footage.py make DIR) to measure on")
+    parser.add_argument("--data", type=Path,
+                        help="reuse the train/ and heldout/ folders of an earlier build's --work: the clips do not "
+                             "depend on --seed (synth is deterministic), so seeds can share them")
     parser.add_argument("--train-clips", type=int, default=1000)
     parser.add_argument("--heldout-clips", type=int, default=200)
     # More steps for stages 2 and 3 (600,900,1100,2500: 42 minutes) gave held-out SRCC 0.750 and yes/no 81.0%,
@@ -391,10 +394,14 @@ def main() -> None:
 
     t = time.monotonic()
     train, heldout = work / "train", work / "heldout"
-    run(["synth", str(train), "--images", str(args.images), "--count", str(args.train_clips), "--seed",
-         str(TRAIN_SEED), *TRAIN_DATA, "--quiet"], logs / "synth-train.log")
-    run(["synth", str(heldout), "--count", str(args.heldout_clips), "--seed", str(HELDOUT_SEED), *HELDOUT_CONTENT,
-         "--quiet"], logs / "synth-heldout.log")
+    if args.data:
+        for name in ("train", "heldout"):
+            shutil.copytree(args.data / name, work / name)
+    else:
+        run(["synth", str(train), "--images", str(args.images), "--count", str(args.train_clips), "--seed",
+             str(TRAIN_SEED), *TRAIN_DATA, "--quiet"], logs / "synth-train.log")
+        run(["synth", str(heldout), "--count", str(args.heldout_clips), "--seed", str(HELDOUT_SEED),
+             *HELDOUT_CONTENT, "--quiet"], logs / "synth-heldout.log")
     n_questions = yes_no_questions(heldout / "stage3.csv", heldout / "yes_no.csv")
     mark("synth", t)
 
