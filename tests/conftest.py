@@ -1,4 +1,5 @@
 import io
+import signal
 import sys
 
 import pytest
@@ -39,3 +40,12 @@ def vqa2(capsys, monkeypatch):
         return exit_info.value.code, out, err
 
     return run
+
+
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt, as in a foreground Python process, whatever this one inherited (a
+    script's background job starts with SIGINT ignored): for tests that raise SIGINT themselves."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -1,12 +1,13 @@
 import io
 import os
+import signal
 import threading
 import time
 
 import pytest
 
-from vqa2cli.batch import Prefetcher, ScoreRecord, error_message, expand_paths, fd_lines
-from vqa2cli.errors import InputError
+from vqa2cli.batch import EmptyFolder, Prefetcher, ScoreRecord, error_message, expand_paths, fd_lines
+from vqa2cli.errors import InputError, SetupError
 
 
 def _touch(path):
@@ -39,10 +40,15 @@ def test_expand_explicit_files_always_tried_and_order_kept(tmp_path):
     assert list(expand_paths([missing, txt])) == [missing, txt]
 
 
-def test_expand_empty_directory_warns(tmp_path):
+def test_expand_empty_directory_is_an_input_that_fails(tmp_path):
+    (tmp_path / "notes.txt").write_text("")
+    (tmp_path / "sub").mkdir()
     notes = []
-    assert list(expand_paths([str(tmp_path)], warn=notes.append)) == []
-    assert len(notes) == 1 and "no video files found" in notes[0]
+    assert list(expand_paths([str(tmp_path)], warn=notes.append)) == [str(tmp_path)]
+    folder, = expand_paths([str(tmp_path)])
+    assert isinstance(folder, EmptyFolder) and notes == []
+    assert folder.reason.startswith("no video files found (looked for .3g2, .3gp,")
+    assert folder.reason.endswith("; 1 subdirectory skipped (use --recursive)")
 
 
 def test_expand_stdin_lines_including_directories(tmp_path):
@@ -69,15 +75,22 @@ def test_error_message_is_one_line_naming_the_file():
     assert error_message("a.mp4", MemoryError()) == "a.mp4: MemoryError"
 
 
-def test_prefetcher_keeps_order_and_turns_errors_into_items():
-    def decode(path):
-        if path == "bad":
-            raise InputError("bad: broken")
-        if path == "bug":
-            raise ZeroDivisionError("division by zero")
-        return path.upper()
+def _decode_letters(item):
+    """A decoder for the tests, module-level so worker processes can load it."""
+    if item == "bad":
+        raise InputError("bad: broken")
+    if item == "bug":
+        raise ZeroDivisionError("division by zero")
+    if item == "segfault":  # what a crashing decoder library does
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if item == "oom":  # what the OOM killer does
+        os.kill(os.getpid(), signal.SIGKILL)
+    return item.upper()
 
-    with Prefetcher(["a", "bad", "b", "bug", "c"], decode) as prefetcher:
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_prefetcher_keeps_order_and_turns_errors_into_items(workers):
+    with Prefetcher(["a", "bad", "b", "bug", "c"] * 2, _decode_letters, workers=workers) as prefetcher:
         items = [(path, sample, error) for path, sample, error, _ in prefetcher]
     assert items == [
         ("a", "A", None),
@@ -85,7 +98,19 @@ def test_prefetcher_keeps_order_and_turns_errors_into_items():
         ("b", "B", None),
         ("bug", None, "bug: ZeroDivisionError: division by zero"),
         ("c", "C", None),
-    ]
+    ] * 2
+
+
+def test_a_crashed_or_killed_worker_is_an_error_for_its_item_and_the_pool_goes_on():
+    items = ["a", "segfault", "b", "oom", "c", "d", "segfault", "e"]
+    with Prefetcher(items, _decode_letters, workers=2) as prefetcher:
+        results = [(path, sample, error) for path, sample, error, _ in prefetcher]
+        alive = [worker.process for worker in prefetcher._pool.workers]
+    assert [path for path, _, _ in results] == items
+    assert [sample for _, sample, _ in results] == ["A", None, "B", None, "C", "D", None, "E"]
+    assert results[1][2] == "segfault: the decoder process crashed (SIGSEGV) while decoding this file"
+    assert results[3][2] == "oom: the decoder process was killed (SIGKILL; out of memory?) while decoding this file"
+    assert len(alive) == 2 and not any(process.is_alive() for process in alive)  # close() ended the replacements
 
 
 def test_prefetcher_decodes_while_consumer_works():
@@ -116,21 +141,112 @@ def test_prefetcher_is_bounded_and_close_stops_it():
     assert not thread.is_alive() and len(started) == 4
 
 
-def test_prefetcher_reraises_errors_reading_paths():
+def _decode_marking(item):
+    folder, index = item
+    open(os.path.join(folder, str(index)), "w").close()
+    return index
+
+
+def test_worker_pool_is_bounded_and_close_ends_the_workers(tmp_path):
+    with Prefetcher([(str(tmp_path), i) for i in range(100)], _decode_marking, depth=2, workers=2) as prefetcher:
+        iterator = iter(prefetcher)
+        assert next(iterator)[1] == 0
+        deadline = time.monotonic() + 60  # the first workers may take seconds to start on a busy machine
+        while len(os.listdir(tmp_path)) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        # the one taken, then depth + workers = 4 slots: decoded and waiting, never more
+        assert sorted(int(name) for name in os.listdir(tmp_path)) == [0, 1, 2, 3, 4]
+        processes = [worker.process for worker in prefetcher._pool.workers]
+    assert len(processes) == 2 and not any(process.is_alive() for process in processes)
+
+
+def _decode_tensors(item):
+    import torch
+
+    n = int(item)
+    return {"frames": torch.arange(n * 24, dtype=torch.uint8).reshape(n, 2, 3, 4),
+            "normalised": torch.full((2, n), n / 4, dtype=torch.float32),
+            "half": torch.full((3,), n, dtype=torch.bfloat16),
+            "strided": torch.arange(12, dtype=torch.int64)[::3],
+            "empty": torch.zeros(0, 5),
+            "name": f"clip {n}"}
+
+
+def test_worker_results_with_tensors_arrive_intact():
+    import torch
+
+    with Prefetcher(["1", "3", "7"], _decode_tensors, workers=2) as prefetcher:
+        results = [result for _, result, _, _ in prefetcher]
+    for n, result in zip((1, 3, 7), results):
+        assert result["name"] == f"clip {n}"
+        assert result["frames"].shape == (n, 2, 3, 4) and result["frames"].dtype == torch.uint8
+        assert result["frames"].flatten().tolist() == [i % 256 for i in range(n * 24)]
+        assert result["normalised"].tolist() == [[n / 4] * n] * 2
+        assert result["half"].dtype == torch.bfloat16 and result["half"].tolist() == [n] * 3
+        assert result["strided"].tolist() == [0, 3, 6, 9]
+        assert result["empty"].shape == (0, 5)
+        result["frames"] += 1  # usable like any tensor, writable included
+
+
+def test_a_worker_decodes_a_clip_exactly_as_this_process_does(three_clips):
+    import torch
+
+    from vqa2cli.config import tiny_config
+
+    sampling = tiny_config().sampling()
+    with Prefetcher(three_clips, sampling.load, workers=1) as prefetcher:
+        samples = [sample for _, sample, _, _ in prefetcher]
+    for path, sample in zip(three_clips, samples):
+        here = sampling.load(path)
+        assert torch.equal(sample.keyframes, here.keyframes) and torch.equal(sample.motion, here.motion)
+        assert (sample.path, sample.motion_indices, sample.keyframe_indices, sample.duration, sample.warnings) == (
+            here.path, here.motion_indices, here.keyframe_indices, here.duration, here.warnings)
+
+
+class _Unloadable:
+    """A decoder that pickles here but cannot be loaded in a worker (as when its module is missing there)."""
+
+    def __call__(self, item):
+        return item
+
+    def __reduce__(self):
+        return _fail_loading, ()
+
+
+def _fail_loading():
+    raise ImportError("No module named 'decoder_plugin'")
+
+
+def test_workers_that_cannot_start_are_a_setup_error():
+    with Prefetcher(["a", "b"], _Unloadable(), workers=2) as prefetcher:
+        with pytest.raises(SetupError, match="decode worker cannot start: ImportError: No module named"):
+            list(prefetcher)
+
+
+def test_an_unpicklable_decoder_fails_at_once_with_workers():
+    with pytest.raises(Exception, match="pickle"):
+        Prefetcher(["a"], lambda item: item, workers=1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_prefetcher_reraises_errors_reading_paths(workers):
     def paths():
         yield "a"
+        yield "b"
         raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
 
-    with Prefetcher(paths(), lambda path: path) as prefetcher:
+    with Prefetcher(paths(), _decode_letters, workers=workers) as prefetcher:
         iterator = iter(prefetcher)
-        assert next(iterator)[0] == "a"
+        assert [next(iterator)[1], next(iterator)[1]] == ["A", "B"]  # the items before it come first
         with pytest.raises(UnicodeDecodeError):
             next(iterator)
 
 
 def test_score_record_fields():
     assert list(ScoreRecord(path="a").to_dict()) == [
-        "path", "score", "level", "probs", "model", "duration_s", "keyframes", "motion_frames", "seconds", "error",
+        "path", "score", "level", "probs", "model", "duration_s", "keyframes", "motion_frames", "seconds", "warnings",
+        "error",
     ]
 
 
@@ -214,3 +330,102 @@ def test_score_videos_failed_batch_falls_back_to_one_by_one(three_clips):
     assert model.batches == [[one, two, three]]
     assert [r.error for r in records] == [None, f"{two}: RuntimeError: out of memory", None]
     assert records[2].score == pytest.approx(0.3)
+
+
+def test_score_videos_with_workers_keeps_order_around_a_bad_file(three_clips, tmp_path):
+    from vqa2cli.batch import score_videos
+
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video" * 100)
+    one, two, three = three_clips
+    records = list(score_videos(_FakeModel(), [one, str(bad), two, three], workers=2))
+    assert [r.path for r in records] == [one, str(bad), two, three]
+    assert [r.score for r in records] == [pytest.approx(0.1), None, pytest.approx(0.2), pytest.approx(0.3)]
+    assert records[1].error.startswith(f"{bad}: not a video file")
+
+
+def test_damage_is_a_warning_or_with_strict_an_error(three_clips, tmp_path):
+    from tests.fixtures.clips import make_damaged_clip
+    from vqa2cli.batch import score_one, score_videos
+
+    damaged = str(make_damaged_clip(tmp_path / "cut.mp4"))
+    one = three_clips[0]
+    relaxed = list(score_videos(_FakeModel(), [damaged, one]))
+    assert relaxed[0].error is None and relaxed[0].score is not None
+    assert len(relaxed[0].warnings) == 1 and "frames the container declares (file truncated" in relaxed[0].warnings[0]
+    assert relaxed[1].warnings == []
+    strict = list(score_videos(_FakeModel(), [damaged, one], strict=True))
+    assert strict[0].score is None and strict[0].warnings == relaxed[0].warnings
+    assert strict[0].error == f"{damaged}: refused as damaged (strict): {relaxed[0].warnings[0]}"
+    assert strict[1].error is None and strict[1].score == pytest.approx(0.1)
+    # one video at a time (what a server scoring uploads uses): the same records
+    assert score_one(_FakeModel(), damaged).warnings == relaxed[0].warnings
+    assert score_one(_FakeModel(), damaged, strict=True).error == strict[0].error
+
+
+def test_score_one_takes_a_path_or_a_sample_and_never_raises(three_clips, tmp_path):
+    from vqa2cli.batch import score_one
+
+    model = _FakeModel()
+    by_path = score_one(model, three_clips[1])
+    by_sample = score_one(model, model.sampling().load(three_clips[1]))
+    assert by_path.score == by_sample.score == pytest.approx(0.2) and by_path.path == by_sample.path
+    assert by_path.keyframes == 2 and by_path.seconds > 0
+    missing = score_one(model, tmp_path / "missing.mp4")
+    assert missing.error == f"{tmp_path / 'missing.mp4'}: no such file" and missing.score is None
+
+
+# --- sharding ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, message", [("1/1", "0 <= K < N"), ("2/2", "0 <= K < N"), ("-1/3", "0 <= K < N"),
+                                           ("0/0", "N >= 1"), ("a/2", "not K/N"), ("3", "not K/N")])
+def test_parse_shard_refuses_what_is_not_a_share(text, message):
+    from vqa2cli.batch import parse_shard
+
+    with pytest.raises(ValueError, match=message):
+        parse_shard(text)
+
+
+def test_shards_split_a_listing_into_disjoint_stable_shares(tmp_path):
+    from vqa2cli.batch import parse_shard
+
+    names = [f"d{i % 7}/clip{i:03d}.mp4" for i in range(210)]
+    for name in names:
+        _touch(tmp_path / "here" / name)
+    whole = list(expand_paths([str(tmp_path / "here")], recursive=True))
+    shares = [list(expand_paths([str(tmp_path / "here")], recursive=True, shard=parse_shard(f"{k}/3")))
+              for k in range(3)]
+    assert sorted(sum(shares, [])) == sorted(whole)  # together: the whole listing, each path once
+    assert all(50 < len(share) < 90 for share in shares)  # a hash spreads them evenly (70 each)
+    for share in shares:
+        assert share == [path for path in whole if path in share]  # in listing order
+
+    # the same catalogue mounted elsewhere, with files added: every old file keeps its share
+    for name in names + ["d0/new1.mp4", "d3/new2.mp4", "new3.mp4"]:
+        _touch(tmp_path / "mnt" / "elsewhere" / name)
+    for k, share in enumerate(shares):
+        moved = expand_paths([str(tmp_path / "mnt" / "elsewhere")], recursive=True, shard=(k, 3))
+        old = [os.path.relpath(path, tmp_path / "mnt" / "elsewhere") for path in moved if "new" not in path]
+        assert old == [os.path.relpath(path, tmp_path / "here") for path in share]
+
+
+def test_shards_of_paths_given_one_by_one_use_the_path_as_given():
+    paths = [f"videos/clip{i}.mp4" for i in range(40)]
+    first = list(expand_paths(paths, shard=(0, 2)))
+    second = list(expand_paths(paths, shard=(1, 2)))
+    assert sorted(first + second) == sorted(paths) and not set(first) & set(second)
+    # spelled differently, the same file: the same share
+    assert list(expand_paths([f"./{p}".replace("/", "//") for p in first], shard=(0, 2))) == [
+        f"./{p}".replace("/", "//") for p in first]
+
+
+def test_default_workers_follow_the_device_and_the_count(monkeypatch):
+    import vqa2cli.synth
+    from vqa2cli.batch import default_workers
+
+    monkeypatch.setattr(vqa2cli.synth, "usable_cpus", lambda: 16)
+    assert [default_workers(count, "cuda") for count in (None, 0, 1, 2, 40)] == [15, 0, 0, 2, 15]
+    assert [default_workers(count, "cpu") for count in (None, 1, 2, 40)] == [1, 0, 1, 1]
+    monkeypatch.setattr(vqa2cli.synth, "usable_cpus", lambda: 1)
+    assert default_workers(None, "cuda") == 1

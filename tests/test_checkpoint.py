@@ -1,7 +1,9 @@
 """Checkpoint formats: official llava_qwen layout (strict), LLaVA-OneVision base + SlowFast .pyth, our directory."""
 
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -221,9 +223,15 @@ def test_save_is_atomic(tmp_path, tiny_tokenizer):
     assert (target / "README.md").read_text() == "first"  # the good model is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary left behind
 
-    ck.save_model_dir(make_tiny_model(tiny_config(), seed=1), tiny_tokenizer, target, card="second")
+    previous = os.umask(0o022)
+    try:
+        ck.save_model_dir(make_tiny_model(tiny_config(), seed=1), tiny_tokenizer, target, card="second")
+    finally:
+        os.umask(previous)
     assert (target / "README.md").read_text() == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    # safetensors writes its file 0600: a saved model is readable as the umask allows (issue 27)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in [target, *target.iterdir()]} == {0o755, 0o644}
     loaded, _ = ck.load_model_dir(target)
     assert torch.equal(loaded.image_newline, make_tiny_model(tiny_config(), seed=1).image_newline)
 
@@ -243,3 +251,56 @@ def test_unreadable_weights_file(tiny_model_dir, tmp_path):
     (directory / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         ck.load_model_dir(directory)
+
+
+# ---- what a model directory may say ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../other/model.safetensors", "a/../../x.safetensors", "", None,
+                                  "..\\x.safetensors"])
+def test_an_index_may_only_name_files_inside_its_folder(tiny_official_checkpoint, tmp_path, name):
+    directory = copy_checkpoint(tiny_official_checkpoint, tmp_path)
+    index = json.loads((directory / ck.OFFICIAL_INDEX).read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = name
+    (directory / ck.OFFICIAL_INDEX).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="an index may only name files inside its folder"):
+        ck.official_files(directory)
+
+
+def test_an_index_may_name_files_in_a_subfolder(tiny_official_checkpoint, tmp_path):
+    directory = copy_checkpoint(tiny_official_checkpoint, tmp_path)
+    index = json.loads((directory / ck.OFFICIAL_INDEX).read_text())
+    (directory / "shards").mkdir()
+    for file in set(index["weight_map"].values()):
+        shutil.move(directory / file, directory / "shards" / file)
+    index["weight_map"] = {key: f"shards/{file}" for key, file in index["weight_map"].items()}
+    (directory / ck.OFFICIAL_INDEX).write_text(json.dumps(index))
+    assert {f.parent.name for f in ck.official_files(directory)} == {"shards"}
+
+
+def test_parameter_estimate_is_close_to_the_built_model(released_model):
+    # the model counted tensor by tensor (built on meta) against the estimate from the config's numbers
+    for config, model in ((tiny_config(), make_tiny_model()), (released_model.config, released_model)):
+        counted = sum(t.numel() for t in model.state_dict().values())
+        assert config.parameter_count() == pytest.approx(counted, rel=0.02)
+        decoder = sum(m.weight.numel() for name, m in model.named_modules()
+                      if type(m) is torch.nn.Linear and name.startswith("language_model.model.layers."))
+        assert config.parameter_count(quantizable_only=True) == decoder
+    assert released_model.config.parameter_count() == pytest.approx(8.08e9, rel=0.01)
+
+
+def test_weights_bigger_than_the_machine_are_refused_before_building(tiny_model_dir, monkeypatch):
+    from vqa2cli.quantization import Precision
+
+    build = ck.build_empty
+    built = []
+    monkeypatch.setattr(ck, "build_empty", lambda config: built.append(config) or build(config))
+    monkeypatch.setattr(ck, "_memory_of", lambda device: (2_000_000, "of memory this machine has"))
+    # the tiny model has ~0.9 M parameters: 3.6 MB in float32, 1.8 MB in bfloat16
+    with pytest.raises(CheckpointError, match=r"^model directory .*: its weights need about 3.6 MB in float32, more "
+                                              r"than the 2.0 MB of memory this machine has \(try --quant 4bit\)$"):
+        ck.load_model_dir(tiny_model_dir)
+    assert built == []
+    ck.load_model_dir(tiny_model_dir, precision=Precision("none", torch.bfloat16))
+    assert len(built) == 1

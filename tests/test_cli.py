@@ -4,12 +4,16 @@ subprocesses where only a real process will do (import cost, SIGINT, pipes)."""
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures.processes import default_stop_signals, vqa2_process
 from vqa2cli.registry import registry
 
 
@@ -97,7 +101,8 @@ def test_a_bug_is_one_line_unless_debugging(vqa2, monkeypatch):
 
 # --- end to end with the tiny model ----------------------------------------------------------------
 
-RECORD_FIELDS = ["path", "score", "level", "probs", "model", "duration_s", "keyframes", "motion_frames", "seconds", "error"]
+RECORD_FIELDS = ["path", "score", "level", "probs", "model", "duration_s", "keyframes", "motion_frames", "seconds",
+                 "warnings", "error"]
 
 
 @pytest.fixture(scope="session")
@@ -122,7 +127,7 @@ def _check_success(record, path, model_dir):
     assert record["level"] == max(record["probs"], key=record["probs"].get)
     assert record["model"] == str(model_dir)
     assert record["duration_s"] > 0 and record["keyframes"] >= 1 and record["motion_frames"] >= 4
-    assert record["seconds"] > 0
+    assert record["seconds"] > 0 and record["warnings"] == []
 
 
 def test_score_json(vqa2, clips_dir, tiny_model_dir):
@@ -171,7 +176,7 @@ def test_score_csv(vqa2, clips_dir, tiny_model_dir):
     rows = list(csv.DictReader(io.StringIO(out)))
     assert list(rows[0]) == [
         "path", "score", "level", "probs.high", "probs.good", "probs.fair", "probs.poor", "probs.low",
-        "model", "duration_s", "keyframes", "motion_frames", "seconds", "error",
+        "model", "duration_s", "keyframes", "motion_frames", "seconds", "warnings", "error",
     ]
     assert 0 <= float(rows[0]["score"]) <= 1 and rows[0]["error"] == ""
     assert rows[1]["path"] == str(clips_dir / "missing.mp4") and rows[1]["score"] == ""
@@ -239,6 +244,154 @@ def test_score_paths_from_stdin(vqa2, clips_dir, tiny_model_dir):
     _check_success(records[2], clips_dir / "sub" / "c.mp4", tiny_model_dir)
 
 
+def _by_path(records):
+    return {r["path"]: (r["score"], r["error"]) for r in records}
+
+
+def test_score_with_workers_keeps_input_order_around_a_bad_file(vqa2, clips_dir, tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00" * 5000)
+    paths = [clips_dir / "a.mp4", clips_dir / "b.mkv", bad, clips_dir / "sub" / "c.mp4", clips_dir / "a.mp4"]
+    code, out, err = vqa2("score", *paths, "-m", tiny_model_dir, "--jsonl", "--workers", "2")
+    assert code == 1, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["path"] for r in records] == [str(p) for p in paths]
+    assert records[2]["error"].startswith(f"{bad}: ") and records[2]["score"] is None
+    code, out, _ = vqa2("score", *paths, "-m", tiny_model_dir, "--jsonl", "--workers", "0")
+    in_thread = [json.loads(line) for line in out.splitlines()]
+    assert _by_path(in_thread) == _by_path(records)
+
+
+def test_score_damaged_file_warns_and_fails_under_strict(vqa2, clips_dir, tiny_model_dir, tmp_path):
+    import csv
+
+    from tests.fixtures.clips import make_damaged_clip
+
+    damaged = make_damaged_clip(tmp_path / "cut.mp4")
+    code, out, err = vqa2("score", damaged, clips_dir / "a.mp4", "-m", tiny_model_dir, "--jsonl")
+    assert code == 0, err
+    cut, fine = [json.loads(line) for line in out.splitlines()]
+    assert cut["error"] is None and cut["score"] is not None and fine["warnings"] == []
+    [warning] = cut["warnings"]
+    assert "of the 100 frames the container declares (file truncated or damaged)" in warning
+    assert f"warning: {damaged}: {warning}\n" in err and "(1 with warnings)" in err
+
+    code, out, _ = vqa2("score", damaged, clips_dir / "a.mp4", "-m", tiny_model_dir, "--csv")
+    assert code == 0 and next(csv.DictReader(io.StringIO(out)))["warnings"] == warning
+
+    code, out, err = vqa2("score", damaged, clips_dir / "a.mp4", "-m", tiny_model_dir, "--jsonl", "--strict")
+    assert code == 1
+    cut, fine = [json.loads(line) for line in out.splitlines()]
+    assert cut["error"] == f"{damaged}: refused as damaged (strict): {warning}" and cut["score"] is None
+    assert cut["warnings"] == [warning] and fine["error"] is None
+    assert [line for line in err.splitlines() if str(damaged) in line] == [f"error: {cut['error']}"]
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory):
+    """Twelve short clips (and one broken file) in two folders."""
+    from tests.fixtures.clips import make_clip
+
+    root = tmp_path_factory.mktemp("catalogue")
+    for part in ("part0", "part1"):
+        (root / part).mkdir()
+    for i in range(12):
+        make_clip(root / f"part{i % 2}" / f"clip{i:02d}.mp4", seconds=1, fps=8, size=(48, 32),
+                  color=(20 * i, 100, 200 - 10 * i))
+    (root / "part1" / "broken.mp4").write_bytes(b"\x00" * 3000)
+    return root
+
+
+def test_score_shards_together_are_the_whole_run(vqa2, catalogue, tiny_model_dir):
+    args = ("score", catalogue, "-r", "-m", tiny_model_dir, "--jsonl", "--workers", "1")
+    code, out, _ = vqa2(*args)
+    whole = [json.loads(line) for line in out.splitlines()]
+    assert code == 1 and len(whole) == 13
+    halves = []
+    for k in (0, 1):
+        code, out, err = vqa2(*args, "--shard", f"{k}/2")
+        halves.append([json.loads(line) for line in out.splitlines()])
+        assert "Traceback" not in err
+    first, second = ({r["path"] for r in half} for half in halves)
+    assert first and second and not first & second  # disjoint, neither empty
+    assert _by_path(halves[0] + halves[1]) == _by_path(whole)  # together: the whole run, same results
+    code, _, err = vqa2(*args, "--shard", "2/2")
+    assert code == 2 and "'2/2': K/N needs N >= 1 and 0 <= K < N" in err
+
+
+def test_score_output_usage_errors(vqa2, tmp_path):
+    code, _, err = vqa2("score", tmp_path, "--resume")
+    assert code == 2 and "--resume continues an --output FILE" in err
+    code, _, err = vqa2("score", tmp_path, "--output", tmp_path / "out.json")
+    assert code == 2 and "name a .jsonl or .csv file" in err
+    code, _, err = vqa2("score", tmp_path, "--output", tmp_path / "out.csv", "--jsonl")
+    assert code == 2 and "--output takes its format from the file's extension" in err
+
+
+def _descendants(pid):
+    """Every process below `pid` (children, their children...), from /proc."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def _wait_gone(pids, seconds=20):
+    import time
+
+    deadline = time.monotonic() + seconds
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if Path(f"/proc/{pid}").exists()
+                 and "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()]
+        time.sleep(0.1)
+    return alive
+
+
+def test_sigkilled_run_resumes_to_the_records_of_an_uninterrupted_run(vqa2, catalogue, tiny_model_dir, tmp_path):
+    import signal
+    import time
+
+    paths = sorted(str(p) for p in catalogue.rglob("*.mp4"))
+    code, out, _ = vqa2("score", *paths, "-m", tiny_model_dir, "--jsonl")
+    uninterrupted = [json.loads(line) for line in out.splitlines()]
+
+    output = tmp_path / "scores.jsonl"
+    # paths on stdin, which stays open: the run cannot be over before the kill
+    process = vqa2_process("score", "-", "-m", tiny_model_dir, "--output", output, "--workers", "2",
+                           stdin=subprocess.PIPE)
+    process.stdin.write("".join(f"{path}\n" for path in paths[:8]).encode())
+    process.stdin.flush()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not output.exists() or output.read_text().count("\n") < 3):
+        time.sleep(0.02)
+    helpers = _descendants(process.pid)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    process.stdin.close()
+    assert helpers and _wait_gone(helpers) == []  # the decode workers and their server go too
+    kept = output.read_text()
+    assert 3 <= kept.count("\n") < 8
+    with open(output, "a") as handle:  # as if the kill had landed in the middle of a write
+        handle.write('{"path": "' + paths[9] + '", "score": 0.')
+
+    code, out, err = vqa2("score", *paths, "-m", tiny_model_dir, "--output", output, "--resume", "--workers", "2")
+    assert code == 1 and out == ""  # the broken file failed again (retried: failed ones are not skipped)
+    assert "cut off an incomplete last record" in err and "already scored are skipped" in err
+    resumed = [json.loads(line) for line in output.read_text().splitlines()]
+    assert output.read_text().startswith(kept)  # nothing written before the kill was lost or rewritten
+    assert _by_path(resumed) == _by_path(uninterrupted)
+    scored_twice = [path for path in paths if sum(r["path"] == path and r["error"] is None for r in resumed) > 1]
+    assert scored_twice == []
+
+
 def test_score_model_not_found_is_one_line_exit_2(vqa2, clips_dir, tmp_path):
     code, out, err = vqa2("score", clips_dir, "--model", tmp_path / "no-such-model", "--json")
     assert code == 2 and out == ""
@@ -299,23 +452,13 @@ def test_ask_bad_video_is_one_line_exit_1(vqa2, tmp_path, tiny_model_dir):
 # --- real processes: Ctrl-C and closed pipes -------------------------------------------------------
 
 
-def _vqa2_process(*args, **popen):
-    return subprocess.Popen(
-        [sys.executable, "-m", "vqa2cli", *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        **popen,
-    )
-
-
-def test_sigint_mid_batch_leaves_valid_json(clips_dir, tiny_model_dir):
-    import signal
-    import threading
-    import time
-
-    # paths stream in on stdin, which stays open: the batch is never over before the interrupt,
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP"])
+def test_stop_signal_mid_batch_leaves_valid_json(clips_dir, tiny_model_dir, signum, code):
+    # Ctrl-C, `kill`/`timeout`/`docker stop` and a closed terminal: the same ending.
+    # Paths stream in on stdin, which stays open: the batch is never over before the signal,
     # whether it lands while the model computes or while the command waits for more paths
-    process = _vqa2_process("score", "-", "--model", tiny_model_dir, "--json", stdin=subprocess.PIPE)
+    process = vqa2_process("score", "-", "--model", tiny_model_dir, "--json", stdin=subprocess.PIPE)
     process.stdin.write(f"{clips_dir / 'a.mp4'}\n".encode() * 20)
     process.stdin.flush()
     received = bytearray()
@@ -329,23 +472,100 @@ def test_sigint_mid_batch_leaves_valid_json(clips_dir, tiny_model_dir):
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and b"}" not in received:  # the first record is out
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    helpers = _descendants(process.pid)  # the decode workers and the process they are forked from
+    process.send_signal(signum)
     try:
         process.wait(timeout=60)
     finally:
         process.kill()
     reader.join()
     err = process.stderr.read().decode()
-    assert process.returncode == 130, err
+    assert process.returncode == code, err
+    assert len(helpers) >= 2 and _wait_gone(helpers) == []  # no process left behind
     records = json.loads(received)
     assert 1 <= len(records) <= 20
     for record in records:
         _check_success(record, clips_dir / "a.mp4", tiny_model_dir)
-    assert "Traceback" not in err and "interrupted:" in err
+    name = signal.Signals(signum).name
+    assert err == f"interrupted by {name}: {len(records)} video(s) done, results so far written\n"
+
+
+# A command that works until a signal comes; with "cleanup" its cleanup after the signal never ends,
+# without, it lets the KeyboardInterrupt go (it has nothing to keep).
+_STUCK_COMMAND = """
+import sys, time
+from vqa2cli import cli
+
+cleanup = sys.argv[1] == "cleanup"
+
+@cli.cli.command("stuck")
+def stuck():
+    try:
+        print("working", flush=True)
+        time.sleep(60)
+    except KeyboardInterrupt:
+        if not cleanup:
+            raise
+        print("cleaning up", flush=True)
+        time.sleep(60)
+    return cli.EXIT_INTERRUPTED
+
+sys.argv = ["vqa2", "stuck"]
+cli.main()
+"""
+
+
+def _stuck_process(cleanup=True, ignored=()):
+    return subprocess.Popen([sys.executable, "-c", _STUCK_COMMAND, "cleanup" if cleanup else "none"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_stop_signals(ignored))
+
+
+def test_a_second_signal_ends_the_process_at_once():
+    process = _stuck_process()
+    try:
+        assert process.stdout.readline() == b"working\n"
+        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)  # as `timeout` does: to its child, then to the process group
+        assert process.stdout.readline() == b"cleaning up\n"
+        time.sleep(1)
+        assert process.poll() is None  # one stop, delivered twice
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == -signal.SIGINT
+    finally:
+        process.kill()
+
+
+def test_an_ignored_signal_stays_ignored():
+    # `nohup vqa2 ...`: a hangup must not stop the run; SIGTERM still does
+    process = _stuck_process(ignored=(signal.SIGHUP,))
+    try:
+        assert process.stdout.readline() == b"working\n"
+        process.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert process.poll() is None
+        process.send_signal(signal.SIGTERM)
+        assert process.stdout.readline() == b"cleaning up\n"
+        time.sleep(1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        process.kill()
+
+
+def test_a_command_with_nothing_to_keep_stops_in_one_line():
+    # the exit code and the note still name the signal
+    process = _stuck_process(cleanup=False)
+    try:
+        assert process.stdout.readline() == b"working\n"
+        process.send_signal(signal.SIGHUP)
+        assert process.wait(timeout=10) == 129
+    finally:
+        process.kill()
+    assert process.stderr.read() == b"interrupted by SIGHUP\n"
 
 
 def test_closed_stdout_pipe_stops_quietly(clips_dir, tiny_model_dir):
-    process = _vqa2_process("score", *[clips_dir / "a.mp4"] * 20, "--model", tiny_model_dir, "--jsonl")
+    process = vqa2_process("score", *[clips_dir / "a.mp4"] * 20, "--model", tiny_model_dir, "--jsonl")
     first = process.stdout.readline()  # like `| head -1`
     process.stdout.close()
     process.wait(timeout=300)

@@ -208,3 +208,68 @@ def test_data_folder_must_hold_one_data_file(folder):
         find_data_file(folder)
     with pytest.raises(DataError, match="no such file"):
         find_data_file(folder / "nope.csv")
+
+
+def test_json_array_places_on_a_multi_line_file(folder):
+    turns = '"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]'
+    text = (
+        "\ufeff[\n"                                       # line 1 (a byte-order mark is allowed)
+        f'  {{"image": "a.mp4", {turns}}},\n'             # line 2: [0]
+        "\n"                                              # line 3
+        f'  {{"image": "a.mp4",\n   {turns}}}, {{"image": "nope.mp4", {turns}}},\n'  # lines 4-5: [1]; [2] on 5
+        "  [1, 2],\n"                                     # line 6: [3], not an object
+        f'  {{\n\n\n "image": "/abs.mp4", {turns}}}\n'    # lines 7-10: [4]
+        "]\n"
+    )
+    write(folder / "d.json", text)
+    data = load_dataset(folder, stage=3)
+    assert [r.where for r in data.records] == ["d.json [0] (line 2)", "d.json [1] (line 4)"]
+    assert [str(p) for p in data.problems] == [
+        "d.json [2] (line 5): video 'nope.mp4': file not found",
+        "d.json [3] (line 6): a record must be a JSON object",
+        "d.json [4] (line 7): video path '/abs.mp4' is absolute; paths must be relative to the data folder",
+    ]
+    write(folder / "d.json", text.replace("},\n  [1, 2]", "}\n  [1, 2]"))  # a comma missing at the end of line 5
+    with pytest.raises(DataError, match=r"d.json: not valid JSON \(expected ',' or '\]' at line 6\)$"):
+        load_dataset(folder, stage=3)
+
+
+def test_json_nested_too_deep_is_a_one_line_data_error(folder):
+    deep = "[" * 100_000 + "]" * 100_000
+    write(folder / "d.json", f"[{deep}]")
+    with pytest.raises(DataError, match=r"d.json: record \[0\] \(line 1\) is nested too deeply to be read$"):
+        load_dataset(folder, stage=3)
+    (folder / "d.json").unlink()
+    write(folder / "d.jsonl", deep + "\n")
+    data = load_dataset(folder, stage=3)
+    assert [str(p) for p in data.problems] == ["d.jsonl line 1: not valid JSON (JSON nested too deeply)"]
+
+
+def test_big_json_files_say_what_happens_and_huge_ones_are_refused(folder, monkeypatch):
+    import vqa2cli.data as data_module
+
+    write(folder / "d.json", "[]")
+    said = []
+    monkeypatch.setattr(data_module, "BIG_FILE_BYTES", 2)
+    load_dataset(folder / "d.json", stage=3, say=said.append)
+    assert said == ["reading d.json (0 MiB)", "read 0 records; checking them and their videos"]
+    monkeypatch.setattr(data_module, "MAX_JSON_BYTES", 1)
+    with pytest.raises(DataError, match="JSON data files are read whole and may be at most"):
+        load_dataset(folder / "d.json", stage=3)
+
+
+def test_a_folder_made_by_synth_gives_each_stage_its_own_file(folder):
+    for name in ("synth.json", "manifest.csv", "labels.csv", "stage1.csv", "stage1.json", "stage3.csv"):
+        write(folder / name, "")
+    said = []
+    assert find_data_file(folder, stage=1) == folder / "stage1.json"  # JSON first: no --mos-range needed
+    assert find_data_file(folder, stage=3) == folder / "stage3.csv"
+    with pytest.raises(DataError, match=r"several data files \(stage1.csv, stage1.json, stage3.csv\)"):
+        find_data_file(folder, stage=2)  # the files that are not training data are never named
+    write(folder / "stage1.json", "[]")
+    load_dataset(folder, stage=1, say=said.append)
+    assert said == [f"using stage1.json from {folder}"]
+    for name in ("stage1.csv", "stage1.json", "stage3.csv"):
+        (folder / name).unlink()
+    with pytest.raises(DataError, match="no .json, .jsonl or .csv data file in this folder"):
+        find_data_file(folder, stage=1)

@@ -165,3 +165,52 @@ def test_command_usage_errors_exit_2(tmp_path, vqa2):
     assert code == 2 and "neither path,mos" in err and err.count("\n") == 1
     code, _, err = vqa2("eval", tmp_path / "missing.csv")
     assert code == 2 and "no such file" in err
+
+
+def test_damaged_videos_carry_warnings_and_fail_under_strict(synth_set, tmp_path):
+    from tests.fixtures.clips import make_damaged_clip
+
+    folder = tmp_path / "set"
+    shutil.copytree(synth_set, folder)
+    make_damaged_clip(folder / "videos" / "cut.mp4")
+    rows = list(csv.reader(open(folder / "labels.csv")))[1:] + [["videos/cut.mp4", "50"]]
+    labels = evaluation.read_labels(write_csv(folder / "with-cut.csv", ["path", "mos"], rows))
+    model = KnownModel({str(row.video): row.mos for row in labels.rows})
+    records, summary = evaluation.evaluate(model, labels, workers=2)
+    *clean, cut = records
+    assert summary["failed"] == 0 and summary["evaluated"] == 7 and cut["error"] is None
+    assert len(cut["warnings"]) == 1 and "file truncated or damaged" in cut["warnings"][0]
+    assert all(r["warnings"] == [] for r in clean)
+    records, summary = evaluation.evaluate(model, labels, strict=True)
+    assert summary["failed"] == 1 and summary["srcc"] == pytest.approx(1.0)  # left out of the metrics
+    assert records[-1]["error"].startswith("videos/cut.mp4: refused as damaged (strict): ")
+
+    questions = [["videos/cut.mp4", "Is it cut?", "Yes."], ["videos/cut.mp4", "How long?", "Short."]]
+    labels = evaluation.read_labels(write_csv(folder / "q.csv", ["path", "question", "answer"], questions))
+    video = str(labels.rows[0].video)
+    model = KnownModel({}, {(video, q): a for _, q, a in questions})
+    records, summary = evaluation.evaluate(model, labels, workers=1)
+    assert summary["accuracy"] == 1.0 and all(r["warnings"] == cut["warnings"] for r in records)
+    records, summary = evaluation.evaluate(model, labels, strict=True)
+    assert summary["failed"] == 2 and all("refused as damaged" in r["error"] for r in records)
+
+
+def test_command_predictions_carry_warnings(synth_set, tmp_path, tiny_model_dir, vqa2):
+    from tests.fixtures.clips import make_damaged_clip
+
+    folder = tmp_path / "set"
+    shutil.copytree(synth_set, folder)
+    make_damaged_clip(folder / "videos" / "cut.mp4")
+    rows = list(csv.reader(open(folder / "labels.csv")))[1:3] + [["videos/cut.mp4", "50"]]
+    labels = write_csv(folder / "with-cut.csv", ["path", "mos"], rows)
+    code, out, err = vqa2("eval", labels, "--model", tiny_model_dir, "--jsonl", "--workers", 2,
+                         "--predictions", tmp_path / "p.jsonl")
+    assert code == 0, err
+    predictions = [json.loads(line) for line in open(tmp_path / "p.jsonl")]
+    assert [p["warnings"] != [] for p in predictions] == [False, False, True]
+    assert f"warning: videos/cut.mp4: {predictions[2]['warnings'][0]}" in err.splitlines()
+    code, out, err = vqa2("eval", labels, "--model", tiny_model_dir, "--jsonl", "--strict", "--workers", 0)
+    assert code == 1 and json.loads(out)["failed"] == 1
+    saved = list(csv.DictReader(open(folder / "with-cut.predictions.csv")))
+    assert saved[2]["error"].startswith("videos/cut.mp4: refused as damaged (strict): ")
+    assert saved[2]["warnings"] == predictions[2]["warnings"][0]

@@ -1,8 +1,11 @@
 """Fine-tuning end to end on the tiny model: data made here, a few steps each, all on CPU."""
 
 import json
+import math
 import os
 import signal
+import socket
+import stat
 import subprocess
 import sys
 from dataclasses import replace
@@ -16,15 +19,10 @@ from tests.fixtures.checkpoints import write_tiny_model_dir
 from tests.fixtures.finetune import finetune_options as options
 from tests.fixtures.finetune import quiet, write_stage_data
 from vqa2cli.errors import DataError, SetupError
-from vqa2cli.finetune import (
-    FinetuneOptions,
-    checkpoint_dirs,
-    load_checkpoint,
-    lr_factor,
-    run,
-    save_checkpoint,
-    shard_order,
-)
+from vqa2cli.finetune import FinetuneOptions, run
+from vqa2cli.finetune.checkpoints import Checkpoints, checkpoint_dirs
+from vqa2cli.finetune.output_folder import OutputFolder
+from vqa2cli.finetune.schedule import lr_schedule, shard_order
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,21 +128,19 @@ def test_interrupted_then_resumed_equals_uninterrupted(base, data, tmp_path, mon
     whole = run(options(base, data, tmp_path / "whole", **lora), say=quiet)
     assert whole.step == 6
     # a real SIGINT during step 3: the run finishes that step, checkpoints it and stops
-    import vqa2cli.finetune as finetune
+    append = OutputFolder.append_metrics
 
-    append = finetune._append_metrics
-
-    def append_and_interrupt(path, record):
-        append(path, record)
+    def append_and_interrupt(folder, record):
+        append(folder, record)
         if record["step"] == 2:
             signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(finetune, "_append_metrics", append_and_interrupt)
+    monkeypatch.setattr(OutputFolder, "append_metrics", append_and_interrupt)
     opts = options(base, data, tmp_path / "parts", **lora)
     first = run(opts, say=quiet)
     assert first.interrupted and first.step == 2 and first.checkpoint.name == "step-00000002"
     assert not (tmp_path / "parts" / "model.safetensors").exists()
-    monkeypatch.setattr(finetune, "_append_metrics", append)
+    monkeypatch.setattr(OutputFolder, "append_metrics", append)
     with open(tmp_path / "parts" / "metrics.jsonl", "a") as log:
         log.write('{"step": 3, "lo')  # a line cut short by a crash after the checkpoint
     second = run(replace(opts, resume=True), say=quiet)
@@ -176,9 +172,9 @@ def test_invalid_records_stop_before_training_or_are_skipped(base, data, tmp_pat
     lines = []
     with pytest.raises(DataError, match="2 of 4 records in .* are invalid"):
         run(options(base, bad.parent, tmp_path / "run", data=str(bad)), say=lines.append)
-    assert lines[0] == "d.csv: 2 of 4 records are invalid:"
-    assert lines[1].startswith("  d.csv line 3: video 'nope.mp4': file not found")
-    assert "d.csv line 4: video path '../x.mp4' leaves the data folder" in lines[2]
+    assert lines[:2] == [f"using d.csv from {bad}", "d.csv: 2 of 4 records are invalid:"]
+    assert lines[2].startswith("  d.csv line 3: video 'nope.mp4': file not found")
+    assert "d.csv line 4: video path '../x.mp4' leaves the data folder" in lines[3]
     assert not checkpoint_dirs(tmp_path / "run")
     assert (tmp_path / "run" / "invalid_records.txt").read_text().count("\n") == 2
     result = run(options(base, bad.parent, tmp_path / "run", data=str(bad), skip_invalid=True, max_steps=1),
@@ -195,43 +191,97 @@ def test_output_folder_is_never_clobbered(base, data, tmp_path):
     assert (out / "notes.txt").read_text() == "mine"
 
 
-def test_checkpoints_are_atomic_and_pruned(tmp_path, monkeypatch):
-    tensors = {"w": torch.ones(3)}
+@pytest.fixture
+def prepared():
+    """(accelerator, weight, optimizer, schedule) of a one-tensor model, prepared as a run prepares its own."""
+    from vqa2cli.finetune.loop import _accelerator
+
+    with _accelerator("cpu") as accelerator:
+        weight = torch.nn.Parameter(torch.ones(3))
+        optimizer = torch.optim.AdamW([weight], lr=0.1)
+        prepared_optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
+        yield accelerator, weight, prepared_optimizer, lr_schedule(optimizer, 10)
+
+
+def draws():
+    import random
+
+    import numpy as np
+
+    return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+
+def test_checkpoints_are_atomic_pruned_and_restore_the_run(tmp_path, prepared, monkeypatch):
+    accelerator, weight, optimizer, scheduler = prepared
+    checkpoints = Checkpoints(tmp_path, accelerator, keep=2)
     for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, tensors, {"step": torch.tensor(step)}, {"step": step}, keep=2)
+        weight.grad = torch.full((3,), float(step))
+        optimizer.step()
+        scheduler.step()
+        checkpoints.save(step, {"w": weight}, {"step": step})
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000002", "step-00000003"]
+    saved_weight, saved_moment = weight.detach().clone(), optimizer.state[weight]["exp_avg"].clone()
+    saved_lr, expected_draws = optimizer.param_groups[0]["lr"], draws()  # what follows the save
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(tmp_path, 4, {"w": torch.zeros(3)}, {}, {"step": 4}, keep=2)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", crash)
+        with pytest.raises(OSError, match="disk full"):
+            checkpoints.save(4, {"w": torch.zeros(3)}, {"step": 4})
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000002", "step-00000003"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
-    loaded, state, meta = load_checkpoint(checkpoint_dirs(tmp_path)[-1])
-    assert torch.equal(loaded["w"], torch.ones(3)) and meta["step"] == 3 and int(state["step"]) == 3
+
+    weight.grad = torch.full((3,), 9.0)  # the run goes on, then is restored from step 3
+    optimizer.step()
+    scheduler.step()
+    draws()
+    loaded, meta = checkpoints.load(checkpoint_dirs(tmp_path)[-1], ["w"])
+    assert torch.equal(loaded["w"], saved_weight) and meta["step"] == 3
+    assert torch.equal(optimizer.state[weight]["exp_avg"], saved_moment)
+    assert optimizer.param_groups[0]["lr"] == saved_lr
+    assert draws() == expected_draws  # python, numpy and torch generators, read with weights_only
+    with pytest.raises(SetupError, match="does not match the trained tensors"):
+        checkpoints.load(checkpoint_dirs(tmp_path)[-1], ["w", "v"])
 
 
-def test_checkpoint_state_is_never_unpickled(tmp_path):
-    path = save_checkpoint(tmp_path, 1, {"w": torch.ones(1)}, {}, {"step": 1}, keep=1)
+@pytest.mark.parametrize("victim", ["optimizer.bin", "random_states_0.pkl"])
+def test_checkpoint_state_is_never_unpickled(tmp_path, prepared, victim):
+    accelerator, weight, _, _ = prepared
+    checkpoints = Checkpoints(tmp_path, accelerator, keep=1)
+    path = checkpoints.save(1, {"w": weight}, {"step": 1})
+    marker = tmp_path / "pwned"
 
     class Evil:
         def __reduce__(self):
-            return (os.system, ("true",))
+            return (os.mkdir, (str(marker),))
 
-    import pickle
-
-    (path / "state.pt").write_bytes(pickle.dumps({"x": Evil()}))
+    torch.save({"x": Evil()}, path / victim)
     with pytest.raises(SetupError, match="cannot be read"):
-        load_checkpoint(path)
+        checkpoints.load(path, ["w"])
+    assert not marker.exists()
 
 
 def test_schedule_and_sharding():
-    total = 100
-    factors = [lr_factor(s, total) for s in range(total)]
-    assert factors[0] == pytest.approx(1 / 3) and factors[2] == 1.0  # 3 warm-up steps
-    assert all(a >= b for a, b in zip(factors[2:], factors[3:])) and factors[-1] < 0.01
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([weight], lr=1.0)
+    schedule, factors = lr_schedule(optimizer, 100), []
+    for _ in range(100):
+        factors.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    # 3 warm-up steps (3% of 100) reach the peak, then cosine from the peak over the 97 steps left
+    assert factors[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    for step in (3, 50, 99):
+        assert factors[step] == pytest.approx(0.5 * (1 + math.cos(math.pi * (step - 3) / 97)))
+    assert 0 < factors[-1] < 0.001
+    resumed = torch.optim.AdamW([weight], lr=1.0)
+    lr_schedule(resumed, 100, start=57)
+    assert resumed.param_groups[0]["lr"] == factors[57]  # replayed to a resumed step: bit for bit
+    one_step = torch.optim.AdamW([weight], lr=1.0)
+    lr_schedule(one_step, 1)
+    assert one_step.param_groups[0]["lr"] == 1.0  # a one-step run trains at the peak
     shards = [shard_order(5, epoch=0, seed=0, rank=r, world=2) for r in (0, 1)]
     assert len(shards[0]) == len(shards[1]) == 3 and set(shards[0] + shards[1]) == set(range(5))
     assert shard_order(5, 1, 0, 0, 1) != shard_order(5, 0, 0, 0, 1)  # a new order each epoch
@@ -262,8 +312,6 @@ def test_two_processes_on_gloo_match_one_process(base, data, tmp_path):
 
 
 def test_cli_exit_codes_report_interrupt_and_resume(base, data, tmp_path, monkeypatch, vqa2):
-    import vqa2cli.finetune as finetune
-
     out = tmp_path / "run"
     common = ["--stage", "2", "--model", base, "--output", out, "--max-steps", "3", "--device", "cpu"]
     code, _, err = vqa2("finetune", data / "s2", *common)
@@ -273,16 +321,16 @@ def test_cli_exit_codes_report_interrupt_and_resume(base, data, tmp_path, monkey
     code, _, err = vqa2("finetune", tmp_path / "bad", *common, "--mos-range", 1, 5)
     assert code == 2 and "d.csv line 2: video 'missing.mp4': file not found" in err and "--skip-invalid" in err
 
-    append = finetune._append_metrics
+    append = OutputFolder.append_metrics
 
-    def append_and_interrupt(path, record):
-        append(path, record)
+    def append_and_interrupt(folder, record):
+        append(folder, record)
         signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(finetune, "_append_metrics", append_and_interrupt)
+    monkeypatch.setattr(OutputFolder, "append_metrics", append_and_interrupt)
     code, _, err = vqa2("finetune", data / "s2", *common, "--mos-range", 1, 5)
     assert code == 130 and "interrupted at step 1 of 3" in err and "--resume" in err
-    monkeypatch.setattr(finetune, "_append_metrics", append)
+    monkeypatch.setattr(OutputFolder, "append_metrics", append)
     code, _, err = vqa2("finetune", data / "s2", *common, "--mos-range", 1, 5, "--resume")
     assert code == 0 and "resuming from" in err and "done: 3 steps" in err
     assert (out / "config.json").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) == 3
@@ -290,7 +338,7 @@ def test_cli_exit_codes_report_interrupt_and_resume(base, data, tmp_path, monkey
 
 def test_parameter_selection_by_submodule_name():
     from tests.fixtures.models import make_tiny_model
-    from vqa2cli.finetune import configure_model
+    from vqa2cli.finetune.parts import configure_model
 
     lora = FinetuneOptions(stage=3, data="", model="", output="", method="lora")
     model = make_tiny_model()
@@ -314,7 +362,7 @@ def test_parameter_selection_by_submodule_name():
 
 def test_answer_loss_equals_the_full_sequence_loss(tiny_model, tiny_tokenizer, tiny_config):
     from tests.fixtures.models import tiny_video
-    from vqa2cli.finetune import answer_loss, answer_span
+    from vqa2cli.finetune.examples import answer_loss, answer_span
     from vqa2cli.prompts import UGC_USER, training_example
 
     rows = [training_example([{"from": "human", "value": UGC_USER}, {"from": "gpt", "value": "Good, very good."}],
@@ -331,20 +379,6 @@ def test_answer_loss_equals_the_full_sequence_loss(tiny_model, tiny_tokenizer, t
         short = tiny_model(ids, encoded, logits_to_keep=keep).logits
     assert short.shape[1] == keep < 30
     assert float(answer_loss(short, labels, keep)) == pytest.approx(float(full), rel=1e-5)
-
-
-def test_rng_state_round_trips_through_a_safe_load(tmp_path):
-    import random
-
-    import numpy as np
-
-    from vqa2cli.finetune import rng_state, set_rng_state
-
-    torch.save(rng_state(), tmp_path / "rng.pt")
-    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
-    random.random(), np.random.rand(), torch.rand(3)  # move every generator on
-    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
-    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
 
 
 def test_starts_from_an_official_llava_qwen_checkpoint(tiny_official_checkpoint, data, tmp_path):
@@ -367,7 +401,7 @@ def test_plain_onevision_base_keeps_its_fresh_motion_weights(tiny_official_check
     write_tiny_pyth(tmp_path / "slowfast.pyth")
     opts = options(base, data, tmp_path / "run", stage=1, max_steps=1, slowfast_weights=str(tmp_path / "slowfast.pyth"))
     run(opts, say=quiet)
-    saved, _, _ = load_checkpoint(checkpoint_dirs(tmp_path / "run")[-1])
+    saved = load_file(checkpoint_dirs(tmp_path / "run")[-1] / "trainable.safetensors")
     fresh = {n for n in saved if n.startswith(("motion_projector.", "motion_encoder.position_embedding."))}
     assert fresh == {"motion_projector.0.weight", "motion_projector.0.bias", "motion_projector.2.weight",
                      "motion_projector.2.bias", "motion_encoder.position_embedding.weight"}
@@ -406,7 +440,7 @@ def test_a_video_that_fails_during_training_is_skipped(base, data, tmp_path, mon
 
 
 def test_bare_questions_train_on_the_prompt_ask_sends():
-    from vqa2cli.finetune import ask_user_turn
+    from vqa2cli.finetune.examples import ask_user_turn
     from vqa2cli.prompts import chatml, question_prompt
 
     trained = chatml([("user", ask_user_turn(" Is it sharp? ", 3, 48)), ("assistant", None)])
@@ -457,3 +491,85 @@ def test_videos_longer_than_the_position_table_are_sampled_down(tmp_path, vqa2):
                           "--output", str(tmp_path / "out"), "--max-steps", "1", "--device", "cpu")
     assert code == 0, err
     assert "error" not in err and (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_a_second_run_into_the_same_output_refuses_until_the_first_is_killed(base, data, tmp_path):
+    """Regression (issue 27): two runs into one --output both started; their metrics interleaved and one ended
+    with an internal FileNotFoundError. A run locks the folder for its life; a run killed by SIGKILL cannot
+    release its lock, and the next run takes it over."""
+    from vqa2cli.finetune.output_folder import LOCK
+
+    out = tmp_path / "run"
+    out.mkdir()
+    hold = "import sys, time; from vqa2cli.files import FolderLock; FolderLock(*sys.argv[1:]).acquire(); " \
+           "print('held', flush=True); time.sleep(600)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out), LOCK], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(SetupError) as refused:
+            run(options(base, data, out, max_steps=1), say=quiet)
+        message = str(refused.value)
+        assert f"--output {out} is in use by another vqa2 finetune (pid {holder.pid} on {socket.gethostname()}, " \
+               "started " in message and "\n" not in message
+        assert sorted(p.name for p in out.iterdir()) == [LOCK]  # the holder's folder is left alone
+    finally:
+        holder.kill()
+        holder.wait()
+    lines = []
+    result = run(options(base, data, out, max_steps=1), say=lines.append)
+    assert result.step == 1 and (out / "model.safetensors").is_file()
+    assert any(f"(pid {holder.pid} on " in line and "no longer running" in line for line in lines), lines
+    assert not (out / LOCK).exists()  # released when the run ended
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077], ids=["umask-022", "umask-077"])
+def test_saved_files_follow_the_umask(base, data, tmp_path, mask):
+    """Regression (issue 27): model.safetensors and the checkpoints' tensors were written 0600 whatever the
+    umask (safetensors creates its files private), so a group could not read a model shared with it."""
+    out = tmp_path / "run"
+    previous = os.umask(mask)
+    try:
+        run(options(base, data, out, max_steps=1), say=quiet)
+    finally:
+        os.umask(previous)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {"model.safetensors", "config.json", "tokenizer.json", "trainable.safetensors", "optimizer.bin",
+            "random_states_0.pkl", "meta.json", "metrics.jsonl"} <= {p.name for p in files}
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {oct(0o666 & ~mask)}
+    folders = [out, *(p for p in out.rglob("*") if p.is_dir())]
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in folders} == {oct(0o777 & ~mask)}
+
+
+def test_a_folder_left_by_a_validation_stop_is_a_fresh_output(base, data, tmp_path):
+    """Regression (issue 27): a run stopped at validation leaves invalid_records.txt alone in --output; the next
+    run takes the folder as new, and once its data is valid no earlier report claims invalid records."""
+    folder, out = tmp_path / "fixed", tmp_path / "run"
+    folder.mkdir()
+    os.link(data / "b1.mp4", folder / "b1.mp4")
+    (folder / "d.csv").write_text("video,question,answer\nb1.mp4,q?,yes\nmissing.mp4,q?,no\n")
+    with pytest.raises(DataError, match="1 of 2 records"):
+        run(options(base, data, out, data=str(folder), max_steps=1), say=quiet)
+    assert sorted(p.name for p in out.iterdir()) == ["invalid_records.txt"]
+    (folder / "d.csv").write_text("video,question,answer\nb1.mp4,q?,yes\n")
+    assert run(options(base, data, out, data=str(folder), max_steps=1), say=quiet).step == 1
+    assert not (out / "invalid_records.txt").exists()
+
+
+def test_options_are_declared_once_and_checked_the_same_from_python_and_the_cli(base, data, tmp_path, vqa2):
+    from dataclasses import fields
+
+    code, out, _ = vqa2("finetune", "--help")
+    for field in fields(FinetuneOptions):
+        spec = field.metadata["option"]
+        shown = field.name.upper() if spec.argument else (spec.flags or ("--" + field.name.replace("_", "-"),))[-1]
+        assert shown in out and spec.help.split()[0] in out, field.name
+    with pytest.raises(SetupError, match=r"^--batch-size 0: must be at least 1$"):
+        run(options(base, data, tmp_path / "a", batch_size=0), say=quiet)
+    with pytest.raises(SetupError, match=r"^--method 'dora': expected one of full, lora, qlora$"):
+        run(options(base, data, tmp_path / "a", method="dora"), say=quiet)
+    common = ["--model", base, "--output", tmp_path / "b", "--device", "cpu"]
+    code, _, err = vqa2("finetune", "--stage", "2", data / "s2", *common, "--mos-range", 5, 1)
+    assert code == 2 and "error: --mos-range 5 1: LO must be below HI" in err
+    code, _, err = vqa2("finetune", "--stage", "3", data / "s3", *common, "--lora-dropout", 1)
+    assert code == 2 and "--lora-dropout" in err and "0<=x<1" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -61,8 +61,28 @@ def test_offline_missing_weights_one_line_error(hf_home):
     assert "\n" not in message
     assert f"hf download {UGC}" in message
     assert "HF_HUB_OFFLINE" in message and str(hf_home / "hub") in message
+    assert message.endswith("; or try `--model vqa2-tiny`, shipped with vqa2 (a small demo model that works offline)")
     with pytest.raises(ModelNotFoundError, match="hf download some-org/some-model"):
         registry.resolve("some-org/some-model")
+
+
+def test_no_network_says_which_model_works_offline(hf_home, monkeypatch):
+    # the first run of a new user without network: the hub is unreachable (not HF_HUB_OFFLINE)
+    import socket
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    def unreachable(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unreachable)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_ETAG_TIMEOUT", 1)
+    with pytest.raises(ModelNotFoundError) as info:
+        registry.resolve(None, task="score")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"model vqa2-ugc-scorer: could not fetch {UGC} from the Hugging Face Hub")
+    assert f"download it with `hf download {UGC}`; or try `--model vqa2-tiny`, shipped with vqa2" in message
 
 
 def test_resolves_from_cache_by_name_repo_id_and_default(hf_home):

@@ -1,36 +1,45 @@
-"""Scoring many videos with one loaded model: path expansion, background prefetch, one record per file.
+"""Scoring many videos with one loaded model: path expansion, sharding, decoding ahead, one record per file.
 
     >>> from vqa2cli import load_model
     >>> from vqa2cli.batch import expand_paths, score_videos
     >>> model = load_model("vqa2-tiny")
-    >>> for record in score_videos(model, expand_paths(["videos/"], recursive=True)):
-    ...     print(record.path, record.score, record.error)
+    >>> for record in score_videos(model, expand_paths(["videos/"], recursive=True), workers=2):
+    ...     print(record.path, record.score, record.warnings, record.error)
 
-Decoding runs in one background thread, a bounded queue ahead of the model, so the next videos are
-being decoded while the model computes (PyAV and torch release the GIL while they work). Every input
-yields exactly one `ScoreRecord`, in input order: a file that cannot be decoded or scored is a record
-with `error` set, never an exception, so one bad file never stops a batch. Stopping early (Ctrl-C,
-a closed pipe) stops the decoder thread and loses nothing already yielded.
+Decoding runs ahead of the model (`vqa2cli.prefetch.Prefetcher`): in a background thread, or with
+`workers` in that many processes, a bounded number of videos ahead, so the next videos are being
+decoded while the model computes. Every input yields exactly one `ScoreRecord`, in input order: a file
+that cannot be decoded or scored (or whose decoder process crashes) is a record with `error` set, never
+an exception, so one bad file never stops a batch. A damaged file that still decodes is scored, with
+what was lost in `warnings`; with `strict` it is an error instead. Stopping early (Ctrl-C, a closed
+pipe) stops the decoders and loses nothing already yielded.
 """
 
+import hashlib
 import os
-import queue
-import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Iterator, Optional
 
 from vqa2cli.errors import InputError, SetupError
+from vqa2cli.prefetch import DEFAULT_PREFETCH, Prefetcher, error_message  # noqa: F401 (the public names)
 from vqa2cli.video import VIDEO_EXTENSIONS  # files named on the command line or stdin are tried whatever their name
-
-# Decoded videos waiting for the model. Two keep the model fed when decode times vary from video to
-# video; each can hold up to max_motion_frames uint8 frames (0.9 GB at 2000 x 384 px), so memory
-# bounds the depth: at most depth + 2 decoded videos are alive (queued, being decoded, being scored).
-DEFAULT_PREFETCH = 2
-
 
 def is_video_name(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS
+
+
+class EmptyFolder(str):
+    """A folder given as an input that holds no video file: `expand_paths` yields it, and it becomes a
+    failed record saying why (`reason`), since nothing could be scored from that input."""
+
+    def __new__(cls, path: str, reason: str):
+        folder = super().__new__(cls, path)
+        folder.reason = reason
+        return folder
+
+    def __getnewargs__(self):  # copies (dataclasses.asdict) and pickles keep the reason
+        return str(self), self.reason
 
 
 def _walk(directory: str, recursive: bool, warn: Callable[[str], None]) -> Iterator[str]:
@@ -46,10 +55,12 @@ def _walk(directory: str, recursive: bool, warn: Callable[[str], None]) -> Itera
             if not name.startswith(".") and is_video_name(name):
                 found += 1
                 yield os.path.join(root, name)
+    skipped = f"{skipped_dirs} subdirector{'y' if skipped_dirs == 1 else 'ies'} skipped (use --recursive)"
     if not found:
-        warn(f"{directory}: no video files found (looked for {', '.join(sorted(VIDEO_EXTENSIONS))})")
-    if skipped_dirs:
-        warn(f"{directory}: {skipped_dirs} subdirector{'y' if skipped_dirs == 1 else 'ies'} skipped (use --recursive)")
+        looked = f"no video files found (looked for {', '.join(sorted(VIDEO_EXTENSIONS))})"
+        yield EmptyFolder(directory, f"{looked}; {skipped}" if skipped_dirs else looked)
+    elif skipped_dirs:
+        warn(f"{directory}: {skipped}")
 
 
 def _stdin_paths(stdin) -> Iterator[str]:
@@ -85,6 +96,7 @@ def expand_paths(
     recursive: bool = False,
     stdin=None,
     warn: Optional[Callable[[str], None]] = None,
+    shard: Optional[tuple] = None,
 ) -> Iterator[str]:
     """Video paths from command-line inputs, lazily, in order.
 
@@ -93,21 +105,67 @@ def expand_paths(
     (a missing file becomes an error record later). `-` reads paths from `stdin` (an iterable of
     lines: a text file, or `fd_lines(0)`), one per line, as
     they arrive, so `find ... | vqa2 score -` starts before `find` ends; a directory read there is
-    expanded the same way. `warn` gets one-line notes (empty directories, skipped subdirectories).
+    expanded the same way; one without videos is yielded as an `EmptyFolder`, to fail as an input. `warn`
+    gets one-line notes (skipped subdirectories). `shard` (k, n) keeps only the paths of share k of n (see
+    `in_shard`).
     """
     warn = warn or (lambda message: None)
     for item in inputs:
         sources = _stdin_paths(stdin) if item == "-" else [item]
         for path in sources:
             if os.path.isdir(path):
-                yield from _walk(path, recursive, warn)
-            else:
+                for found in _walk(path, recursive, warn):
+                    if shard is None or in_shard(os.path.relpath(found, path), shard):
+                        yield found
+            elif shard is None or in_shard(path, shard):
                 yield path
+
+
+def parse_shard(text: str) -> tuple:
+    """`"K/N"` -> (K, N), 0 <= K < N; ValueError with a one-line reason otherwise."""
+    k, sep, n = text.partition("/")
+    try:
+        k, n = int(k), int(n)
+    except ValueError:
+        raise ValueError(f"'{text}' is not K/N (e.g. 0/4: the first of four shares)") from None
+    if not sep or n < 1 or not 0 <= k < n:
+        raise ValueError(f"'{text}': K/N needs N >= 1 and 0 <= K < N")
+    return k, n
+
+
+def in_shard(key: str, shard: tuple) -> bool:
+    """Whether a path belongs to share k of n (`shard` = (k, n)).
+
+    The share is a hash (BLAKE2b, the same on every machine and Python) of the path's bytes, so shares
+    are disjoint, together they are the whole listing, and a file keeps its share when others are added
+    or removed. The key: for a file found in a directory, its path below that directory (so machines
+    that mount the catalogue at different places agree); for a path given on the command line or on
+    stdin, the path as given, normalised (`./a//b.mp4` is `a/b.mp4`).
+    """
+    k, n = shard
+    digest = hashlib.blake2b(os.fsencode(os.path.normpath(key)), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % n == k
+
+
+def default_workers(count: Optional[int] = None, device=None) -> int:
+    """Decode worker processes for `count` videos (None: not known yet, e.g. paths on stdin) scored on
+    `device`. The model on a GPU: one per usable CPU but one, which this process keeps to feed the GPU.
+    The model on the CPU: one, because the model's threads use every core already and more decoders
+    only take cores from it (BENCHMARKS.md). None for a single video: starting a process would cost
+    more than it saves."""
+    from vqa2cli.synth import usable_cpus
+
+    if count is not None and count <= 1:
+        return 0
+    workers = max(1, usable_cpus() - 1) if getattr(device, "type", device) == "cuda" else 1
+    return workers if count is None else min(workers, count)
 
 
 @dataclass
 class ScoreRecord:
-    """The result for one video; exactly one of (score, level, probs) and `error` is set."""
+    """The result for one video; exactly one of (score, level, probs) and `error` is set.
+
+    The fields, in order, are the output's columns (JSON keys, CSV header)."""
 
     path: str
     score: Optional[float] = None  # 0 (worst) .. 1 (best)
@@ -118,88 +176,11 @@ class ScoreRecord:
     keyframes: Optional[int] = None  # keyframes the model saw (one per second)
     motion_frames: Optional[int] = None  # frames in the motion stream
     seconds: float = 0.0  # time spent on this video: decoding + scoring
+    warnings: list = field(default_factory=list)  # damage the decoder got past (truncation, corrupt packets)
     error: Optional[str] = None  # one-line message, or None
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def error_message(path: str, error: BaseException) -> str:
-    """One line naming the file and the reason, for any exception raised while handling `path`."""
-    message = str(error) if isinstance(error, InputError) else f"{type(error).__name__}: {error}".rstrip(": ")
-    message = " ".join(message.splitlines())
-    return message if path in message else f"{path}: {message}"
-
-
-_DONE = object()
-
-
-class Prefetcher:
-    """Runs `decode(path)` for each path in a background thread, at most `depth` results ahead.
-
-    Iterating yields `(path, sample, error, seconds)` in input order: `sample` is decode's result or
-    None, `error` the one-line message when decoding failed. Exceptions raised while producing the
-    paths themselves (reading stdin) are re-raised in the consuming thread. `close()` (also on
-    leaving a `with` block) stops the thread.
-    """
-
-    def __init__(self, paths: Iterable[str], decode: Callable, depth: int = DEFAULT_PREFETCH):
-        if depth < 1:
-            raise ValueError("prefetch depth must be at least 1")
-        self._paths = paths
-        self._decode = decode
-        self._queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="vqa2-prefetch", daemon=True)
-        self._thread.start()
-
-    def _put(self, item) -> bool:
-        # a timed put, so that close() can stop a thread waiting on a full queue
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self):
-        try:
-            for path in self._paths:
-                if self._stop.is_set():
-                    return
-                start = time.perf_counter()
-                try:
-                    item = (path, self._decode(path), None)
-                except Exception as error:  # any decode failure is this file's record, not the batch's end
-                    item = (path, None, error_message(path, error))
-                if not self._put((*item, time.perf_counter() - start)):
-                    return
-        except BaseException as error:  # e.g. undecodable stdin: hand it to the consumer
-            self._put(error)
-            return
-        self._put(_DONE)
-
-    def __iter__(self):
-        while True:
-            item = self._queue.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def close(self):
-        self._stop.set()
-        # a decode in progress cannot be interrupted; the daemon thread ends after it, unwaited
-        self._thread.join(timeout=0.5)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-        return False
 
 
 def score_videos(
@@ -210,17 +191,20 @@ def score_videos(
     max_keyframes: int = 40,
     batch_size: int = 1,
     prefetch: int = DEFAULT_PREFETCH,
+    workers: int = 0,
+    strict: bool = False,
 ) -> Iterator[ScoreRecord]:
     """One ScoreRecord per path, in input order, scoring with the loaded `model` (a pipeline.VQA2).
 
-    Decoding is prefetched in the background (`prefetch` videos ahead, at least `batch_size`).
-    With `batch_size` > 1, decoded videos are scored `batch_size` at a time in one forward pass;
-    a record's `seconds` is then its decoding time plus its share of the batch's compute. Input
-    errors (bad files, videos the model cannot take) become records with `error`; a SetupError
-    (the model or device failing as a whole) ends the batch with that exception after the records
-    already yielded.
+    Decoding runs ahead (`prefetch` videos ahead, at least `batch_size`), in a thread or, with
+    `workers` > 0, in that many processes (see `vqa2cli.prefetch`: scripts need the
+    `if __name__ == "__main__":` guard then). With `batch_size` > 1, decoded videos are scored
+    `batch_size` at a time in one forward pass; a record's `seconds` is then its decoding time plus its
+    share of the batch's compute. Input errors (bad files, videos the model cannot take) become records
+    with `error`; with `strict`, so do damaged files (a sample with warnings). A SetupError (the model
+    or device failing as a whole) ends the batch with that exception after the records already yielded.
     """
-    decode = model.sampling(max_motion_frames, max_keyframes).load
+    decode = Loader(model.sampling(max_motion_frames, max_keyframes))
     pending = []  # (record, sample or None, decode seconds), in input order
 
     def flush():
@@ -228,9 +212,9 @@ def score_videos(
         pending.clear()  # drop the frames before yielding
         return records
 
-    with Prefetcher(paths, decode, depth=max(prefetch, batch_size)) as prefetcher:
+    with Prefetcher(paths, decode, depth=max(prefetch, batch_size), workers=workers) as prefetcher:
         for path, sample, error, decode_seconds in prefetcher:
-            pending.append((_new_record(model, path, sample, error), sample, decode_seconds))
+            pending.append(_pending(model, path, sample, error, decode_seconds, strict))
             del sample  # only `pending` keeps the frames
             decoded = sum(1 for _, waiting, _ in pending if waiting is not None)
             # a full batch goes to the model; failures with no video ahead of them go out at once
@@ -239,21 +223,71 @@ def score_videos(
         yield from flush()
 
 
-def score_decoded(model, decoded, prompt: Optional[str] = None) -> list[ScoreRecord]:
+@dataclass(frozen=True)
+class Loader:
+    """Decoding for one model, picklable for decode worker processes; an `EmptyFolder` input fails here."""
+
+    sampling: object
+
+    def __call__(self, path):
+        if isinstance(path, EmptyFolder):
+            raise InputError(f"{path}: {path.reason}")
+        return self.sampling.load(path)
+
+
+def score_one(model, video, prompt: Optional[str] = None, strict: bool = False,
+              max_motion_frames: Optional[int] = None, max_keyframes: Optional[int] = None) -> ScoreRecord:
+    """The ScoreRecord of one video: a path (decoded here, for this model) or a decoded `VideoSample`.
+    Like `score_videos` for one input: failures are the record's `error`, never an exception."""
+    start = time.perf_counter()
+    sample = error = None
+    if isinstance(video, (str, os.PathLike)):
+        path = os.fspath(video)
+        try:
+            sample = Loader(model.sampling(max_motion_frames, max_keyframes))(path)
+        except Exception as failure:
+            error = error_message(path, failure)
+    else:
+        sample, path = video, video.path
+    [record] = score_decoded(model, [(path, sample, error, time.perf_counter() - start)], prompt, strict)
+    return record
+
+
+def score_decoded(model, decoded, prompt: Optional[str] = None, strict: bool = False) -> list[ScoreRecord]:
     """Records for videos decoded elsewhere (a Ray decode stage, a service): `decoded` holds
     `(path, sample or None, error or None, decode seconds)` as `Prefetcher` yields them. The samples are
     scored in one forward pass when there are several (one by one if that pass fails)."""
-    pending = [(_new_record(model, path, sample, error), sample, seconds) for path, sample, error, seconds in decoded]
+    pending = [_pending(model, path, sample, error, seconds, strict) for path, sample, error, seconds in decoded]
     return _score_pending(model, pending, prompt)
 
 
-def _new_record(model, path: str, sample, error: Optional[str]) -> ScoreRecord:
+def _pending(model, path, sample, error, seconds, strict) -> tuple:
+    """(record, the sample to score or None, decode seconds) of a decoded (or failed) video."""
+    record = _decoded(model, path, sample, error, strict)
+    return record, sample if record.error is None else None, seconds
+
+
+def _decoded(model, path, sample, error, strict) -> ScoreRecord:
+    """The record of a decoded (or failed) video, before scoring."""
     record = ScoreRecord(path=path, model=model.name, error=error)
     if sample is not None:
         record.duration_s = round(float(sample.duration), 3)
         record.keyframes = int(sample.keyframes.shape[0])
         record.motion_frames = int(sample.motion.shape[0])
+        record.warnings = warnings_of(sample)
+        if strict and record.warnings:
+            record.error = damage_error(path, record.warnings)
     return record
+
+
+def warnings_of(sample) -> list:
+    """The damage a decoded sample reports, one line each ([] for none, or for no sample)."""
+    return [" ".join(str(warning).split()) for warning in sample.warnings] if sample is not None else []
+
+
+def damage_error(path, warnings: list) -> str:
+    """The error of a damaged video in strict mode: one line naming the file and what was lost."""
+    return f"{path}: refused as damaged (strict): {'; '.join(warnings)}"
 
 
 def _score_pending(model, pending, prompt) -> list:

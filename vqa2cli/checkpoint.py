@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from vqa2cli.config import FORMAT, VQA2Config
+from vqa2cli.config import FORMAT, VQA2Config, parse_json
 from vqa2cli.errors import CheckpointError, ModelNotFoundError, SetupError
-from vqa2cli.quantization import Precision, load_weight, prepare
+from vqa2cli.quantization import Precision, load_weight, prepare, weight_bytes
 
 # Official name prefix -> our prefix, first match wins. transformers 5's SiglipVisionModel has no
 # `vision_model.` level in its own names, so that level is dropped.
@@ -50,6 +48,8 @@ OFFICIAL_TO_OURS = (
 )
 # Present only in VQA² checkpoints, not in the LLaVA-OneVision base they start from.
 MOTION_PREFIXES = ("motion_encoder.", "motion_projector.")
+# What `load_official` initialises at random for such a base (the SlowFast blocks come from Kinetics weights).
+FRESH_MOTION = ("motion_projector.", "motion_encoder.position_embedding.")
 OFFICIAL_INDEX = "model.safetensors.index.json"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -103,10 +103,11 @@ def official_files(directory: Path) -> list[Path]:
     index = directory / OFFICIAL_INDEX
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as error:
+            weight_map = parse_json(index.read_text())["weight_map"]
+            names = list(dict.fromkeys(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise CheckpointError(f"{index}: not a safetensors index ({_first_line(error)})") from error
-        files = [directory / name for name in dict.fromkeys(weight_map.values())]
+        files = [directory / _shard_name(index, name) for name in names]
     else:
         files = sorted(directory.glob("*.safetensors"))
     missing = [f.name for f in files if not f.is_file()]
@@ -114,6 +115,15 @@ def official_files(directory: Path) -> list[Path]:
         what = f"shards missing: {_listing(missing)}" if missing else "no *.safetensors files"
         raise CheckpointError(f"checkpoint {directory}: {what}")
     return files
+
+
+def _shard_name(index: Path, name) -> str:
+    """`name` from the index's weight_map, if it names a file inside the index's own folder. Checked by its
+    text, not by resolving links: a Hugging Face cache snapshot holds links into its blobs/ folder."""
+    parts = Path(name).parts if isinstance(name, str) and name else ()
+    if not parts or Path(name).is_absolute() or ".." in parts or "\\" in name:
+        raise CheckpointError(f"{index}: names {name!r} as a shard; an index may only name files inside its folder")
+    return name
 
 
 def _first_line(error: BaseException) -> str:
@@ -127,6 +137,41 @@ def _listing(names: list[str]) -> str:
 
 
 # ---- building and filling the model ---------------------------------------------------------------------
+
+
+def check_fits(config: VQA2Config, precision: Precision, device: torch.device, label: str) -> None:
+    """Refuse, before anything is built, a model whose weights cannot fit in the device's memory (the
+    machine's RAM for the CPU), by the config's parameter estimate at `precision`; the config's numbers
+    themselves were checked when it was read (`VQA2Config`)."""
+    from transformers.activations import ACT2FN
+
+    from vqa2cli.output import human_size
+
+    if config.vision.hidden_act not in ACT2FN:
+        raise CheckpointError(f"{label}: unknown vision.hidden_act {config.vision.hidden_act!r}")
+    need = weight_bytes(config, precision)
+    have, where = _memory_of(device)
+    if have and need > have:
+        hint = " (try --quant 4bit)" if precision.quant == "none" else ""
+        raise CheckpointError(f"{label}: its weights need about {human_size(need)} in {precision.describe()}, "
+                              f"more than the {human_size(have)} {where}{hint}")
+
+
+def _memory_of(device: torch.device) -> tuple[int | None, str]:
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_properties(index).total_memory, f"of GPU {index}"
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system
+        total = None
+    try:  # a container's memory limit (cgroup v2) is what this process may use
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            total = min(total or int(limit), int(limit))
+    except OSError:
+        pass
+    return total, "of memory this machine has"
 
 
 def build_empty(config: VQA2Config):
@@ -230,13 +275,56 @@ def init_fresh(module: torch.nn.Module, device: torch.device, dtype: torch.dtype
     module.to(dtype)
 
 
+# ---- any model a name stands for -----------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    name: str  # what output records call it: registry name, repo id or directory as given
+    model: torch.nn.Module  # VQA2Model, in eval mode
+    tokenizer: object
+    # Parameters the files lack, initialised at random: a plain LLaVA-OneVision base's motion projector and
+    # position table. Fine-tuning saves them with its trained tensors, so every later load uses the same draw.
+    fresh: list[str]
+
+
+def load_any(
+    name_or_path: str | os.PathLike | None,
+    task: str = "score",
+    *,
+    device: torch.device | str = "cpu",
+    precision: Precision | None = None,
+    allow_missing_motion: bool = False,
+    slowfast_weights: str | os.PathLike | None = None,
+) -> LoadedModel:
+    """The one place that decides what a model name is and how to read it: resolved by the registry (a
+    registry name, a directory, a Hugging Face repo id), then read as our model directory or as an official
+    llava_qwen checkpoint (`allow_missing_motion`, `slowfast_weights`: see `load_official`)."""
+    resolved, config = read_config(name_or_path, task)
+    path = resolved.path
+    if is_model_dir(path):
+        model, tokenizer = load_model_dir(path, device=device, precision=precision)
+        return LoadedModel(resolved.name, model, tokenizer, [])
+    model = load_official(path, device=device, precision=precision, config=config,
+                          allow_missing_motion=allow_missing_motion, slowfast_weights=slowfast_weights)
+    fresh = []
+    if allow_missing_motion and not _has_motion_weights(path):
+        fresh = [name for name, _ in model.named_parameters() if name.startswith(FRESH_MOTION)]
+    return LoadedModel(resolved.name, model, load_tokenizer(path), fresh)
+
+
+def _has_motion_weights(directory: Path) -> bool:
+    names = (official_to_ours(key) or key for key in _read_headers(official_files(directory)))
+    return any(name.startswith(MOTION_PREFIXES) for name in names)
+
+
 # ---- official llava_qwen checkpoints ---------------------------------------------------------------------
 
 
 def is_official(directory: Path) -> bool:
     try:
-        return json.loads((directory / CONFIG_FILE).read_text()).get("model_type") == "llava_qwen"
-    except (OSError, ValueError):
+        return parse_json((directory / CONFIG_FILE).read_text()).get("model_type") == "llava_qwen"
+    except (OSError, ValueError, AttributeError):  # AttributeError: not a JSON object
         return False
 
 
@@ -246,7 +334,7 @@ def official_config(directory: Path, **overrides) -> VQA2Config:
     not the release's (test checkpoints, variants); the released checkpoints have none."""
     path = directory / CONFIG_FILE
     try:
-        raw = json.loads(path.read_text())
+        raw = parse_json(path.read_text())
         section = raw.get("vqa2", {})
         if "vision" in section:  # the section's tower replaces the one `mm_vision_tower` names
             raw = {k: v for k, v in raw.items() if k != "mm_hidden_size"}
@@ -277,6 +365,7 @@ def load_official(
     device = torch.device(device)
     precision = precision or Precision("none", torch.float32)
     config = config or official_config(directory)
+    check_fits(config, precision, device, f"checkpoint {directory}")
     model = build_empty(config)
     expected = all_expected = expected_tensors(model)  # before quantization swaps modules
     prepare(model, precision)
@@ -416,39 +505,31 @@ def check_slowfast(expected: dict[str, tuple[int, ...]], tensors: dict[str, torc
 
 def is_model_dir(directory: Path) -> bool:
     try:
-        return json.loads((directory / CONFIG_FILE).read_text()).get("format") == FORMAT
-    except (OSError, ValueError):
+        return parse_json((directory / CONFIG_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):  # AttributeError: not a JSON object
         return False
 
 
-def save_model_dir(model, tokenizer, directory: str | os.PathLike, card: str | None = None) -> Path:
-    """Write `model` + `tokenizer` as a vqa2 model directory, atomically: into a temporary sibling that is
-    renamed into place, so a crash never leaves a half-written model where a good one was."""
+def save_model_dir(model, tokenizer, directory: str | os.PathLike, card: str | None = None,
+                   merge: bool = False) -> Path:
+    """Write `model` + `tokenizer` as a vqa2 model directory, atomically (`files.staged_dir`): a crash never
+    leaves a half-written model where a good one was. With `merge`, the files go into the existing
+    `directory` beside what it holds (a fine-tuning run's checkpoints and log), config.json last: it is
+    what marks a folder as a model directory."""
     from safetensors.torch import save_file
+
+    from vqa2cli.files import staged_dir
 
     quantized = [n for n, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes.")]
     if quantized:
         raise SetupError("cannot save a quantized model; load it with quant='none' to save or fine-tune it")
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with staged_dir(directory, merge=merge, last=(CONFIG_FILE,)) as tmp:
         state = {n: t.detach().to("cpu").contiguous() for n, t in _unique_state(model)}
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         model.config.save(tmp / CONFIG_FILE)
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(card if card is not None else _default_card(model.config))
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+    return Path(directory)
 
 
 def _unique_state(model) -> Iterator[tuple[str, torch.Tensor]]:
@@ -476,7 +557,9 @@ def load_model_dir(
     directory = Path(directory)
     device = torch.device(device)
     precision = precision or Precision("none", torch.float32)
-    model = build_empty(_model_dir_config(directory))
+    config = _model_dir_config(directory)
+    check_fits(config, precision, device, f"model directory {directory}")
+    model = build_empty(config)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"model directory {directory}: {WEIGHTS_FILE} is missing")
@@ -496,20 +579,19 @@ def _model_dir_config(directory: Path) -> VQA2Config:
         raise CheckpointError(f"{directory / CONFIG_FILE}: {_first_line(error)}") from error
 
 
-def read_config(directory: Path, prompt: str | None = None) -> VQA2Config:
-    """The config of a model directory (ours, or an official checkpoint whose scoring `prompt` the registry
-    knows) without loading any weights: what a process that only decodes needs (`config.sampling()`)."""
-    directory = Path(directory)
-    if is_model_dir(directory):
-        return _model_dir_config(directory)
-    if is_official(directory):
-        return official_config(directory, **({"prompt": prompt} if prompt else {}))
-    raise not_a_model_dir(directory)
+def read_config(name_or_path: str | os.PathLike | None, task: str = "score"):
+    """(the resolved model, its config), read without any weights: what `load_any` builds the model from, and all
+    that a process which only decodes needs (`config.sampling()`). Our model directory or an official checkpoint,
+    whose scoring prompt the registry knows (official configs do not say it)."""
+    from vqa2cli import registry
 
-
-def not_a_model_dir(directory: Path) -> ModelNotFoundError:
-    return ModelNotFoundError(
-        f"{directory} is not a model directory (no config.json with \"format\": \"vqa2\" "
+    resolved = registry.resolve(name_or_path, task)
+    if is_model_dir(resolved.path):
+        return resolved, _model_dir_config(resolved.path)
+    if is_official(resolved.path):
+        return resolved, official_config(resolved.path, **({"prompt": resolved.prompt} if resolved.prompt else {}))
+    raise ModelNotFoundError(
+        f"{resolved.path} is not a model directory (no config.json with \"format\": \"vqa2\" "
         "or \"model_type\": \"llava_qwen\")"
     )
 

@@ -7,26 +7,97 @@ Conventions every command follows (and new ones should too):
 - stdout carries only data, written through `vqa2cli.output` writers; `@output_format_options`
   adds --json/--jsonl/--csv and passes `fmt` (a table on a terminal, JSON Lines otherwise);
 - messages go to stderr through `output.Reporter`: one line per problem, no tracebacks;
-- a command returns its exit code: 0 all good, 1 some inputs failed, 130 interrupted; errors that
-  stop the command are raised (`SetupError` -> 2, other `Vqa2Error` -> 1, see `main`).
+- a command returns its exit code: 0 all good, 1 some inputs failed, EXIT_INTERRUPTED; errors that
+  stop the command are raised (`SetupError` -> 2, other `Vqa2Error` -> 1, see `main`);
+- SIGTERM and SIGHUP arrive as Ctrl-C does, as a KeyboardInterrupt (`errors.Stopped`): a command that
+  catches it keeps what it finished, says so in one line (`_stop.note`) and returns EXIT_INTERRUPTED,
+  which `main` turns into 128 + the signal number (130 SIGINT, 143 SIGTERM, 129 SIGHUP).
 """
 
+import dataclasses
 import functools
 import os
 import signal
 import sys
+import threading
 import time
+import typing
 
 import click
 
 from vqa2cli import __version__
-from vqa2cli.errors import SetupError, Vqa2Error
+from vqa2cli.errors import STOP_SIGNALS, SetupError, Stopped, Vqa2Error
+from vqa2cli.finetune.options import FinetuneOptions
 
 EXIT_FAILED = 1  # some inputs failed
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+EXIT_INTERRUPTED = 130  # stopped by a signal; `main` exits with 128 + its number (130 is SIGINT's)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _StopSignals:
+    """While a command runs, SIGINT, SIGTERM and SIGHUP raise `Stopped` (a KeyboardInterrupt) in the
+    main thread, so `kill`, `timeout`, `docker stop` and a closed terminal end a run the way Ctrl-C does.
+
+    A second signal ends the process at once, by the signal's default action (a writer still finishes
+    the record it is writing: `output.uninterrupted`), unless it follows the first within REPEAT_WINDOW:
+    `timeout` signals its child and then the child's whole process group, so one stop can arrive twice.
+    A signal the caller ignores (SIGHUP under `nohup`, SIGINT in a script's background job) stays ignored.
+    """
+
+    REPEAT_WINDOW = 0.5  # seconds
+
+    def __init__(self):
+        self.signum = None
+        self._since = 0.0
+        self._previous = {}
+
+    def __enter__(self):
+        self.signum = None
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                if signal.getsignal(signum) not in (signal.SIG_IGN, None):
+                    self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        now = time.monotonic()
+        if self.signum is None:
+            self.signum, self._since = signum, now
+            raise Stopped(signum)
+        if now - self._since < self.REPEAT_WINDOW:
+            return
+        for number in self._previous:
+            signal.signal(number, signal.SIG_DFL)
+        signal.raise_signal(signum)
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+        return False
+
+    def note(self, what: str = "") -> str:
+        """The one line telling the user the run was stopped, and by which signal."""
+        by = f" by {signal.Signals(self.signum).name}" if self.signum else ""
+        return f"interrupted{by}: {what}" if what else f"interrupted{by}"
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
+
+
+_stop = _StopSignals()
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:  # a command with nothing to keep (ask's streamed answer): one line
+            click.echo(_stop.note(), err=True)
+            return EXIT_INTERRUPTED
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="vqa2")
 def cli():
     """Tell how good a video looks, and why, with the VQA² model.
@@ -87,7 +158,8 @@ def model_options(func):
         metavar="NAME|DIR|REPO",
         default=None,
         help="Model: a name from `vqa2 models`, a model directory or a Hugging Face repo id "
-        "[env: VQA2_MODEL; default: the command's default model].",
+        "[env: VQA2_MODEL; default: the command's default model, downloaded on first use; vqa2-tiny is "
+        "shipped with vqa2 and works offline].",
     )(func)
     return func
 
@@ -159,11 +231,6 @@ def _connect_ray(reporter, address, model_name):
     return name, config.level_words
 
 
-def _ignore_further_interrupts():
-    # the second Ctrl-C of an impatient user must not cut the closing `]` of a JSON array
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 # --- score ---------------------------------------------------------------------------------------
 
 
@@ -191,8 +258,116 @@ def _score_columns(level_words):
         Column("keyframes", "Keyframes", in_table=False),
         Column("motion_frames", "Motion frames", in_table=False),
         Column("seconds", "Took", lambda seconds: f"{seconds:.2f} s", "right"),
+        Column("warnings", "Warnings", lambda warnings: "! " + "; ".join(warnings) if warnings else "", when_set=True),
         Column("error", "Error", in_table=False),  # the table adds an Error column when a row failed
     ]
+
+
+def decoding_options(func):
+    """--workers, --strict: how videos are decoded ahead of the model, and what damage is allowed."""
+    func = click.option(
+        "--strict",
+        is_flag=True,
+        help="A damaged file (truncated, corrupt data) is an error (exit 1) instead of scored with warnings.",
+    )(func)
+    return click.option(
+        "--workers",
+        type=click.IntRange(min=0),
+        default=None,
+        help="Decode worker processes [default: one per usable CPU but one with the model on a GPU, one with "
+        "it on the CPU, none for a single video]. 0 decodes in this process (a thread), for debugging.",
+    )(func)
+
+
+def _warm_up_decoders(workers, videos):
+    """Start the process decode workers are forked from, while the model loads, when there will be some."""
+    if workers != 0 and (videos is None or videos > 1):
+        from vqa2cli.prefetch import warm_up
+
+        warm_up()
+
+
+def _workers(workers, videos, model) -> int:
+    """--workers, or its default for this many videos (None: unknown) and the model's device."""
+    from vqa2cli.batch import default_workers
+
+    if workers is None:
+        return default_workers(videos, model.device)
+    return workers if videos is None else min(workers, videos)  # no idle processes
+
+
+class _Shard(click.ParamType):
+    name = "K/N"
+
+    def convert(self, value, param, ctx):
+        from vqa2cli.batch import parse_shard
+
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_shard(value)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+
+
+def _expand_inputs(paths, recursive, shard, quiet, reporter):
+    """(paths to score, their number or None while stdin streams, notes to print once the model loads)."""
+    from vqa2cli.batch import expand_paths
+
+    if "-" in paths:  # expanded as they arrive, notes printed then
+        return expand_paths(paths, recursive=recursive, stdin=_stdin_lines(), shard=shard,
+                            warn=None if quiet else reporter.note), None, []
+    notes = []
+    # the whole list known up front gives the progress bar its ETA and the worker pool its size
+    inputs = list(expand_paths(paths, recursive=recursive, shard=shard, warn=notes.append))
+    return inputs, len(inputs), [] if quiet else notes
+
+
+def _score_writer(fmt, output, resume, name, level_words, inputs, total, note):
+    """(writer, inputs, total): stdout in `fmt`, or --output FILE, whose finished paths --resume skips."""
+    from vqa2cli.output import make_writer, open_record_file
+
+    columns = _score_columns([word.strip() for word in level_words])
+    if output is None:
+        return make_writer(fmt, sys.stdout, columns, title=f"vqa2 score ({name})"), inputs, total
+    writer, existing = open_record_file(output, columns, resume=resume)
+    other_models = existing.models - {name}
+    if other_models:
+        writer.close()
+        raise SetupError(f"{output}: its records were made with model {sorted(map(str, other_models))[0]!r}, "
+                         f"this run uses {name!r}; resume with the same --model, or name a new file")
+    if existing.torn_bytes:
+        note(f"{output}: cut off an incomplete last record ({existing.torn_bytes} bytes) left by an "
+                      f"interrupted run")
+    if existing.done:
+        if total is not None:
+            inputs = [path for path in inputs if path not in existing.done]
+            total = len(inputs)
+        else:
+            inputs = (path for path in inputs if path not in existing.done)
+        note(f"resuming {output}: {len(existing.done)} video(s) already scored are skipped")
+    return writer, inputs, total
+
+
+def _write_records(records, writer, reporter):
+    """Write each record (a dict) as it comes, one stderr line per failed or damaged file: (scored, failed,
+    damaged, interrupted)."""
+    scored = failed = damaged = 0
+    try:
+        for record in records:
+            writer.write(record)
+            if record["error"]:
+                failed += 1
+                reporter.note(f"error: {record['error']}")
+            else:
+                scored += 1
+                if record["warnings"]:
+                    damaged += 1
+                    reporter.note(f"warning: {record['path']}: {'; '.join(record['warnings'])}")
+            reporter.advance()
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM/SIGHUP turned into one by main()
+        return scored, failed, damaged, True
+    return scored, failed, damaged, False
 
 
 @cli.command(short_help="Score the quality of videos (files, directories, stdin).")
@@ -212,29 +387,39 @@ def _score_columns(level_words):
     show_default=True,
     help="Videos the model scores in one forward pass.",
 )
+@decoding_options
+@click.option("--shard", type=_Shard(), default=None,
+              help="Score only share K of N (0 <= K < N) of the inputs: N machines each given one K split a "
+              "catalogue between them with no overlap (a hash of each path; see docs/cli.md).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Append records to FILE (.jsonl or .csv) as they are made, instead of stdout.")
+@click.option("--resume", is_flag=True,
+              help="Continue --output FILE: skip the videos it already holds a score for (failed ones are retried).")
 @click.option("-r", "--recursive", is_flag=True, help="Look for videos in subdirectories too.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr: no progress bar, notes or summary.")
 @ray_options
 @output_format_options
-def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyframes, batch_size, recursive, quiet,
-          ray, fmt):
+def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyframes, batch_size, workers, strict,
+          shard, output, resume, recursive, quiet, ray, fmt):
     """Score the quality of videos: 0 (worst) to 1 (best), and a level from low to high.
 
     PATH is a video file, a directory, or - to read paths from stdin (one per line). In a directory,
     files with a video extension (.mp4 .mov .mkv .webm .avi .m4v .ts .flv .wmv .mpg .y4m …) are
     scored, sorted by name; --recursive goes into subdirectories. Files named explicitly are always
-    tried. The model loads once for the whole batch.
+    tried. The model loads once for the whole batch; videos are decoded ahead of it in --workers
+    processes.
 
-    Output goes to stdout: a table on a terminal, JSON Lines when piped (or --json, --jsonl, --csv).
-    Each record has path, score, level, probs, model, duration_s, keyframes, motion_frames,
-    seconds and error. A file that fails gives a record with `error` and a line on stderr; the
-    batch goes on.
+    Output goes to stdout: a table on a terminal, JSON Lines when piped (or --json, --jsonl, --csv),
+    or to --output FILE. Each record has path, score, level, probs, model, duration_s, keyframes,
+    motion_frames, seconds, warnings and error. A file that fails gives a record with `error` and a
+    line on stderr; the batch goes on. A damaged file that still decodes is scored, with what was
+    lost in `warnings` and a line on stderr (an error with --strict).
 
     With --ray the same inputs are scored by a Ray Data pipeline on the cluster RAY_ADDRESS (or
     --ray-address) names, or on a new local one: decode tasks, then --ray-actors model actors.
 
-    Exit status: 0 all scored, 1 some failed, 2 bad usage or model not available, 130 interrupted
-    (the results so far are written, and --json output stays a valid array).
+    Exit status: 0 all scored, 1 some failed, 2 bad usage or model not available; 130, 143, 129
+    stopped by Ctrl-C, SIGTERM, SIGHUP (the results so far are written, --json stays a valid array).
 
     \b
     Examples:
@@ -242,74 +427,77 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyfr
       vqa2 score videos/ -r --json > scores.json
       vqa2 score a.mp4 b.webm --csv
       find /data -name '*.mp4' -mmin -60 | vqa2 score - --jsonl | jq .score
+      vqa2 score /catalogue -r --shard 0/4 --output part0.jsonl --resume
       RAY_ADDRESS=ray://head:10001 vqa2 score /mnt/catalogue -r --ray --ray-actors 8 --parquet scores/
     """
-    from vqa2cli.batch import expand_paths, score_videos
-    from vqa2cli.output import Reporter, default_format, make_writer
+    from vqa2cli.batch import score_videos
+    from vqa2cli.output import Reporter, default_format, make_writer, record_file_format
 
+    if resume and output is None:
+        raise click.UsageError("--resume continues an --output FILE: name the file")
+    if output is not None:
+        if fmt:
+            raise click.UsageError(f"--output takes its format from the file's extension: drop --{fmt}")
+        try:
+            record_file_format(output)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--output") from None
     fmt = fmt or default_format(sys.stdout)
     # records streamed to the terminal are their own progress, and a live bar redrawn on the same
     # screen would overwrite them: the bar is for tables (printed at the end) and redirected output
-    reporter = Reporter.for_stderr(quiet or (fmt != "table" and sys.stdout.isatty()))
+    reporter = Reporter.for_stderr(quiet or (output is None and fmt != "table" and sys.stdout.isatty()))
     if "-" in paths and sys.stdin is not None and sys.stdin.isatty() and not quiet:
         reporter.note("reading video paths from stdin, one per line (end with Ctrl-D)")
     try:
+        inputs, total, notes = _expand_inputs(paths, recursive, shard, quiet, reporter)
+        if ray is None:
+            _warm_up_decoders(workers, total)
         # the model first: when it cannot load, its error is the only message
         if ray is None:
             model = _load_model(reporter, model_name, device, quant, task="score")
             name, level_words = model.name, model.config.level_words
+            workers = _workers(workers, total, model)
         else:
             name, level_words = _connect_ray(reporter, ray["address"], model_name)
-        inputs = expand_paths(paths, recursive=recursive, stdin=_stdin_lines(), warn=None if quiet else reporter.note)
-        # without stdin the whole list is known up front, which gives the progress bar its ETA; Ray needs it
-        total = None
-        if "-" not in paths or ray is not None:
-            inputs = list(inputs)
-            total = len(inputs)
+            if total is None:  # Ray plans the whole list up front
+                inputs = list(inputs)
+                total = len(inputs)
+        for note in notes:
+            reporter.note(note)
+        writer, inputs, total = _score_writer(fmt, output, resume, name, level_words, inputs, total,
+                                              (lambda message: None) if quiet else reporter.note)
     except KeyboardInterrupt:
-        _ignore_further_interrupts()
-        if fmt == "json":  # no results yet, but what reads our stdout still gets valid JSON
+        if fmt == "json" and output is None:  # no results yet, but what reads our stdout still gets valid JSON
             make_writer(fmt, sys.stdout, []).close()
-        reporter.note("interrupted before any video was scored")
+        reporter.note(_stop.note("no video was scored"))
         return EXIT_INTERRUPTED
-    level_words = [word.strip() for word in level_words]
-    writer = make_writer(fmt, sys.stdout, _score_columns(level_words), title=f"vqa2 score ({name})")
-    scored = failed = 0
-    interrupted = False
     start = time.perf_counter()
     if ray is None:
         scores = score_videos(model, inputs, prompt=prompt, max_motion_frames=max_motion_frames,
-                              max_keyframes=max_keyframes, batch_size=batch_size)
+                              max_keyframes=max_keyframes, batch_size=batch_size, workers=workers, strict=strict)
         records = (record.to_dict() for record in scores)
     else:
         from vqa2cli.ray_scoring import score_records
 
-        scores = records = score_records(inputs, model_name, parquet=ray["parquet"], device=device, quant=quant, prompt=prompt,
-                                max_motion_frames=max_motion_frames, max_keyframes=max_keyframes,
-                                batch_size=batch_size, actors=ray["actors"], gpus_per_actor=ray["gpus_per_actor"])
+        scores = records = score_records(
+            inputs, model_name, parquet=ray["parquet"], device=device, quant=quant, prompt=prompt,
+            max_motion_frames=max_motion_frames, max_keyframes=max_keyframes, batch_size=batch_size, strict=strict,
+            actors=ray["actors"], gpus_per_actor=ray["gpus_per_actor"])
     try:
         reporter.start("Scoring", total=total)
-        for record in records:
-            writer.write(record)
-            if record["error"]:
-                failed += 1
-                reporter.note(f"error: {record['error']}")
-            else:
-                scored += 1
-            reporter.advance()
-    except KeyboardInterrupt:
-        interrupted = True
-        _ignore_further_interrupts()
+        scored, failed, damaged, interrupted = _write_records(records, writer, reporter)
     finally:
-        scores.close()  # stops the background decoder (or the Ray pipeline)
         reporter.stop()
-        writer.close()
+        writer.close()  # first: a second signal ends the process at once
+        scores.close()  # stops the decoders (or the Ray pipeline)
+    where = f"; records in {output}" if output else ""
     if interrupted:
-        reporter.note(f"interrupted: {scored + failed} video(s) done, results so far written")
+        reporter.note(_stop.note(f"{scored + failed} video(s) done, results so far written{where}"))
         return EXIT_INTERRUPTED
     if not quiet:
-        took = time.perf_counter() - start
-        reporter.note(f"scored {scored} video(s), {failed} failed, in {took:.1f} s")
+        with_warnings = f" ({damaged} with warnings)" if damaged else ""
+        reporter.note(f"scored {scored} video(s){with_warnings}, {failed} failed, in "
+                      f"{time.perf_counter() - start:.1f} s{where}")
     return EXIT_FAILED if failed else 0
 
 
@@ -377,8 +565,7 @@ def ask(video, question, questions_file, model_name, device, quant, max_new_toke
                 for question_text in questions:
                     writer.write(record(question_text))
             except KeyboardInterrupt:
-                _ignore_further_interrupts()
-                reporter.note(f"interrupted: {writer.count} of {len(questions)} question(s) answered")
+                reporter.note(_stop.note(f"{writer.count} of {len(questions)} question(s) answered"))
                 return EXIT_INTERRUPTED
         return 0
     for number, question_text in enumerate(questions, 1):
@@ -550,7 +737,7 @@ def synth(out, clips_dir, images_dir, count, seed, size, fps, seconds, crf, cont
                                     on_clip=on_clip,
                                     jobs=min(jobs or usable_cpus(), count))
     except KeyboardInterrupt:
-        reporter.note(f"interrupted: the clips made so far are labelled in {out}")
+        reporter.note(_stop.note(f"the clips made so far are labelled in {out}"))
         return EXIT_INTERRUPTED
     for message in meta["skipped_sources"]:
         reporter.note(f"skipped: {message}")
@@ -587,10 +774,11 @@ def _prediction_writer(path, columns):
               help="Longest answer (question sets).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Videos scored in one forward pass (score sets).")
+@decoding_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary; errors are still reported.")
 @output_format_options
-def eval_(labels, model_name, device, quant, predictions_path, max_motion_frames, max_new_tokens, batch_size, quiet,
-          fmt):
+def eval_(labels, model_name, device, quant, predictions_path, max_motion_frames, max_new_tokens, batch_size, workers,
+          strict, quiet, fmt):
     """Evaluate a model on a labelled set, with the standard VQA protocol.
 
     LABELS is a CSV whose header says what it holds (`video` may stand for `path`):
@@ -603,6 +791,7 @@ def eval_(labels, model_name, device, quant, predictions_path, max_motion_frames
 
     Paths are relative to the CSV's folder and may not leave it. The model loads once. A video that
     is missing or cannot be decoded or scored is a failed item: reported, left out of the metrics.
+    A damaged video that still decodes is evaluated, with a warning (a failed item with --strict).
     Per-item predictions are saved to --predictions; the metrics go to stdout (a table on a
     terminal, JSON Lines when piped, or --json/--jsonl/--csv).
 
@@ -623,6 +812,7 @@ def eval_(labels, model_name, device, quant, predictions_path, max_motion_frames
     handle, predictions = _prediction_writer(predictions_path, prediction_columns(label_set.kind))
     reporter = Reporter.for_stderr(quiet)
     failed = 0
+    warned = set()
 
     def on_record(record):
         nonlocal failed
@@ -630,23 +820,28 @@ def eval_(labels, model_name, device, quant, predictions_path, max_motion_frames
         if record["error"]:
             failed += 1
             reporter.note(f"error: {record['error']}")
+        elif record["warnings"] and record["path"] not in warned:  # once per video, not per question
+            warned.add(record["path"])
+            reporter.note(f"warning: {record['path']}: {'; '.join(record['warnings'])}")
         reporter.advance()
 
+    videos = len({row.video for row in label_set.rows})
     interrupted = False
     try:
+        _warm_up_decoders(workers, videos)
         model = _load_model(reporter, model_name, device, quant, task="score" if label_set.kind == "scores" else "ask")
+        workers = _workers(workers, videos, model)
         reporter.start("Evaluating", total=len(label_set.rows))
         _, summary = evaluate(model, label_set, max_motion_frames=max_motion_frames, max_new_tokens=max_new_tokens,
-                              on_record=on_record, batch_size=batch_size)
+                              on_record=on_record, batch_size=batch_size, workers=workers, strict=strict)
     except KeyboardInterrupt:
         interrupted = True
-        _ignore_further_interrupts()
     finally:
         reporter.stop()
         predictions.close()
         handle.close()
     if interrupted:
-        reporter.note(f"interrupted: predictions so far are in {predictions_path}")
+        reporter.note(_stop.note(f"predictions so far are in {predictions_path}"))
         return EXIT_INTERRUPTED
     summary["predictions"] = predictions_path
     columns = summary_columns(label_set.kind)
@@ -661,56 +856,58 @@ def eval_(labels, model_name, device, quant, predictions_path, max_motion_frames
 # --- finetune ------------------------------------------------------------------------------------
 
 
+class _CommaList(click.ParamType):
+    name = "list"
+
+    def convert(self, value, param, ctx):
+        return value if isinstance(value, tuple) else tuple(p.strip() for p in value.split(",") if p.strip())
+
+
+def _click_type(spec, kind):
+    if spec.choices is not None:
+        return click.Choice([str(choice) for choice in spec.choices])
+    if spec.path is not None:
+        return click.Path(exists=spec.exists, file_okay=spec.path != "dir", dir_okay=spec.path != "file")
+    if kind in (int, float):
+        limits = dict(min=spec.min, max=spec.max, min_open=spec.min_open, max_open=spec.max_open)
+        return click.IntRange(**limits) if kind is int else click.FloatRange(**limits)
+    if typing.get_origin(kind) is tuple:
+        args = typing.get_args(kind)
+        return _CommaList() if args[-1] is Ellipsis else args[0]  # (x, ...): "a,b,c"; (x, y): two values
+    return kind
+
+
+def dataclass_options(cls):
+    """Click parameters made from the fields of dataclass `cls`, each carrying an `Option` (see
+    vqa2cli.finetune.options): the default, help and limits of an option are written once, on its field."""
+    hints = typing.get_type_hints(cls)
+
+    def parameter(field):
+        spec, kind = field.metadata["option"], hints[field.name]
+        kind = next((arg for arg in typing.get_args(kind) if arg is not type(None)), kind)  # X | None -> X
+        if spec.argument:
+            return click.argument(field.name, type=_click_type(spec, kind))
+        flags = spec.flags or ("--" + field.name.replace("_", "-"),)
+        if kind is bool:
+            return click.option(*flags, field.name, is_flag=True, help=spec.help)
+        required = field.default is dataclasses.MISSING
+        args = typing.get_args(kind) if typing.get_origin(kind) is tuple else ()
+        nargs = len(args) if args and Ellipsis not in args else 1  # (x, y): two values
+        return click.option(*flags, field.name, type=_click_type(spec, kind), nargs=nargs, required=required,
+                            default=None if required else field.default, show_default=not required and
+                            field.default is not None, metavar=spec.metavar, help=spec.help)
+
+    def decorate(func):
+        for field in reversed(dataclasses.fields(cls)):
+            func = parameter(field)(func)
+        return func
+
+    return decorate
+
+
 @cli.command(short_help="Fine-tune a model on your own data (the three VQA² training stages).")
-@click.argument("data", type=click.Path(exists=True))
-@click.option("--stage", type=click.IntRange(1, 3), required=True,
-              help="1 distortion recognition, 2 quality scoring, 3 quality understanding.")
-@click.option("-m", "--model", "model_name", required=True, metavar="NAME|DIR|REPO",
-              help="Model to start from: a name from `vqa2 models`, a model directory, an official llava_qwen "
-              "checkpoint (VQA² or plain LLaVA-OneVision) or a Hugging Face repo id.")
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), metavar="DIR",
-              help="Where the fine-tuned model, checkpoints and metrics.jsonl go (new or empty, or --resume).")
-@click.option("--method", type=click.Choice(["full", "lora", "qlora"]), default="full", show_default=True,
-              help="full: train the parts' weights; lora: LoRA on the LLM's linear layers; qlora: LoRA on a "
-              "4-bit LLM. LoRA is merged into the saved model.")
-@click.option("--train", "train_parts", metavar="PART,...",
-              help="Override what trains: vision_tower, mm_projector, image_newline, motion_encoder, "
-              "motion_projector, language_model (or dotted submodule paths).")
-@click.option("--part", type=click.Choice(["spatial", "motion", "both"]),
-              help="Stage 1: which branch trains [default: from the kinds of distortion in the data].")
-@click.option("--mos-range", nargs=2, type=float, metavar="LO HI",
-              help="Stage-2 CSV: the scale of the mos column, e.g. 1 5 or 0 100.")
-@click.option("--skip-invalid", is_flag=True, help="Train without invalid records instead of stopping.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True,
-              help="Peak learning rate (cosine schedule, 3% warm-up).")
-@click.option("--vision-lr", type=click.FloatRange(min=0, min_open=True),
-              help="Learning rate of the vision tower [default: LR / 5, the release's 2e-6 for 1e-5].")
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
-@click.option("--max-steps", type=click.IntRange(min=1), help="Stop after this many optimizer steps (overrides --epochs).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Videos per micro-batch and process.")
-@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Micro-batches per optimizer step.")
-@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward: less memory, slower.")
-@click.option("--save-every", type=click.IntRange(min=1), default=500, show_default=True,
-              help="Checkpoint every N optimizer steps (and at the end, and on Ctrl-C).")
-@click.option("--keep", type=click.IntRange(min=1), default=2, show_default=True, help="Checkpoints kept.")
-@click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Data order and initialisation.")
-@click.option("--lora-r", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--lora-alpha", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--max-motion-frames", type=click.IntRange(min=4), default=2000, show_default=True,
-              help="Longest motion stream; longer videos are sampled evenly down to it.")
-@click.option("--slowfast-weights", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
-              help="pytorchvideo SLOWFAST_8x8_R50.pyth, when --model is a plain LLaVA-OneVision checkpoint.")
-@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
-@click.option("--save-dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
-              help="Weights of the saved model [default: bfloat16 after GPU training, float32 on CPU].")
-@click.option("--feature-cache-gb", type=click.FloatRange(min=0), default=4.0, show_default=True,
-              help="When nothing before the LLM trains, encode each video once and keep up to this much of the "
-              "encodings in memory (0: off).")
-def finetune(data, stage, model_name, output, method, train_parts, part, mos_range, skip_invalid, lr, vision_lr,
-             epochs, max_steps, batch_size, grad_accum, gradient_checkpointing, save_every, keep, resume, seed,
-             lora_r, lora_alpha, max_motion_frames, slowfast_weights, device, save_dtype, feature_cache_gb):
+@dataclass_options(FinetuneOptions)
+def finetune(**values):
     """Fine-tune a model on your own videos, one VQA² stage at a time.
 
     DATA is a data file or a folder holding one: the release's LLaVA-style JSON/JSONL, or a CSV
@@ -719,7 +916,8 @@ def finetune(data, stage, model_name, output, method, train_parts, part, mos_ran
     before training; invalid ones are listed with their line numbers.
 
     Ctrl-C finishes the current step, saves a checkpoint and exits (130); --resume continues
-    exactly. Several GPUs or machines: start the same command with `torchrun` or `accelerate launch`.
+    exactly. One run at a time may use an --output folder. Several GPUs or machines: start the same
+    command with `torchrun` or `accelerate launch`.
 
     \b
     Examples:
@@ -727,24 +925,78 @@ def finetune(data, stage, model_name, output, method, train_parts, part, mos_ran
       vqa2 finetune --stage 3 qa.json --model q-future/VQA-Assistant-llava_qwen --method qlora -o my-assistant
       torchrun --nproc_per_node 8 -m vqa2cli finetune --stage 2 data/ -m BASE -o out --grad-accum 4
     """
-    from vqa2cli.finetune import FinetuneOptions, run
+    from vqa2cli.finetune import run
+    from vqa2cli.output import Reporter
 
-    if mos_range and not mos_range[0] < mos_range[1]:
-        raise click.BadParameter("LO must be below HI", param_hint="--mos-range")
-    train = tuple(p.strip() for p in train_parts.split(",") if p.strip()) if train_parts else None
-    options = FinetuneOptions(
-        stage=stage, data=data, model=model_name, output=output, method=method, train=train, part=part,
-        lr=lr, vision_lr=vision_lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
-        save_every=save_every, keep=keep, resume=resume, seed=seed, gradient_checkpointing=gradient_checkpointing,
-        mos_range=tuple(mos_range) if mos_range else None, skip_invalid=skip_invalid, lora_r=lora_r,
-        lora_alpha=lora_alpha, max_motion_frames=max_motion_frames, slowfast_weights=slowfast_weights,
-        device=device, save_dtype=save_dtype, feature_cache_gb=feature_cache_gb,
-    )
-    result = run(options, say=lambda text: click.echo(text, err=True))
-    if result.interrupted:
+    options = FinetuneOptions(**values)
+    reporter = Reporter.for_stderr(quiet=False, unit="steps")
+    result = run(options, say=reporter.note, progress=reporter)
+    return EXIT_INTERRUPTED if result.interrupted else 0
+
+
+# --- serve ---------------------------------------------------------------------------------------
+
+
+@cli.command(short_help="Serve a model over HTTP: POST /score and /ask for upload-gating pipelines.")
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 opens it to the network (set a --token then).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port; 0 picks a free one (the address is printed on stderr).")
+@click.option("--allow-dir", type=click.Path(exists=True, file_okay=False), metavar="DIR",
+              help="Let clients name video files under DIR instead of uploading them [default: uploads only].")
+@click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=512, show_default=True,
+              help="Largest upload; larger ones get 413.")
+@click.option("--queue", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Requests that may wait behind the one being worked on; more get 503 with Retry-After.")
+@click.option("--token", envvar="VQA2_SERVE_TOKEN", show_envvar=True, metavar="TOKEN",
+              help="Require 'Authorization: Bearer TOKEN' (prefer the environment variable: arguments show in ps).")
+@click.option("--tmp-dir", type=click.Path(exists=True, file_okay=False), metavar="DIR",
+              help="Where uploads are kept while they are scored [default: the system's temporary folder].")
+@sampling_options
+@click.option("-q", "--quiet", is_flag=True, help="No access log: only the startup line and errors.")
+def serve(model_name, device, quant, host, port, allow_dir, max_upload_mb, queue, token, tmp_dir, max_motion_frames,
+          max_keyframes, quiet):
+    """Keep a model loaded and answer over HTTP; needs the extra: pip install 'vqa2[serve]'.
+
+    \b
+      POST /score   a video (multipart part `file`, or JSON {"path": ...} under --allow-dir)
+                    -> the record `vqa2 score --json` gives for it
+      POST /ask     the same plus `question` -> the record of `vqa2 ask --json`
+      GET  /health, GET /models, and the API docs at /docs
+
+    One model call runs at a time; up to --queue requests wait, more get 503. Errors are one-line
+    JSON ({"error": "..."}): 422 for a file that is not a usable video, 413 for too large an upload.
+    --max-motion-frames and --max-keyframes are the defaults, and the most a request may ask for.
+    SIGTERM or Ctrl-C: the request on the model finishes, waiting ones get 503, uploads are removed.
+
+    \b
+    Examples:
+      vqa2 serve --model vqa2-tiny
+      curl -F file=@clip.mp4 http://127.0.0.1:8000/score
+      curl -F file=@clip.mp4 -F question="Is it blurry?" http://127.0.0.1:8000/ask
+      VQA2_SERVE_TOKEN=s3cret vqa2 serve --host 0.0.0.0 --allow-dir /srv/videos
+      curl -H "Authorization: Bearer s3cret" -H "Content-Type: application/json" \\
+           -d '{"path": "new/upload.mp4"}' http://HOST:8000/score
+    """
+    from vqa2cli.output import Reporter
+
+    try:
+        from vqa2cli import serve as serving
+    except ImportError as error:
+        raise SetupError(f"vqa2 serve needs its extra: pip install 'vqa2[serve]' ({error.name} is missing)") from None
+    reporter = Reporter.for_stderr(quiet)
+    if not token and host not in ("127.0.0.1", "localhost", "::1"):
+        reporter.note(f"warning: listening on {host} without --token: whoever reaches this port can use it")
+    settings = serving.ServeSettings(host=host, port=port, token=token or None, allow_dir=allow_dir,
+                                     max_upload_mb=max_upload_mb, queue=queue, tmp_dir=tmp_dir,
+                                     max_motion_frames=max_motion_frames, max_keyframes=max_keyframes,
+                                     access_log=not quiet)
+    try:
+        model = _load_model(reporter, model_name, device, quant, task="score")
+        serving.run(model, settings, say=reporter.note)
+    except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    loss = f", final loss {result.loss:.4f}" if result.loss is not None else ""
-    click.echo(f"done: {result.step} steps{loss}; use it with `vqa2 score --model {output}`", err=True)
     return 0
 
 
@@ -753,26 +1005,41 @@ def finetune(data, stage, model_name, output, method, train_parts, part, mos_ran
 
 def main():
     """Console entry point; a command may return an int to set the exit code (1: some inputs failed)."""
+    if hasattr(sys.stdout, "reconfigure"):
+        # a file name that is not UTF-8 goes into CSV and JSON Lines as the bytes it is, never a crash
+        sys.stdout.reconfigure(errors="surrogateescape")
+    with _stop:
+        exit_code = _run()
+    sys.exit(_stop.exit_code if exit_code == EXIT_INTERRUPTED else exit_code)
+
+
+def _run() -> int:
     try:
         exit_code = cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+    except click.exceptions.Abort:  # Ctrl-C while click parsed the command line, or end of input at a prompt
+        click.echo(_stop.note() if _stop.signum else "Aborted.", err=True)
+        return EXIT_INTERRUPTED
     except click.ClickException as error:
         error.show()
-        sys.exit(error.exit_code)
+        return error.exit_code
     except click.exceptions.Exit as exit_:
-        sys.exit(exit_.exit_code)
+        return exit_.exit_code
     except SetupError as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(2)
+        _error_line(error)
+        return 2
     except Vqa2Error as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(1)
+        _error_line(error)
+        return 1
     except Exception as error:  # a bug: still one line for the user, the traceback on request
         if os.environ.get("VQA2_DEBUG"):
             raise
         message = " ".join(f"{type(error).__name__}: {error}".split())
-        click.echo(f"error: internal error ({message}); run with VQA2_DEBUG=1 for the traceback", err=True)
-        sys.exit(1)
-    sys.exit(exit_code if isinstance(exit_code, int) else 0)
+        _error_line(f"internal error ({message}); run with VQA2_DEBUG=1 for the traceback")
+        return 1
+    return exit_code if isinstance(exit_code, int) else 0
+
+
+def _error_line(message):
+    from vqa2cli.output import printable
+
+    click.echo(f"error: {printable(message)}", err=True)

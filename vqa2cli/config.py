@@ -39,6 +39,46 @@ KNOWN_VISION_TOWERS = {
 }
 
 
+# Ceilings of the config check: far beyond any real model, low enough that a typo (or a hostile file)
+# is refused before anything is built. Layers cost Python objects even on `meta`; frame sides set the
+# size of every decoded frame; parameters are checked against the machine at load time as well.
+MAX_LAYERS = 1024
+MAX_FRAME_SIDE = 4096
+MAX_MOTION_FRAMES = 1_000_000  # rows of the motion position table (the release has 2000)
+MAX_PARAMETERS = 100e9  # the released model has 8 B
+SLOWFAST_DEPTHS = (18, 50, 101, 152)  # pytorchvideo's create_slowfast
+# SlowFast blocks 0..4 hold about this many parameters per squared stem width (measured on pytorchvideo).
+_SLOWFAST_PARAMETERS_PER_STEM2 = {18: 2750, 50: 8350, 101: 15400, 152: 21100}
+
+
+def _whole(where: str, value, low: int = 1, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{where} must be a whole number, got {value!r}")
+    if value < low:
+        raise ValueError(f"{where} must be at least {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{where} = {value} is beyond any real model (at most {high})")
+
+
+def _positive(where: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{where} must be a positive number, got {value!r}")
+
+
+def _divides(where: str, part: str, part_value: int, whole: str, whole_value: int) -> None:
+    if whole_value % part_value:
+        raise ValueError(f"{where}.{whole} ({whole_value}) must be a multiple of {where}.{part} ({part_value})")
+
+
+def parse_json(text: str):
+    """`json.loads`, with nesting too deep for the parser raised as the ValueError it is (json raises
+    RecursionError), so that every reader reports it as bad data in one line."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 @dataclass
 class VisionConfig:
     """SigLIP tower as built: `num_hidden_layers` is the number of layers KEPT (released: 26 of 27)."""
@@ -51,6 +91,16 @@ class VisionConfig:
     patch_size: int = 14
     layer_norm_eps: float = 1e-6
     hidden_act: str = "gelu_pytorch_tanh"
+
+    def __post_init__(self):
+        for name in ("hidden_size", "intermediate_size", "num_attention_heads", "patch_size"):
+            _whole(f"vision.{name}", getattr(self, name))
+        _whole("vision.num_hidden_layers", self.num_hidden_layers, high=MAX_LAYERS)
+        _whole("vision.image_size", self.image_size, low=self.patch_size, high=MAX_FRAME_SIDE)
+        _divides("vision", "num_attention_heads", self.num_attention_heads, "hidden_size", self.hidden_size)
+        _positive("vision.layer_norm_eps", self.layer_norm_eps)
+        if not isinstance(self.hidden_act, str):
+            raise ValueError(f"vision.hidden_act must be the name of an activation, got {self.hidden_act!r}")
 
     @property
     def grid(self) -> int:
@@ -74,7 +124,16 @@ class MotionConfig:
     chunk_frames: int = 256  # inference runs the fast pathway this many frames at a time (0: one pass)
 
     def __post_init__(self):
+        if self.model_depth not in SLOWFAST_DEPTHS:
+            raise ValueError(f"motion.model_depth must be one of {SLOWFAST_DEPTHS}, got {self.model_depth!r}")
+        if not isinstance(self.stem_dim_outs, (list, tuple)) or len(self.stem_dim_outs) != 2:
+            raise ValueError(f"motion.stem_dim_outs must be two widths (slow, fast), got {self.stem_dim_outs!r}")
         self.stem_dim_outs = tuple(self.stem_dim_outs)
+        for width in self.stem_dim_outs:
+            _whole("motion.stem_dim_outs", width, high=MAX_FRAME_SIDE)
+        _whole("motion.channel_reduction_ratio", self.channel_reduction_ratio, high=self.stem_dim_outs[0])
+        _whole("motion.max_frames", self.max_frames, low=4, high=MAX_MOTION_FRAMES)
+        _whole("motion.chunk_frames", self.chunk_frames, low=0)
 
     @property
     def feature_size(self) -> int:
@@ -105,6 +164,25 @@ class TextConfig:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
 
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                     "max_position_embeddings"):
+            _whole(f"text.{name}", getattr(self, name))
+        _whole("text.num_hidden_layers", self.num_hidden_layers, high=MAX_LAYERS)
+        _divides("text", "num_attention_heads", self.num_attention_heads, "hidden_size", self.hidden_size)
+        _divides("text", "num_key_value_heads", self.num_key_value_heads, "num_attention_heads",
+                 self.num_attention_heads)
+        if self.head_dim % 2:  # rotary embeddings turn pairs of channels
+            raise ValueError(f"text.hidden_size / text.num_attention_heads must be even, got {self.head_dim}")
+        _positive("text.rope_theta", self.rope_theta)
+        _positive("text.rms_norm_eps", self.rms_norm_eps)
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ValueError(f"text.tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
     def qwen2_config(self):
         from transformers import Qwen2Config
 
@@ -131,6 +209,9 @@ class VQA2Config:
     max_training_length: int = 10000  # embeddings per sequence the release trained with
 
     def __post_init__(self):
+        """Every number checked before anything is built from it: a config (ours or an official one) with
+        a wrong type, a size that is not positive, heads that do not divide the width, or more than
+        MAX_PARAMETERS is refused with a ValueError naming the field."""
         for name, cls in (("vision", VisionConfig), ("motion", MotionConfig), ("text", TextConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):
@@ -138,6 +219,15 @@ class VQA2Config:
                 if unknown:
                     raise ValueError(f"unknown {name} config fields: {', '.join(unknown)}")
                 setattr(self, name, cls(**value))
+            elif not isinstance(value, cls):
+                raise ValueError(f"{name} must be an object of {name} config fields, got {value!r}")
+        _whole("pooled_grid", self.pooled_grid)
+        _whole("keyframe_size", self.keyframe_size, high=MAX_FRAME_SIDE)
+        _whole("motion_size", self.motion_size, high=MAX_FRAME_SIDE)
+        _whole("max_training_length", self.max_training_length)
+        if not isinstance(self.level_words, (list, tuple)) or len(self.level_words) < 2 or not all(
+                isinstance(word, str) and word.strip() for word in self.level_words):
+            raise ValueError(f"level_words must be at least two words, got {self.level_words!r}")
         if self.keyframe_size != self.vision.image_size:
             # SigLIP's position table is fixed to its image size; keyframes must match it.
             raise ValueError(f"keyframe_size {self.keyframe_size} differs from the vision tower's {self.vision.image_size}")
@@ -148,6 +238,29 @@ class VQA2Config:
             raise ValueError(f"prompt must be one of {PROMPT_KINDS}, got {self.prompt!r}")
         if not 0 < self.pooled_grid <= self.vision.grid:
             raise ValueError(f"pooled_grid {self.pooled_grid} must be in 1..{self.vision.grid}")
+        total = self.parameter_count()
+        if total > MAX_PARAMETERS:
+            raise ValueError(f"the sizes describe about {total:.1e} parameters, beyond any real model (at most "
+                             f"{MAX_PARAMETERS:.0e})")
+
+    def parameter_count(self, quantizable_only: bool = False) -> int:
+        """About how many parameters the model has (within a few percent), from the config alone. With
+        `quantizable_only`: the language model's decoder projections, which 4-bit/8-bit loading quantizes."""
+        v, m, t = self.vision, self.motion, self.text
+        kv = t.num_key_value_heads * t.head_dim
+        projections = 2 * t.hidden_size * (t.hidden_size + kv) + 3 * t.hidden_size * t.intermediate_size
+        if quantizable_only:
+            return t.num_hidden_layers * projections
+        llm = (t.vocab_size * t.hidden_size * (1 if t.tie_word_embeddings else 2) + t.hidden_size
+               + t.num_hidden_layers * (projections + t.hidden_size + 2 * kv + 2 * t.hidden_size))
+        d = v.hidden_size
+        vision = (3 * v.patch_size**2 * d + d + v.grid**2 * d + 2 * d
+                  + v.num_hidden_layers * (4 * d * d + 8 * d + 2 * d * v.intermediate_size + v.intermediate_size))
+        c = m.feature_size
+        motion = (_SLOWFAST_PARAMETERS_PER_STEM2[m.model_depth] * (m.stem_dim_outs[0] ** 2 + m.stem_dim_outs[1] ** 2)
+                  + m.max_frames * c)
+        projectors = (d + c) * t.hidden_size + 2 * t.hidden_size**2 + 4 * t.hidden_size
+        return llm + vision + motion + projectors + t.hidden_size  # + image_newline
 
     @property
     def tokens_per_keyframe(self) -> int:
@@ -188,7 +301,7 @@ class VQA2Config:
 
     @classmethod
     def load(cls, path: str | Path) -> "VQA2Config":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(parse_json(Path(path).read_text()))
 
     # ---- official llava_qwen config.json -------------------------------------------------------------
 
@@ -214,6 +327,8 @@ class VQA2Config:
             raise ValueError(f"mm_hidden_size {cfg['mm_hidden_size']} does not match {tower_name}")
         # select_layer -2 = hidden state after layer 26 of 27: the layers after it are never run.
         select = cfg.get("mm_vision_select_layer", -2)
+        if isinstance(select, bool) or not isinstance(select, int):
+            raise ValueError(f"mm_vision_select_layer must be a whole number, got {select!r}")
         kept = tower["num_hidden_layers"] + 1 + select if select < 0 else select
         if not 0 < kept <= tower["num_hidden_layers"]:
             raise ValueError(f"mm_vision_select_layer={select} is out of range for {tower_name}")
@@ -238,6 +353,7 @@ class VQA2Config:
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         )
         stride = cfg.get("mm_spatial_pool_stride", 2)
+        _whole("mm_spatial_pool_stride", stride)
         kwargs = dict(
             vision=vision,
             motion=MotionConfig(),

@@ -30,12 +30,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from vqa2cli.config import parse_json
 from vqa2cli.errors import DataError
 from vqa2cli.prompts import IMAGE_TOKEN as IMAGE_SLOT
 from vqa2cli.prompts import UGC_USER as SCORE_QUESTION  # stage-2 records ask exactly what `vqa2 score` asks
 from vqa2cli.scoring import answer_text, mos_to_level
 
 DATA_SUFFIXES = (".json", ".jsonl", ".csv")
+# What `vqa2 synth` writes beside the stage files that is not training data: its settings, the clips'
+# sources and distortions, and the `vqa2 eval` labels.
+NOT_TRAINING_DATA = frozenset({"synth.json", "manifest.csv", "labels.csv"})
+# JSON and JSON Lines files are read whole, and their records take about ten times the file's size in
+# memory: a bigger file is refused rather than exhausting the machine.
+MAX_JSON_BYTES = 1 << 30
+BIG_FILE_BYTES = 20 << 20  # files from this size on get a progress line
 KINDS = ("spatial", "motion")
 CSV_COLUMNS = {1: ("video", "distortion"), 2: ("video", "mos"), 3: ("video", "question", "answer")}
 ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
@@ -75,21 +83,26 @@ class Dataset:
     total: int  # records in the file, valid or not
 
 
-def find_data_file(path: str | os.PathLike) -> Path:
-    """DATA may be the file itself or a folder holding exactly one data file."""
+def find_data_file(path: str | os.PathLike, stage: int | None = None) -> Path:
+    """DATA may be the file itself or a folder holding it: the stage's own file (``stage2.json``, as `vqa2
+    synth` names them; JSON before JSONL before CSV, since a JSON file needs no --mos-range), or the one data
+    file there; files that are not training data (`NOT_TRAINING_DATA`) are never taken."""
     path = Path(path)
     if path.is_file():
         if path.suffix.lower() not in DATA_SUFFIXES:
             raise DataError(f"{path}: unknown data format (expected {', '.join(DATA_SUFFIXES)})")
         return path
     if path.is_dir():
-        found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+        found = {p.name: p for p in sorted(path.iterdir())
+                 if p.is_file() and p.suffix.lower() in DATA_SUFFIXES and p.name not in NOT_TRAINING_DATA}
+        own = [found[name] for name in (f"stage{stage}{suffix}" for suffix in DATA_SUFFIXES) if name in found]
+        if own:
+            return own[0]
         if len(found) == 1:
-            return found[0]
+            return next(iter(found.values()))
         if not found:
             raise DataError(f"{path}: no .json, .jsonl or .csv data file in this folder")
-        names = ", ".join(p.name for p in found)
-        raise DataError(f"{path}: several data files ({names}); name the one to use")
+        raise DataError(f"{path}: several data files ({', '.join(found)}); name the one to use")
     raise DataError(f"{path}: no such file or folder")
 
 
@@ -133,19 +146,22 @@ def load_dataset(
     stage: int,
     mos_range: tuple[float, float] | None = None,
     check_videos: bool = True,
+    say=None,
 ) -> Dataset:
-    """Read and validate every record; raises DataError only when the file as a whole is unusable."""
+    """Read and validate every record; raises DataError only when the file as a whole is unusable.
+    `say(line)` hears which file of a folder was taken, and progress on big files."""
     if stage not in (1, 2, 3):
         raise DataError(f"unknown stage {stage} (1, 2 or 3)")
-    file = find_data_file(path)
+    say = say or (lambda line: None)
+    file = find_data_file(path, stage)
+    if file != Path(path):
+        say(f"using {file.name} from {path}")
     root = file.parent.resolve()
     suffix = file.suffix.lower()
     if suffix == ".csv":
         entries = _read_csv(file, stage, mos_range)
     else:
-        items = _read_jsonl(file) if suffix == ".jsonl" else _read_json_array(file)
-        entries = [(where, _json_record(where, item, root, stage)) if not isinstance(item, Problem) else
-                   (where, item) for where, item in items]
+        entries = _read_json_entries(file, root, stage, say, check_videos)
     if check_videos:
         _check_videos(entries, root)
     records = [entry for _, entry in entries if isinstance(entry, Record)]
@@ -267,6 +283,19 @@ def _csv_record(row: CsvRow, stage: int, mos_range) -> Record | Problem:
 
 # --- JSON / JSONL -------------------------------------------------------------------------------
 
+def _read_json_entries(file: Path, root: Path, stage: int, say, check_videos: bool):
+    size = file.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise DataError(f"{file}: {size / 2**30:.1f} GiB; JSON data files are read whole and may be at most "
+                        f"{MAX_JSON_BYTES / 2**30:.0f} GiB: split it into several runs")
+    progress = say if size >= BIG_FILE_BYTES else lambda line: None
+    progress(f"reading {file.name} ({size / 2**20:.0f} MiB)")
+    items = _read_jsonl(file) if file.suffix.lower() == ".jsonl" else _read_json_array(file)
+    progress(f"read {len(items)} records; checking them" + (" and their videos" if check_videos else ""))
+    return [(where, item if isinstance(item, Problem) else _json_record(where, item, root, stage))
+            for where, item in items]
+
+
 def _read_text(file: Path) -> str:
     try:
         return file.read_text(encoding="utf-8-sig")
@@ -281,17 +310,27 @@ def _read_jsonl(file: Path) -> list[tuple[str, object]]:
             continue
         where = f"{file.name} line {number}"
         try:
-            items.append((where, json.loads(line)))
-        except json.JSONDecodeError as error:
-            items.append((where, Problem(where, f"not valid JSON ({error.msg} at column {error.colno})")))
+            items.append((where, parse_json(line)))
+        except ValueError as error:
+            reason = f"{error.msg} at column {error.colno}" if isinstance(error, json.JSONDecodeError) else error
+            items.append((where, Problem(where, f"not valid JSON ({reason})")))
     return items
 
 
 def _read_json_array(file: Path) -> list[tuple[str, object]]:
-    """Decode a top-level array element by element, so each record knows its index and line."""
+    """Decode a top-level array element by element, so each record knows its index and line. Lines are
+    counted on from the previous element, so the whole file is read once (linear in its size)."""
     text = _read_text(file)
     decoder = json.JSONDecoder()
     space = re.compile(r"\s*")
+    counted, line = 0, 1  # `line` is the line number at offset `counted`
+
+    def line_at(offset: int) -> int:
+        nonlocal counted, line
+        line += text.count("\n", counted, offset)
+        counted = offset
+        return line
+
     position = space.match(text).end()
     if not text.startswith("[", position):
         raise DataError(f"{file}: expected a JSON array of records")
@@ -300,13 +339,15 @@ def _read_json_array(file: Path) -> list[tuple[str, object]]:
     if text.startswith("]", position):
         return items
     while True:
+        place = f"[{len(items)}] (line {line_at(position)})"
         try:
             item, end = decoder.raw_decode(text, position)
         except json.JSONDecodeError as error:
             raise DataError(f"{file}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno})") \
                 from None
-        line = text.count("\n", 0, position) + 1
-        items.append((f"{file.name} [{len(items)}] (line {line})", item))
+        except RecursionError:
+            raise DataError(f"{file}: record {place} is nested too deeply to be read") from None
+        items.append((f"{file.name} {place}", item))
         position = space.match(text, end).end()
         if text.startswith(",", position):
             position = space.match(text, position + 1).end()
@@ -315,8 +356,7 @@ def _read_json_array(file: Path) -> list[tuple[str, object]]:
                 raise DataError(f"{file}: unexpected text after the JSON array")
             return items
         else:
-            line = text.count("\n", 0, position) + 1
-            raise DataError(f"{file}: not valid JSON (expected ',' or ']' at line {line})")
+            raise DataError(f"{file}: not valid JSON (expected ',' or ']' at line {line_at(position)})")
 
 
 def _json_record(where: str, item, root: Path, stage: int) -> Record | Problem:

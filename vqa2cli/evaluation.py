@@ -88,19 +88,20 @@ def _label_row(row, kind: str):
     return LabelRow(row.path, row.video, question=question, answer=answer)
 
 
-def evaluate_scores(model, labels: LabelSet, max_motion_frames=2000, on_record: Callable = None, batch_size=1):
+def evaluate_scores(model, labels: LabelSet, max_motion_frames=2000, on_record: Callable = None, batch_size=1,
+                    workers=0, strict=False):
     """Score every video; returns (prediction records, summary). `on_record(record)` sees each as it ends."""
     from vqa2cli import metrics
     from vqa2cli.batch import score_videos
 
     records = []
     scores = score_videos(model, (str(row.video) for row in labels.rows), max_motion_frames=max_motion_frames,
-                          batch_size=batch_size)
+                          batch_size=batch_size, workers=workers, strict=strict)
     try:
         for row, scored in zip(labels.rows, scores):
             error = scored.error.replace(str(row.video), row.path) if scored.error else None
             record = {"path": row.path, "mos": row.mos, "score": scored.score, "level": scored.level,
-                      "seconds": scored.seconds, "error": error}
+                      "seconds": scored.seconds, "warnings": scored.warnings, "error": error}
             records.append(record)
             if on_record:
                 on_record(record)
@@ -119,32 +120,27 @@ def evaluate_scores(model, labels: LabelSet, max_motion_frames=2000, on_record: 
 
 
 def evaluate_questions(model, labels: LabelSet, max_motion_frames=2000, max_new_tokens=64,
-                       on_record: Callable = None):
+                       on_record: Callable = None, workers=0, strict=False):
     """Ask every question, decoding each video once; returns (prediction records, summary)."""
     from vqa2cli import metrics
-    from vqa2cli.batch import Prefetcher, error_message
-    from vqa2cli.errors import SetupError
+    from vqa2cli.batch import Prefetcher, damage_error, warnings_of
+
     by_video = {}
     for row in labels.rows:
         by_video.setdefault(row.video, []).append(row)
 
     records = []
-    with Prefetcher((str(video) for video in by_video), model.sampling(max_motion_frames).load) as prefetcher:
+    with Prefetcher((str(video) for video in by_video), model.sampling(max_motion_frames).load,
+                    workers=workers) as prefetcher:
         for (video, rows), (_, sample, error, decode_seconds) in zip(by_video.items(), prefetcher):
+            warnings = warnings_of(sample)
+            if strict and warnings and error is None:
+                error, sample = damage_error(video, warnings), None
             for row in rows:
-                start = time.perf_counter()
-                record = {"path": row.path, "question": row.question, "answer": row.answer, "predicted": None,
-                          "correct": None, "kind": metrics.answer_kind(row.answer), "seconds": 0.0,
-                          "error": error.replace(str(video), row.path) if error else None}
-                if sample is not None:
-                    try:
-                        record["predicted"] = model.ask(sample, row.question, max_new_tokens=max_new_tokens)
-                        record["correct"] = metrics.answer_matches(record["predicted"], row.answer)
-                    except SetupError:
-                        raise
-                    except Exception as failure:  # this question fails; the set goes on
-                        record["error"] = error_message(row.path, failure)
-                record["seconds"] = round(time.perf_counter() - start + (decode_seconds if row is rows[0] else 0), 3)
+                record = _answer(model, row, sample, warnings, error.replace(str(video), row.path) if error else None,
+                                 max_new_tokens)
+                if row is rows[0]:
+                    record["seconds"] = round(record["seconds"] + decode_seconds, 3)
                 records.append(record)
                 if on_record:
                     on_record(record)
@@ -162,6 +158,28 @@ def evaluate_questions(model, labels: LabelSet, max_motion_frames=2000, max_new_
     return records, summary
 
 
+def _answer(model, row, sample, warnings, error, max_new_tokens) -> dict:
+    """The prediction record of one question about a decoded video (or about one that failed: `error`)."""
+    from vqa2cli import metrics
+    from vqa2cli.batch import error_message
+    from vqa2cli.errors import SetupError
+
+    start = time.perf_counter()
+    record = {"path": row.path, "question": row.question, "answer": row.answer, "predicted": None,
+              "correct": None, "kind": metrics.answer_kind(row.answer), "seconds": 0.0, "warnings": warnings,
+              "error": error}
+    if sample is not None:
+        try:
+            record["predicted"] = model.ask(sample, row.question, max_new_tokens=max_new_tokens)
+            record["correct"] = metrics.answer_matches(record["predicted"], row.answer)
+        except SetupError:
+            raise
+        except Exception as failure:  # this question fails; the set goes on
+            record["error"] = error_message(row.path, failure)
+    record["seconds"] = round(time.perf_counter() - start, 3)
+    return record
+
+
 def _summary(model, labels, records, ok):
     return {
         "labels": str(labels.file),
@@ -174,11 +192,12 @@ def _summary(model, labels, records, ok):
 
 
 def evaluate(model, labels: LabelSet, max_motion_frames=2000, max_new_tokens=64, on_record: Callable = None,
-             batch_size=1):
-    """Run the evaluation the label file asks for: (prediction records, summary)."""
+             batch_size=1, workers=0, strict=False):
+    """Run the evaluation the label file asks for: (prediction records, summary). `workers`: decode
+    worker processes (0: a thread); `strict`: damaged videos are failed items (see `vqa2cli.batch`)."""
     if labels.kind == "scores":
-        return evaluate_scores(model, labels, max_motion_frames, on_record, batch_size)
-    return evaluate_questions(model, labels, max_motion_frames, max_new_tokens, on_record)
+        return evaluate_scores(model, labels, max_motion_frames, on_record, batch_size, workers, strict)
+    return evaluate_questions(model, labels, max_motion_frames, max_new_tokens, on_record, workers, strict)
 
 
 def prediction_columns(kind):
@@ -186,9 +205,9 @@ def prediction_columns(kind):
     from vqa2cli.output import Column
 
     if kind == "scores":
-        keys = ("path", "mos", "score", "level", "seconds", "error")
+        keys = ("path", "mos", "score", "level", "seconds", "warnings", "error")
     else:
-        keys = ("path", "question", "answer", "predicted", "correct", "kind", "seconds", "error")
+        keys = ("path", "question", "answer", "predicted", "correct", "kind", "seconds", "warnings", "error")
     return [Column(key, key) for key in keys]
 
 

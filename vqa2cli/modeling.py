@@ -171,7 +171,7 @@ class MultimodalInputs:
 class EncodedVideo:
     """A video after the encoders and projectors (`VQA2Model.encode_video`): the blocks `build_inputs` places
     at a prompt's placeholders. Training whose encoders are frozen encodes each video once and reuses this
-    (`vqa2cli.finetune.FeatureCache`)."""
+    (`vqa2cli.finetune.examples.FeatureCache`)."""
 
     keyframe_block: torch.Tensor  # [N*P*P + 1, H], image_newline included
     motion_block: torch.Tensor | None  # [T, H]; None: encoded without motion frames (see `places_motion`)

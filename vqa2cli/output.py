@@ -19,11 +19,16 @@ import contextlib
 import csv
 import json
 import math
+import os
+import re
 import signal
 import sys
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from vqa2cli.errors import STOP_SIGNALS, SetupError
 
 FORMATS = ("table", "json", "jsonl", "csv")
 
@@ -43,6 +48,7 @@ class Column:
     wide_only: bool = False  # in the table only on a terminal at least WIDE_TABLE columns wide
     no_wrap: bool = False  # keep table cells whole (names to copy and paste); numbers never wrap
     missing: str = ""  # table cell text for None
+    when_set: bool = False  # in the table only when some row has a value (e.g. warnings)
 
 
 def lookup(record: dict, key: str):
@@ -53,6 +59,19 @@ def lookup(record: dict, key: str):
             return None
         value = value.get(part)
     return value
+
+
+# What must not reach a terminal raw: control characters (a line break splits a "one-line" message, an
+# escape sequence recolours or rewrites the screen), bidirectional overrides (text that reads differently
+# from what it is) and the undecodable bytes of a file name (os.fsdecode's surrogates, unprintable).
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def printable(text) -> str:
+    """`text` made safe to show on a terminal, on one line: each unprintable character is written as its
+    Python escape (\\n, \\x1b, \\u202e, \\udcff). For people only; data (JSON, CSV) keeps the true text."""
+    return _UNPRINTABLE.sub(lambda match: repr(match.group())[1:-1], str(text))
 
 
 def _json_safe(value):
@@ -67,30 +86,39 @@ def _json_safe(value):
 
 
 def to_json(record: dict, indent=None) -> str:
-    return json.dumps(_json_safe(record), ensure_ascii=False, indent=indent)
+    text = json.dumps(_json_safe(record), ensure_ascii=False, indent=indent)
+    # a file name that is not UTF-8 (os.fsdecode's surrogates) as \udcXX escapes: valid UTF-8 JSON, and
+    # json.loads + os.fsencode give the name back
+    return _SURROGATE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
 @contextlib.contextmanager
 def uninterrupted():
-    """Hold Ctrl-C (SIGINT) back until the block ends, then deliver it.
+    """Hold the stop signals (Ctrl-C, SIGTERM, SIGHUP) back until the block ends, then deliver them.
 
-    Writers wrap each record and their closing text in it, so an interrupt never leaves half a
-    record, or a record the writer does not know it wrote (and `]` closing an array it never opened).
+    Writers wrap each record and their closing text in it, so a signal never leaves half a record, or
+    a record the writer does not know it wrote (and `]` closing an array it never opened).
     """
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous is None:
-        yield  # handlers can only be set from the main thread; None: not ours to replace
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be set from the main thread
         return
     caught = []
-    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    previous = {}
+    for signum in STOP_SIGNALS:
+        handler = signal.getsignal(signum)
+        if handler is not None and handler != signal.SIG_IGN:  # None: not ours to replace; ignored stays so
+            previous[signum] = signal.signal(signum, lambda number, frame: caught.append((number, frame)))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught and callable(previous):
-            previous(signal.SIGINT, caught[0])  # the default handler raises KeyboardInterrupt here
-        elif caught and previous == signal.SIG_DFL:
-            signal.raise_signal(signal.SIGINT)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if caught:
+            signum, frame = caught[0]
+            if callable(previous[signum]):
+                previous[signum](signum, frame)  # Python's SIGINT handler raises KeyboardInterrupt here
+            else:  # SIG_DFL: what the signal would have done (end the process)
+                signal.raise_signal(signum)
 
 
 class _Writer:
@@ -152,23 +180,25 @@ def _csv_cell(value):
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return " ".join(str(item) for item in value)
+    if isinstance(value, (list, tuple)):  # e.g. warnings, which are sentences with spaces
+        return "; ".join(str(item) for item in value)
     if isinstance(value, dict):
         return to_json(value)
     return value
 
 
 class CsvWriter(_Writer):
-    """CSV with a header row of column keys; None is an empty cell, a list space-separated; flushed per record."""
+    """CSV with a header row of column keys (`header=False`: none, for appending to a file that has it);
+    None is an empty cell, a list "; "-separated; flushed per record."""
 
-    def __init__(self, stream, columns):
+    def __init__(self, stream, columns, header=True):
         super().__init__(stream)
         self.columns = list(columns)
         self._csv = csv.writer(stream, lineterminator="\n")
-        with uninterrupted():
-            self._csv.writerow([column.key for column in self.columns])
-            stream.flush()
+        if header:
+            with uninterrupted():
+                self._csv.writerow([column.key for column in self.columns])
+                stream.flush()
 
     def _write(self, record):
         self._csv.writerow([_csv_cell(lookup(record, column.key)) for column in self.columns])
@@ -198,11 +228,14 @@ class TableWriter(_Writer):
     def _close(self):
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
         console = Console(file=self.stream, highlight=False)
         wide = console.width >= WIDE_TABLE
-        columns = [column for column in self.columns if column.in_table and (wide or not column.wide_only)]
-        table = Table(title=self.title, title_justify="left")
+        columns = [column for column in self.columns if column.in_table and (wide or not column.wide_only)
+                   and (not column.when_set or any(lookup(record, column.key) for record in self.rows))]
+        title = None if self.title is None else Text(printable(self.title))
+        table = Table(title=title, title_justify="left")
         for column in columns:
             whole = column.no_wrap or column.justify == "right"
             table.add_column(column.header, justify=column.justify, no_wrap=whole, overflow="ellipsis" if whole else "fold")
@@ -218,7 +251,7 @@ class TableWriter(_Writer):
                 error = record.get("error") or ""
                 path = str(record.get("path"))
                 cells.append(error[len(path) + 2:] if error.startswith(path + ": ") else error)
-            table.add_row(*cells)
+            table.add_row(*(Text(printable(cell)) for cell in cells))  # Text: a name is never markup
         console.print(table)
         self.stream.flush()
 
@@ -242,6 +275,185 @@ def make_writer(fmt: str, stream, columns, title=None):
     raise ValueError(f"unknown output format {fmt!r} (choose from {', '.join(FORMATS)})")
 
 
+# --- record files (--output FILE): appended as records are made, resumable ---------------------------
+
+RECORD_FILE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
+SYNC_SECONDS = 2.0
+
+
+def record_file_format(path) -> str:
+    """The format of a record file, from its extension; ValueError (one line) for other extensions."""
+    fmt = RECORD_FILE_FORMATS.get(os.path.splitext(os.fspath(path))[1].lower())
+    if fmt is None:
+        raise ValueError(f"{path}: records are appended one line each: name a .jsonl or .csv file")
+    return fmt
+
+
+@dataclass
+class RecordFile:
+    """What an existing record file held when it was opened for appending."""
+
+    path: str
+    records: int = 0  # complete records
+    done: set = field(default_factory=set)  # paths that have a record without error
+    models: set = field(default_factory=set)  # the `model` of those records
+    torn_bytes: int = 0  # an incomplete last record (a crash mid-write), cut off before appending
+
+
+def open_record_file(path, columns, resume: bool = False):
+    """Open a record file for appending: (writer, RecordFile of what it held).
+
+    Each record is written and flushed as one line (a JSON object, or a CSV row under the header the
+    file starts with), so a record is in the file as soon as `write` returns and survives the process
+    being killed; the file is also fsynced every SYNC_SECONDS and on close. An existing non-empty file
+    is refused unless `resume`; then it is read first: a last line without its newline, or that does
+    not parse (a crash mid-write), is cut off; any other unreadable line, or a CSV header other than
+    `columns`, is a SetupError (it is not our file, or not this kind of record).
+    """
+    path = os.fspath(path)
+    fmt = record_file_format(path)
+    existing = RecordFile(path)
+    end = 0
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        size = 0
+    except OSError as error:
+        raise SetupError(f"{path}: cannot read ({error.strerror})") from None
+    if size and not resume:
+        raise SetupError(f"{path} already holds records: add --resume to continue it, or name a new file")
+    if size:
+        records, end = _read_records(path, fmt, [column.key for column in columns])
+        existing.records = len(records)
+        finished = [record for record in records if not record.get("error")]
+        existing.done = {record["path"] for record in finished}
+        existing.models = {record.get("model") for record in finished}
+        existing.torn_bytes = size - end
+        if existing.torn_bytes:
+            os.truncate(path, end)
+    try:
+        handle = open(path, "a", encoding="utf-8", errors="surrogateescape", newline="")
+    except OSError as error:
+        raise SetupError(f"{path}: cannot write ({error.strerror})") from None
+    synced = _SyncedFile(handle)
+    writer = JsonLinesWriter(synced) if fmt == "jsonl" else CsvWriter(synced, columns, header=end == 0)
+    return _FileWriter(writer, synced), existing
+
+
+class _SyncedFile:
+    """A text file whose flush() also fsyncs, at most every SYNC_SECONDS (flushed records already survive
+    the process being killed; fsync makes them survive a power cut, at a cost too high to pay per
+    record on slow disks), and whose close() always does."""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self._synced = time.monotonic()
+
+    def write(self, text):
+        return self._handle.write(text)
+
+    def flush(self):
+        self._handle.flush()
+        if time.monotonic() - self._synced >= SYNC_SECONDS:
+            os.fsync(self._handle.fileno())
+            self._synced = time.monotonic()
+
+    def close(self):
+        if not self._handle.closed:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+
+
+class _FileWriter:
+    """A record writer together with the file it writes: closing one closes both."""
+
+    def __init__(self, writer, file):
+        self._writer = writer
+        self._file = file
+
+    @property
+    def count(self):
+        return self._writer.count
+
+    def write(self, record: dict):
+        self._writer.write(record)
+
+    def close(self):
+        self._writer.close()
+        with uninterrupted():
+            self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+        return False
+
+
+class _Lines:
+    """The lines of a binary file as text, tracking where the last one ended and whether it was whole."""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self.end = 0
+        self.whole = True
+        self.number = 0
+
+    def __iter__(self):
+        for line in self._handle:
+            self.end += len(line)
+            self.whole = line.endswith(b"\n")
+            self.number += 1
+            yield line.decode("utf-8", "surrogateescape")
+
+
+def _read_records(path: str, fmt: str, header: list) -> tuple:
+    """(complete records as dicts, offset where the last one ends) of a record file."""
+    records, end, bad = [], 0, None
+    with open(path, "rb") as handle:
+        lines = _Lines(handle)
+        if fmt == "csv":
+            reader = csv.reader(lines)
+            rows = iter(lambda: _csv_row(reader, lines), None)
+            first = next(rows, None)
+            if first is not None and lines.whole:
+                if first != header:
+                    raise SetupError(f"{path}: its columns are not this run's ({','.join(first)[:200]}); "
+                                     f"name a new file")
+                end = lines.end
+            parsed = ((dict(zip(header, row)) if len(row) == len(header) else None) for row in rows)
+        else:
+            parsed = (_json_record(text) for text in lines)
+        for record in parsed:
+            if bad is not None:  # only the last line may be incomplete
+                raise SetupError(bad)
+            if record is None or not lines.whole or not isinstance(record.get("path"), str):
+                bad = f"{path} line {lines.number}: not a record of this kind; name a new file"
+                continue
+            records.append(record)
+            end = lines.end
+    return records, end
+
+
+def _csv_row(reader, lines):
+    try:
+        return next(reader)
+    except StopIteration:
+        return None
+    except csv.Error:  # an unterminated quote at the end: a row cut short
+        return []
+
+
+def _json_record(text):
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def fmt_float(digits=3):
     """A cell formatter for floats with a fixed number of decimals."""
     return lambda value: f"{value:.{digits}f}"
@@ -258,6 +470,8 @@ def human_size(size_bytes: int) -> str:
 
 class Reporter:
     """Everything a command tells the user on stderr: one-line notes, a spinner, a progress bar.
+
+    Notes are shown `printable`: a file name with a line break or an escape sequence stays one harmless line.
 
     The spinner and the progress bar (count, rate, ETA) show only when `live` (stderr is a terminal
     and not --quiet); notes always print, one line each, above the bar when it is showing. Use as a
@@ -277,6 +491,7 @@ class Reporter:
         return cls(live=not quiet and sys.stderr.isatty(), unit=unit)
 
     def note(self, message: str):
+        message = printable(message)
         if self._progress is not None:
             # soft_wrap: a long path must stay on one line, not be folded at the terminal width
             self._progress.console.print(message, markup=False, highlight=False, soft_wrap=True)
@@ -289,8 +504,9 @@ class Reporter:
         if not self.live:
             return contextlib.nullcontext()
         from rich.console import Console
+        from rich.text import Text
 
-        return Console(stderr=True).status(message)
+        return Console(stderr=True).status(Text(printable(message)))
 
     def start(self, description: str, total=None):
         """Show the progress bar; `total` None (paths still streaming in on stdin) means no ETA."""

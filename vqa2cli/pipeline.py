@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vqa2cli import checkpoint, registry
+from vqa2cli import checkpoint
 from vqa2cli.config import PROMPT_KINDS, VQA2Config
 from vqa2cli.errors import CheckpointError, InputError, SetupError
 from vqa2cli.quantization import Precision, choose_precision
@@ -63,20 +63,9 @@ def load_model(
     """
     device = resolve_device(device)  # before resolving: a bad option must not wait for a download
     precision = choose_precision(device, quant, dtype)
-    resolved = registry.resolve(name_or_path, task)
-    path = resolved.path
-    if checkpoint.is_model_dir(path):
-        model, tokenizer = checkpoint.load_model_dir(path, device=device, precision=precision)
-    elif checkpoint.is_official(path):
-        # Official configs do not say which prompt the checkpoint was trained with; the registry does.
-        overrides = {"prompt": resolved.prompt} if resolved.prompt else {}
-        config = checkpoint.official_config(path, **overrides)
-        model = checkpoint.load_official(path, device=device, precision=precision, config=config)
-        tokenizer = checkpoint.load_tokenizer(path)
-    else:
-        raise checkpoint.not_a_model_dir(path)
-    model.requires_grad_(False)
-    return VQA2(resolved.name, model, tokenizer, device, precision)
+    loaded = checkpoint.load_any(name_or_path, task, device=device, precision=precision)
+    loaded.model.requires_grad_(False)
+    return VQA2(loaded.name, loaded.model, loaded.tokenizer, device, precision)
 
 
 class VQA2:

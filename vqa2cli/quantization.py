@@ -58,6 +58,20 @@ def choose_precision(device: torch.device, quant: str = "auto", dtype: str | tor
     return Precision(quant=quant, dtype=dtype)
 
 
+# Bytes a quantized weight takes on the device: the packed values plus their per-block scales (blocks of 64).
+_QUANTIZED_BYTES = {"4bit": 0.5 + 4 / 64, "8bit": 1 + 4 / 64}
+
+
+def weight_bytes(config, precision: Precision) -> int:
+    """About how many bytes the weights of a model of `config` take once loaded at `precision`."""
+    total = config.parameter_count()
+    itemsize = precision.dtype.itemsize
+    if precision.quant == "none":
+        return total * itemsize
+    quantized = config.parameter_count(quantizable_only=True)
+    return int(quantized * _QUANTIZED_BYTES[precision.quant] + (total - quantized) * itemsize)
+
+
 def quantizable(name: str, module: torch.nn.Module) -> bool:
     return (
         type(module) is torch.nn.Linear
@@ -134,7 +148,29 @@ def _is_bnb(module: torch.nn.Module) -> bool:
     return type(module).__module__.startswith("bitsandbytes.")
 
 
+def forbid_hub_kernels():
+    """Make the `kernels` package (a transformers dependency) refuse to fetch code from the Hugging Face
+    Hub in this process. Importing bitsandbytes (also done by `import peft`) asks it for compiled CPU code
+    from kernels-community, a network request and remote code; nothing we run may load remote code, and
+    bitsandbytes keeps its own kernels when the request is refused. Call before importing either."""
+    try:
+        import kernels
+    except ImportError:
+        return
+    kernels.get_kernel = _refuse_hub_kernel
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_hide_refusal)  # its note about the refusal
+
+
+def _refuse_hub_kernel(repo_id, *args, **kwargs):
+    raise RuntimeError(f"vqa2 loads no code from the Hugging Face Hub ({repo_id})")
+
+
+def _hide_refusal(record: logging.LogRecord) -> bool:
+    return "vqa2 loads no code from the Hugging Face Hub" not in record.getMessage()
+
+
 def _import_bnb():
+    forbid_hub_kernels()
     try:
         import bitsandbytes
     except ImportError as error:

@@ -23,7 +23,7 @@ import time
 from dataclasses import fields
 from typing import Iterable, Iterator
 
-from vqa2cli.batch import ScoreRecord, error_message, score_decoded
+from vqa2cli.batch import EmptyFolder, Loader, ScoreRecord, error_message, score_decoded
 
 RECORD_FIELDS = tuple(f.name for f in fields(ScoreRecord))
 
@@ -32,28 +32,30 @@ class _Decode:
     """Ray Data `map` function: {"path"} -> {"path", "sample" (pickled VideoSample or None), "error", "seconds"}."""
 
     def __init__(self, sampling):
-        self.sampling = sampling
+        self.load = Loader(sampling)
 
     def __call__(self, row: dict) -> dict:
         path = row["path"]
+        if row.get("empty"):
+            path = EmptyFolder(path, row["empty"])
         start = time.perf_counter()
         try:
             # pickled, because a VideoSample's tensors vary in shape from video to video; it only travels
             # between this job's own workers
-            sample, error = pickle.dumps(self.sampling.load(path)), None
+            sample, error = pickle.dumps(self.load(path)), None
         except Exception as failure:  # this file's record, not the job's end
             sample, error = None, error_message(path, failure)
-        return {"path": path, "sample": sample, "error": error, "seconds": time.perf_counter() - start}
+        return {"path": str(path), "sample": sample, "error": error, "seconds": time.perf_counter() - start}
 
 
 class _Scorer:
     """Ray Data actor: holds one loaded model and turns batches of decoded rows into records."""
 
-    def __init__(self, model: str | None, device: str, quant: str, prompt: str | None):
+    def __init__(self, model: str | None, device: str, quant: str, prompt: str | None, strict: bool):
         from vqa2cli.pipeline import load_model
 
         self.model = load_model(model, device=device, quant=quant, task="score")
-        self.prompt = prompt
+        self.prompt, self.strict = prompt, strict
         self.schema = record_schema(self.model.config.level_words)
 
     def __call__(self, batch) -> dict:
@@ -63,7 +65,7 @@ class _Scorer:
                    for path, sample, error, seconds in zip(*columns)]
         import pyarrow
 
-        records = [record.to_dict() for record in score_decoded(self.model, decoded, self.prompt)]
+        records = [record.to_dict() for record in score_decoded(self.model, decoded, self.prompt, self.strict)]
         # an explicit schema: a batch of failures alone would otherwise type `score` as null, and Parquet
         # files written from different batches would not read back as one table
         return pyarrow.Table.from_pylist(records, schema=self.schema)
@@ -76,16 +78,16 @@ def record_schema(level_words):
     probs = pa.struct([(word.strip(), pa.float64()) for word in level_words])
     types = {"path": pa.string(), "score": pa.float64(), "level": pa.string(), "probs": probs, "model": pa.string(),
              "duration_s": pa.float64(), "keyframes": pa.int64(), "motion_frames": pa.int64(),
-             "seconds": pa.float64(), "error": pa.string()}
+             "seconds": pa.float64(), "warnings": pa.list_(pa.string()), "error": pa.string()}
     return pa.schema([(name, types[name]) for name in RECORD_FIELDS])
 
 
 def model_config(model: str | None):
     """(the name records give the model, its config), read without loading weights: the driver only plans."""
-    from vqa2cli import checkpoint, registry
+    from vqa2cli.checkpoint import read_config
 
-    resolved = registry.resolve(model, "score")
-    return resolved.name, checkpoint.read_config(resolved.path, resolved.prompt)
+    resolved, config = read_config(model, "score")
+    return resolved.name, config
 
 
 def connect(address: str | None = None) -> None:
@@ -115,6 +117,7 @@ def score_dataset(
     max_motion_frames: int | None = None,
     max_keyframes: int | None = None,
     batch_size: int = 1,
+    strict: bool = False,
     actors: int = 1,
     gpus_per_actor: float | None = None,
     decode_cpus: float = 1,
@@ -122,19 +125,20 @@ def score_dataset(
     """A `ray.data.Dataset` of score records for `paths` (an iterable of paths, or a Dataset with a `path`
     column), computed lazily when the dataset is consumed. `actors` model actors each hold the model;
     `gpus_per_actor` defaults to 1 when the cluster has GPUs (and `device` is not cpu), else 0.
-    `batch_size` videos go through the model in one forward pass. Call `ray.init` first (or let Ray start
+    `batch_size` videos go through the model in one forward pass; `strict` makes damaged videos errors. Call `ray.init` first (or let Ray start
     a local cluster on first use). The rows keep the input order."""
     import ray
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    dataset = paths if isinstance(paths, ray.data.Dataset) else ray.data.from_items([{"path": str(p)} for p in paths])
+    dataset = paths if isinstance(paths, ray.data.Dataset) else ray.data.from_items(
+        [{"path": str(p), "empty": getattr(p, "reason", None)} for p in paths])  # an EmptyFolder keeps its reason
     if gpus_per_actor is None:
         gpus_per_actor = 1 if device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
     sampling = model_config(model)[1].sampling(max_motion_frames, max_keyframes)
     decoded = dataset.map(_Decode(sampling), num_cpus=decode_cpus)
     return decoded.map_batches(
         _Scorer,
-        fn_constructor_kwargs={"model": model, "device": device, "quant": quant, "prompt": prompt},
+        fn_constructor_kwargs={"model": model, "device": device, "quant": quant, "prompt": prompt, "strict": strict},
         batch_size=batch_size,
         batch_format="pyarrow",
         concurrency=actors,
@@ -175,9 +179,10 @@ def records(dataset) -> Iterable[dict]:
 
 
 def _plain(value):
-    """numpy scalars from Arrow -> Python numbers; NaN for a missing float -> None."""
-    if hasattr(value, "item") and not isinstance(value, (dict, list, str)):
-        value = value.item()
+    """Arrow's values as `vqa2 score` writes them: numpy arrays -> lists, numpy scalars -> Python numbers,
+    NaN for a missing float -> None."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
     if isinstance(value, float) and value != value:
         return None
     return value

@@ -178,6 +178,14 @@ def _local_snapshot(repo_id: str) -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
+def offline_hint() -> str:
+    """Where a user without the network can turn: the models shipped inside the package."""
+    shipped = [entry.name for entry in registry() if entry.path is not None]
+    if not shipped:
+        return ""
+    return f"; or try `--model {shipped[0]}`, shipped with vqa2 (a small demo model that works offline)"
+
+
 def _hub_snapshot(repo_id: str, label: str) -> Path:
     cached = _local_snapshot(repo_id)
     if cached is not None:
@@ -186,7 +194,7 @@ def _hub_snapshot(repo_id: str, label: str) -> Path:
     if hub_offline():
         raise ModelNotFoundError(
             f"model {label}: {repo_id} is not in the Hugging Face cache ({hub_cache_dir()}) "
-            f"and HF_HUB_OFFLINE is set; {how} on a machine with network access"
+            f"and HF_HUB_OFFLINE is set; {how} on a machine with network access{offline_hint()}"
         )
     from huggingface_hub import snapshot_download
 
@@ -196,6 +204,7 @@ def _hub_snapshot(repo_id: str, label: str) -> Path:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelNotFoundError(
             f"model {label}: could not fetch {repo_id} from the Hugging Face Hub ({reason[:200]}); {how}"
+            f"{offline_hint()}"
         ) from error
     return Path(path)
 

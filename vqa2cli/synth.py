@@ -22,6 +22,8 @@ import math
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -29,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vqa2cli.errors import InputError, SetupError
+from vqa2cli import files
+from vqa2cli.errors import STOP_SIGNALS, InputError, SetupError
 from vqa2cli.video import VIDEO_EXTENSIONS
 
 CLEAN_MOS = 90.0
@@ -806,9 +809,8 @@ def encode_clip(path, frames, width, height, fps, crf=0):
     labelled one). Returns the number of frames written."""
     import av
 
-    tmp = Path(str(path) + ".part")
     written = 0
-    try:
+    with files.replacing(path) as tmp:  # a bad source clip, Ctrl-C: no half-written file is left behind
         with av.open(str(tmp), mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
@@ -824,10 +826,6 @@ def encode_clip(path, frames, width, height, fps, crf=0):
                 written += 1
             for packet in stream.encode():
                 container.mux(packet)
-    except BaseException:  # a bad source clip, Ctrl-C: leave no half-written file behind
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
     return written
 
 
@@ -873,12 +871,6 @@ def _csv_text(header, rows):
     writer.writerow(header)
     writer.writerows(rows)
     return buffer.getvalue()
-
-
-def _write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _conversation(record_id, video, question, answer, **extra):
@@ -1073,7 +1065,7 @@ def generate_dataset(out, settings: SynthSettings, clips_dir=None, overwrite=Fal
             raise KeyboardInterrupt
         raise SetupError(f"no clip could be made ({failed[0]})")
     for name, text in label_files(done, settings.seed, settings.distortions).items():
-        _write_atomic(out / name, text)
+        files.write_text(out / name, text)
     meta = {
         "format_version": FORMAT_VERSION,
         "settings": {**asdict(settings), "content": asdict(settings.content)},
@@ -1086,7 +1078,7 @@ def generate_dataset(out, settings: SynthSettings, clips_dir=None, overwrite=Fal
         "mos": {"clean": CLEAN_MOS, "max_impairment": MAX_IMPAIRMENT, "exponent": IMPAIRMENT_EXPONENT,
                 "partial_weight": PARTIAL_WEIGHT},
     }
-    _write_atomic(out / "synth.json", json.dumps(meta, indent=1, default=list) + "\n")
+    files.write_text(out / "synth.json", json.dumps(meta, indent=1, default=list) + "\n")
     if interrupted:
         raise KeyboardInterrupt
     return meta
@@ -1115,9 +1107,18 @@ def _render_outcome(out, plan, settings, clips_dir, images_dir=None):
     return None
 
 
-def _ignore_sigint():
-    # Ctrl-C reaches the whole process group: workers finish their clip and the parent decides what to keep.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _init_worker():
+    # Ctrl-C (and `timeout`'s SIGTERM) reach the whole process group: workers finish their clip and the
+    # parent decides what to keep. A worker left behind by a parent killed at once exits by itself.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_when_orphaned(parent: int):
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
 
 
 def usable_cpus() -> int:
@@ -1129,7 +1130,7 @@ def usable_cpus() -> int:
 
 def _worker_pool(jobs):
     # spawn, not fork: forking while the progress bar's thread holds a lock can deadlock the child.
-    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint)
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
 
 
 def _render(out, plan, settings, clips_dir, images_dir=None):
