@@ -244,10 +244,13 @@ def test_prefetcher_reraises_errors_reading_paths(workers):
 
 
 def test_score_record_fields():
-    assert list(ScoreRecord(path="a").to_dict()) == [
+    # segments and explanation (--timeline, --explain) come last, null unless asked for: the others keep their places
+    record = ScoreRecord(path="a").to_dict()
+    assert list(record) == [
         "path", "score", "level", "probs", "model", "duration_s", "keyframes", "motion_frames", "seconds", "warnings",
-        "error",
+        "error", "segments", "explanation",
     ]
+    assert record["segments"] is None and record["explanation"] is None
 
 
 def test_fd_lines_reads_a_pipe_without_buffering(tmp_path):
@@ -358,6 +361,12 @@ def test_damage_is_a_warning_or_with_strict_an_error(three_clips, tmp_path):
     assert strict[0].score is None and strict[0].warnings == relaxed[0].warnings
     assert strict[0].error == f"{damaged}: refused as damaged (strict): {relaxed[0].warnings[0]}"
     assert strict[1].error is None and strict[1].score == pytest.approx(0.1)
+    # --timeline: the same warnings and the same refusal; a refused video keeps no segments
+    relaxed_timeline = list(score_videos(_FakeModel(), [damaged, one], timeline=1.0))
+    assert relaxed_timeline[0].warnings == relaxed[0].warnings and relaxed_timeline[0].segments
+    refused = list(score_videos(_FakeModel(), [damaged, one], timeline=1.0, strict=True))
+    assert refused[0].error == strict[0].error and refused[0].score is None and refused[0].segments is None
+    assert refused[1].segments == [{"start": 0.0, "end": 1.0, "score": pytest.approx(0.1), "level": "good"}]
     # one video at a time (what a server scoring uploads uses): the same records
     assert score_one(_FakeModel(), damaged).warnings == relaxed[0].warnings
     assert score_one(_FakeModel(), damaged, strict=True).error == strict[0].error

@@ -102,7 +102,7 @@ def test_a_bug_is_one_line_unless_debugging(vqa2, monkeypatch):
 # --- end to end with the tiny model ----------------------------------------------------------------
 
 RECORD_FIELDS = ["path", "score", "level", "probs", "model", "duration_s", "keyframes", "motion_frames", "seconds",
-                 "warnings", "error"]
+                 "warnings", "error", "segments", "explanation"]
 
 
 @pytest.fixture(scope="session")

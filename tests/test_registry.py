@@ -54,6 +54,32 @@ def test_published_checkpoints_and_defaults():
     assert len(names) == len(set(names))
 
 
+def test_older_repo_ids_are_aliases_of_the_published_checkpoints(hf_home):
+    """The release's older README spelled the repos without "-llava_qwen": they resolve to the same entries and
+    fetch the canonical repo, while records keep the name the user gave."""
+    snapshot = _cache_repo(hf_home, UGC, {"config.json": b'{"model_type": "llava_qwen"}'})
+    for alias in ("q-future/VQA-UGC-Scorer", "Q-Future/vqa-ugc-scorer"):
+        resolved = registry.resolve(alias)
+        assert resolved.entry.name == "vqa2-ugc-scorer" and resolved.path == snapshot and resolved.name == alias
+    assert registry.get_entry("q-future/VQA-Streaming-Scorer").name == "vqa2-streaming-scorer"
+    assert registry.get_entry("q-future/VQA-Assistant").name == "vqa2-assistant"
+    # a cached copy under an alias's own folder keeps the entry too
+    old = _cache_repo(hf_home, "q-future/VQA-Assistant", {"config.json": b"{}"})
+    assert registry.resolve(old).entry.name == "vqa2-assistant"
+    with pytest.raises(ModelNotFoundError, match="hf download q-future/VQA-Assistant-llava_qwen"):
+        registry.resolve("q-future/VQA-Assistant")
+
+
+def test_what_each_model_can_do():
+    entries = {e.name: e for e in registry.registry()}
+    # only the enhanced checkpoint was trained on still images
+    assert [name for name, e in entries.items() if e.images] == ["vqa2-assistant-enhanced"]
+    # models that both score and answer explain their own scores (--explain)
+    assert [name for name, e in entries.items() if set(e.tasks) == {"score", "ask"}] == [
+        "vqa2-assistant-enhanced", "vqa2-tiny"]
+    assert entries["vqa2-ugc-scorer"].tasks == ("score",) and entries["vqa2-assistant"].tasks == ("ask",)
+
+
 def test_offline_missing_weights_one_line_error(hf_home):
     with pytest.raises(ModelNotFoundError) as info:
         registry.resolve(None, task="score")

@@ -42,7 +42,13 @@ class EmptyFolder(str):
         return str(self), self.reason
 
 
-def _walk(directory: str, recursive: bool, warn: Callable[[str], None]) -> Iterator[str]:
+def _walk(directory: str, recursive: bool, warn: Callable[[str], None], images: bool = False) -> Iterator[str]:
+    wanted, kinds, extensions = is_video_name, "video", VIDEO_EXTENSIONS
+    if images:
+        from vqa2cli.images import IMAGE_EXTENSIONS, is_image_name
+
+        wanted = lambda name: is_video_name(name) or is_image_name(name)  # noqa: E731
+        kinds, extensions = "video or image", VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
     found = 0
     skipped_dirs = 0
     for root, dirs, files in os.walk(directory, onerror=lambda error: warn(f"{error.filename}: {error.strerror}")):
@@ -52,12 +58,12 @@ def _walk(directory: str, recursive: bool, warn: Callable[[str], None]) -> Itera
             skipped_dirs += len(dirs)
             dirs[:] = []
         for name in sorted(files):
-            if not name.startswith(".") and is_video_name(name):
+            if not name.startswith(".") and wanted(name):
                 found += 1
                 yield os.path.join(root, name)
     skipped = f"{skipped_dirs} subdirector{'y' if skipped_dirs == 1 else 'ies'} skipped (use --recursive)"
     if not found:
-        looked = f"no video files found (looked for {', '.join(sorted(VIDEO_EXTENSIONS))})"
+        looked = f"no {kinds} files found (looked for {', '.join(sorted(extensions))})"
         yield EmptyFolder(directory, f"{looked}; {skipped}" if skipped_dirs else looked)
     elif skipped_dirs:
         warn(f"{directory}: {skipped}")
@@ -97,6 +103,7 @@ def expand_paths(
     stdin=None,
     warn: Optional[Callable[[str], None]] = None,
     shard: Optional[tuple] = None,
+    images: bool = False,
 ) -> Iterator[str]:
     """Video paths from command-line inputs, lazily, in order.
 
@@ -107,14 +114,15 @@ def expand_paths(
     they arrive, so `find ... | vqa2 score -` starts before `find` ends; a directory read there is
     expanded the same way; one without videos is yielded as an `EmptyFolder`, to fail as an input. `warn`
     gets one-line notes (skipped subdirectories). `shard` (k, n) keeps only the paths of share k of n (see
-    `in_shard`).
+    `in_shard`). `images`: directories give still images too (`vqa2cli.images.IMAGE_EXTENSIONS`), for
+    models that take them.
     """
     warn = warn or (lambda message: None)
     for item in inputs:
         sources = _stdin_paths(stdin) if item == "-" else [item]
         for path in sources:
             if os.path.isdir(path):
-                for found in _walk(path, recursive, warn):
+                for found in _walk(path, recursive, warn, images):
                     if shard is None or in_shard(os.path.relpath(found, path), shard):
                         yield found
             elif shard is None or in_shard(path, shard):
@@ -163,9 +171,12 @@ def default_workers(count: Optional[int] = None, device=None) -> int:
 
 @dataclass
 class ScoreRecord:
-    """The result for one video; exactly one of (score, level, probs) and `error` is set.
+    """The result for one video: (score, level, probs), or `error` when it could not be scored. The two
+    come together only when the score is there and the extra work asked for (`explanation`) failed.
 
-    The fields, in order, are the output's columns (JSON keys, CSV header)."""
+    The fields, in order, are the output's columns (JSON keys, CSV header). `segments` and `explanation`
+    are None unless asked for (`timeline`, an `after` hook such as `vqa2cli.explain.Explainer`); they come
+    last so the others keep their places."""
 
     path: str
     score: Optional[float] = None  # 0 (worst) .. 1 (best)
@@ -178,6 +189,8 @@ class ScoreRecord:
     seconds: float = 0.0  # time spent on this video: decoding + scoring
     warnings: list = field(default_factory=list)  # damage the decoder got past (truncation, corrupt packets)
     error: Optional[str] = None  # one-line message, or None
+    segments: Optional[list] = None  # [{start, end, score, level}] per window (vqa2cli.timeline)
+    explanation: Optional[str] = None  # what the assistant model says is wrong (vqa2cli.explain)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -193,6 +206,8 @@ def score_videos(
     prefetch: int = DEFAULT_PREFETCH,
     workers: int = 0,
     strict: bool = False,
+    timeline: Optional[float] = None,
+    after: Optional[Callable] = None,
 ) -> Iterator[ScoreRecord]:
     """One ScoreRecord per path, in input order, scoring with the loaded `model` (a pipeline.VQA2).
 
@@ -203,12 +218,24 @@ def score_videos(
     share of the batch's compute. Input errors (bad files, videos the model cannot take) become records
     with `error`; with `strict`, so do damaged files (a sample with warnings). A SetupError (the model
     or device failing as a whole) ends the batch with that exception after the records already yielded.
+
+    `timeline` (seconds): records also get `segments`, the scores of consecutive windows of that length
+    from the same decoding pass (`vqa2cli.timeline.timeline_records`). Each file is then decoded in this
+    thread, window by window between the model's passes, so `prefetch` and `workers` do not apply.
+    `after(record, sample)` runs for each scored record while its decoded sample is alive (e.g.
+    `vqa2cli.explain.Explainer`); what it raises becomes the record's `error`, the score stays.
     """
+    if timeline is not None:
+        from vqa2cli.timeline import timeline_records
+
+        yield from timeline_records(model, paths, timeline, prompt=prompt, max_motion_frames=max_motion_frames,
+                                    max_keyframes=max_keyframes, batch_size=batch_size, strict=strict, after=after)
+        return
     decode = Loader(model.sampling(max_motion_frames, max_keyframes))
     pending = []  # (record, sample or None, decode seconds), in input order
 
     def flush():
-        records = _score_pending(model, pending, prompt)
+        records = _score_pending(model, pending, prompt, after)
         pending.clear()  # drop the frames before yielding
         return records
 
@@ -225,14 +252,15 @@ def score_videos(
 
 @dataclass(frozen=True)
 class Loader:
-    """Decoding for one model, picklable for decode worker processes; an `EmptyFolder` input fails here."""
+    """Decoding for one model, picklable for decode worker processes; an `EmptyFolder` input fails here.
+    `tap`: another sampler on the same decoding pass (`vqa2cli.video`; `vqa2cli.timeline`'s windows)."""
 
     sampling: object
 
-    def __call__(self, path):
+    def __call__(self, path, tap=None):
         if isinstance(path, EmptyFolder):
             raise InputError(f"{path}: {path.reason}")
-        return self.sampling.load(path)
+        return self.sampling.load(path, tap=tap)
 
 
 def score_one(model, video, prompt: Optional[str] = None, strict: bool = False,
@@ -253,12 +281,14 @@ def score_one(model, video, prompt: Optional[str] = None, strict: bool = False,
     return record
 
 
-def score_decoded(model, decoded, prompt: Optional[str] = None, strict: bool = False) -> list[ScoreRecord]:
+def score_decoded(model, decoded, prompt: Optional[str] = None, strict: bool = False,
+                  after: Optional[Callable] = None) -> list[ScoreRecord]:
     """Records for videos decoded elsewhere (a Ray decode stage, a service): `decoded` holds
     `(path, sample or None, error or None, decode seconds)` as `Prefetcher` yields them. The samples are
-    scored in one forward pass when there are several (one by one if that pass fails)."""
+    scored in one forward pass when there are several (one by one if that pass fails); `after`: as in
+    `score_videos`."""
     pending = [_pending(model, path, sample, error, seconds, strict) for path, sample, error, seconds in decoded]
-    return _score_pending(model, pending, prompt)
+    return _score_pending(model, pending, prompt, after)
 
 
 def _pending(model, path, sample, error, seconds, strict) -> tuple:
@@ -290,7 +320,22 @@ def damage_error(path, warnings: list) -> str:
     return f"{path}: refused as damaged (strict): {'; '.join(warnings)}"
 
 
-def _score_pending(model, pending, prompt) -> list:
+def run_after(after: Optional[Callable], record: ScoreRecord, sample) -> None:
+    """`after(record, sample)` for a scored record; a failure becomes its `error` (the score stays) and its
+    time counts in `seconds`."""
+    if after is None or record.error is not None:
+        return
+    start = time.perf_counter()
+    try:
+        after(record, sample)
+    except SetupError:
+        raise
+    except Exception as failure:  # this video's extra work failed; the batch goes on
+        record.error = error_message(record.path, failure)
+    record.seconds += time.perf_counter() - start
+
+
+def _score_pending(model, pending, prompt, after=None) -> list:
     """Score the decoded samples of `pending` (in one batch when several), fill in their records."""
     samples = [sample for _, sample, _ in pending if sample is not None]
     done = [record for record, sample, _ in pending if sample is not None]
@@ -318,6 +363,8 @@ def _score_pending(model, pending, prompt) -> list:
             except Exception as failure:  # this video cannot be scored; the batch goes on
                 record.error = error_message(record.path, failure)
             record.seconds = time.perf_counter() - one_start
+    for record, sample in zip(done, samples):
+        run_after(after, record, sample)
     for record, _, decode_seconds in pending:
         record.seconds = round(record.seconds + decode_seconds, 3)
     return [record for record, _, _ in pending]

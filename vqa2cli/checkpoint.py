@@ -582,14 +582,16 @@ def _model_dir_config(directory: Path) -> VQA2Config:
 def read_config(name_or_path: str | os.PathLike | None, task: str = "score"):
     """(the resolved model, its config), read without any weights: what `load_any` builds the model from, and all
     that a process which only decodes needs (`config.sampling()`). Our model directory or an official checkpoint,
-    whose scoring prompt the registry knows (official configs do not say it)."""
+    whose scoring prompt, and whether it was trained on still images, the registry knows (official configs do not
+    say either)."""
     from vqa2cli import registry
 
     resolved = registry.resolve(name_or_path, task)
     if is_model_dir(resolved.path):
         return resolved, _model_dir_config(resolved.path)
     if is_official(resolved.path):
-        return resolved, official_config(resolved.path, **({"prompt": resolved.prompt} if resolved.prompt else {}))
+        overrides = {"prompt": resolved.prompt, "images": resolved.images} if resolved.entry else {}
+        return resolved, official_config(resolved.path, **overrides)
     raise ModelNotFoundError(
         f"{resolved.path} is not a model directory (no config.json with \"format\": \"vqa2\" "
         "or \"model_type\": \"llava_qwen\")"

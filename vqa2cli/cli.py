@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+import types
 import typing
 
 import click
@@ -107,6 +108,8 @@ def cli():
       vqa2 score clip.mp4
       vqa2 score videos/ --recursive --json > scores.json
       find . -name '*.mov' | vqa2 score - --csv > scores.csv
+      vqa2 score clip.mp4 --timeline --explain
+      vqa2 compare source.mp4 encode-a.mp4 encode-b.mp4
       vqa2 ask clip.mp4 "Is there stuttering?"
       vqa2 models
     """
@@ -210,6 +213,55 @@ def ray_options(func):
                         "GPUs (needs the ray extra).")(wrapper)
 
 
+def timeline_options(func):
+    """--timeline [SECONDS], --plot FILE: quality over time (`vqa2cli.timeline`, `vqa2cli.plot`)."""
+    func = click.option(
+        "--plot",
+        "plot_path",
+        type=click.Path(dir_okay=False),
+        metavar="FILE",
+        help="Draw the score over time, the levels as bands, into FILE (.png, .svg or .pdf); implies "
+        "--timeline. Needs matplotlib: pip install 'vqa2[plot]'.",
+    )(func)
+    return click.option(
+        "--timeline",
+        type=click.FloatRange(min=0, min_open=True),
+        is_flag=False,
+        flag_value=2.0,
+        default=None,
+        metavar="[SECONDS]",
+        help="Also score the video in consecutive windows of SECONDS (2 if not given), from the same "
+        "decoding pass; records get segments [{start, end, score, level}].",
+    )(func)
+
+
+def _timeline_setup(timeline, plot_path):
+    """The window length to use (--plot implies the default one) after checking that the plot can be made."""
+    if plot_path is None:
+        return timeline
+    from vqa2cli.plot import require
+    from vqa2cli.timeline import DEFAULT_SECONDS
+
+    require(plot_path)
+    return timeline or DEFAULT_SECONDS
+
+
+def _write_plot(reporter, plot_path, records, title, quiet):
+    from vqa2cli.plot import plot_timelines
+
+    drawn = plot_timelines(records, plot_path, title=title)
+    if not quiet:
+        reporter.note(f"plot of {drawn} timeline(s) written to {plot_path}")
+
+
+def _timeline_column():
+    """A table-only view of `segments`: a sparkline (one block per window), then the worst window."""
+    from vqa2cli.output import Column
+    from vqa2cli.timeline import sparkline, worst_text
+
+    return Column("segments", "Timeline, worst window", lambda s: f"{sparkline(s)} {worst_text(s)}", in_csv=False)
+
+
 def _load_model(reporter, model_name, device, quant, task):
     from vqa2cli.pipeline import load_model
 
@@ -245,13 +297,16 @@ def _stdin_lines():
         return sys.stdin
 
 
-def _score_columns(level_words):
+def _score_columns(level_words, timeline=False, explain=False):
+    """The record's columns; with `timeline` / `explain`, their fields come last in CSV (the others keep
+    their places) and in the table next to the score."""
     from vqa2cli.output import Column, fmt_float
 
     return [
         Column("path", "Path"),
         Column("score", "Score", fmt_float(3), "right"),
         Column("level", "Level"),
+        *([_timeline_column()] if timeline else []),
         *[Column(f"probs.{word}", word, fmt_float(2), "right", wide_only=True) for word in level_words],
         Column("model", "Model", in_table=False),  # the table names it in its title
         Column("duration_s", "Duration", lambda seconds: f"{seconds:.1f} s", "right"),
@@ -260,7 +315,17 @@ def _score_columns(level_words):
         Column("seconds", "Took", lambda seconds: f"{seconds:.2f} s", "right"),
         Column("warnings", "Warnings", lambda warnings: "! " + "; ".join(warnings) if warnings else "", when_set=True),
         Column("error", "Error", in_table=False),  # the table adds an Error column when a row failed
+        *([Column("segments", "Segments", in_table=False)] if timeline else []),  # CSV: a JSON cell
+        *([Column("explanation", "Explanation")] if explain else []),
     ]
+
+
+def _explainer(reporter, model, explain_model, device, quant, max_motion_frames, max_keyframes):
+    """The `after` hook that adds explanations (`vqa2cli.explain`), loading the assistant if it is another model."""
+    from vqa2cli.explain import Explainer, assistant_for
+
+    assistant = assistant_for(model, explain_model, lambda name: _load_model(reporter, name, device, quant, "ask"))
+    return Explainer(model, assistant, max_motion_frames, max_keyframes)
 
 
 def decoding_options(func):
@@ -310,24 +375,24 @@ class _Shard(click.ParamType):
             self.fail(str(error), param, ctx)
 
 
-def _expand_inputs(paths, recursive, shard, quiet, reporter):
-    """(paths to score, their number or None while stdin streams, notes to print once the model loads)."""
+def _expand_inputs(paths, recursive, shard, images, quiet, reporter):
+    """(paths to score, their number or None while stdin streams, notes to print once the model loads).
+    `images`: folders give still images too (the model takes them)."""
     from vqa2cli.batch import expand_paths
 
     if "-" in paths:  # expanded as they arrive, notes printed then
-        return expand_paths(paths, recursive=recursive, stdin=_stdin_lines(), shard=shard,
+        return expand_paths(paths, recursive=recursive, stdin=_stdin_lines(), shard=shard, images=images,
                             warn=None if quiet else reporter.note), None, []
     notes = []
     # the whole list known up front gives the progress bar its ETA and the worker pool its size
-    inputs = list(expand_paths(paths, recursive=recursive, shard=shard, warn=notes.append))
+    inputs = list(expand_paths(paths, recursive=recursive, shard=shard, images=images, warn=notes.append))
     return inputs, len(inputs), [] if quiet else notes
 
 
-def _score_writer(fmt, output, resume, name, level_words, inputs, total, note):
+def _score_writer(fmt, output, resume, name, columns, inputs, total, note):
     """(writer, inputs, total): stdout in `fmt`, or --output FILE, whose finished paths --resume skips."""
     from vqa2cli.output import make_writer, open_record_file
 
-    columns = _score_columns([word.strip() for word in level_words])
     if output is None:
         return make_writer(fmt, sys.stdout, columns, title=f"vqa2 score ({name})"), inputs, total
     writer, existing = open_record_file(output, columns, resume=resume)
@@ -347,6 +412,20 @@ def _score_writer(fmt, output, resume, name, level_words, inputs, total, note):
             inputs = (path for path in inputs if path not in existing.done)
         note(f"resuming {output}: {len(existing.done)} video(s) already scored are skipped")
     return writer, inputs, total
+
+
+def _takes_images(model_name) -> bool:
+    """Whether the model scores still images too (then folders give them), from its config alone."""
+    from vqa2cli.checkpoint import read_config
+
+    return read_config(model_name, "score")[1].images
+
+
+def _kept(record: dict, timelines: list | None) -> dict:
+    """`record`, its timeline kept in `timelines` for --plot (None: no plot)."""
+    if timelines is not None:
+        timelines.append({"path": record["path"], "segments": record["segments"]})
+    return record
 
 
 def _write_records(records, writer, reporter):
@@ -388,6 +467,13 @@ def _write_records(records, writer, reporter):
     help="Videos the model scores in one forward pass.",
 )
 @decoding_options
+@timeline_options
+@click.option("--explain", is_flag=True,
+              help="Also say what is wrong: the assistant model's answer to \"What quality problems does this video "
+              "have?\" (records get explanation), from the same decoded video.")
+@click.option("--explain-model", metavar="NAME|DIR|REPO",
+              help="Model that explains; implies --explain [default: the scoring model when it also answers "
+              "questions (vqa2-assistant-enhanced, vqa2-tiny), else the default of `vqa2 ask`].")
 @click.option("--shard", type=_Shard(), default=None,
               help="Score only share K of N (0 <= K < N) of the inputs: N machines each given one K split a "
               "catalogue between them with no overlap (a hash of each path; see docs/cli.md).")
@@ -400,7 +486,7 @@ def _write_records(records, writer, reporter):
 @ray_options
 @output_format_options
 def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyframes, batch_size, workers, strict,
-          shard, output, resume, recursive, quiet, ray, fmt):
+          timeline, plot_path, explain, explain_model, shard, output, resume, recursive, quiet, ray, fmt):
     """Score the quality of videos: 0 (worst) to 1 (best), and a level from low to high.
 
     PATH is a video file, a directory, or - to read paths from stdin (one per line). In a directory,
@@ -411,9 +497,15 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyfr
 
     Output goes to stdout: a table on a terminal, JSON Lines when piped (or --json, --jsonl, --csv),
     or to --output FILE. Each record has path, score, level, probs, model, duration_s, keyframes,
-    motion_frames, seconds, warnings and error. A file that fails gives a record with `error` and a
-    line on stderr; the batch goes on. A damaged file that still decodes is scored, with what was
-    lost in `warnings` and a line on stderr (an error with --strict).
+    motion_frames, seconds, warnings, error, segments (--timeline, else null) and explanation
+    (--explain, else null); CSV has the last two as columns only when asked for, segments as one
+    JSON text. A file that fails gives a record with `error` and a line on stderr; the batch goes
+    on. A damaged file that still decodes is scored, with what was lost in `warnings` and a line on
+    stderr (an error with --strict).
+
+    Still images (.jpg .png …, also in directories) are scored by models trained on them
+    (vqa2-assistant-enhanced); other models refuse them. --timeline decodes each file in this
+    process, between the model's passes over its windows: --workers does not apply.
 
     With --ray the same inputs are scored by a Ray Data pipeline on the cluster RAY_ADDRESS (or
     --ray-address) names, or on a new local one: decode tasks, then --ray-actors model actors.
@@ -426,6 +518,8 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyfr
       vqa2 score clip.mp4
       vqa2 score videos/ -r --json > scores.json
       vqa2 score a.mp4 b.webm --csv
+      vqa2 score clip.mp4 --timeline --plot clip.png
+      vqa2 score clip.mp4 --explain -m vqa2-assistant-enhanced
       find /data -name '*.mp4' -mmin -60 | vqa2 score - --jsonl | jq .score
       vqa2 score /catalogue -r --shard 0/4 --output part0.jsonl --resume
       RAY_ADDRESS=ray://head:10001 vqa2 score /mnt/catalogue -r --ray --ray-actors 8 --parquet scores/
@@ -443,20 +537,29 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyfr
         except ValueError as error:
             raise click.BadParameter(str(error), param_hint="--output") from None
     fmt = fmt or default_format(sys.stdout)
+    timeline = _timeline_setup(timeline, plot_path)
+    explain = explain or explain_model is not None
+    if ray is not None and (timeline is not None or explain):
+        raise click.UsageError("--timeline, --plot and --explain score in this process: drop --ray")
     # records streamed to the terminal are their own progress, and a live bar redrawn on the same
     # screen would overwrite them: the bar is for tables (printed at the end) and redirected output
     reporter = Reporter.for_stderr(quiet or (output is None and fmt != "table" and sys.stdout.isatty()))
     if "-" in paths and sys.stdin is not None and sys.stdin.isatty() and not quiet:
         reporter.note("reading video paths from stdin, one per line (end with Ctrl-D)")
+    if timeline is not None and workers and not quiet:
+        reporter.note("--workers does not apply with --timeline: each file is decoded between the model's passes")
     try:
-        inputs, total, notes = _expand_inputs(paths, recursive, shard, quiet, reporter)
-        if ray is None:
+        inputs, total, notes = _expand_inputs(paths, recursive, shard, _takes_images(model_name), quiet, reporter)
+        if ray is None and timeline is None:
             _warm_up_decoders(workers, total)
         # the model first: when it cannot load, its error is the only message
+        after = None
         if ray is None:
             model = _load_model(reporter, model_name, device, quant, task="score")
             name, level_words = model.name, model.config.level_words
-            workers = _workers(workers, total, model)
+            workers = 0 if timeline is not None else _workers(workers, total, model)
+            if explain:
+                after = _explainer(reporter, model, explain_model, device, quant, max_motion_frames, max_keyframes)
         else:
             name, level_words = _connect_ray(reporter, ray["address"], model_name)
             if total is None:  # Ray plans the whole list up front
@@ -464,7 +567,8 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyfr
                 total = len(inputs)
         for note in notes:
             reporter.note(note)
-        writer, inputs, total = _score_writer(fmt, output, resume, name, level_words, inputs, total,
+        columns = _score_columns([word.strip() for word in level_words], timeline is not None, explain)
+        writer, inputs, total = _score_writer(fmt, output, resume, name, columns, inputs, total,
                                               (lambda message: None) if quiet else reporter.note)
     except KeyboardInterrupt:
         if fmt == "json" and output is None:  # no results yet, but what reads our stdout still gets valid JSON
@@ -472,10 +576,12 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyfr
         reporter.note(_stop.note("no video was scored"))
         return EXIT_INTERRUPTED
     start = time.perf_counter()
+    timelines = []  # what --plot draws
     if ray is None:
         scores = score_videos(model, inputs, prompt=prompt, max_motion_frames=max_motion_frames,
-                              max_keyframes=max_keyframes, batch_size=batch_size, workers=workers, strict=strict)
-        records = (record.to_dict() for record in scores)
+                              max_keyframes=max_keyframes, batch_size=batch_size, workers=workers, strict=strict,
+                              timeline=timeline, after=after)
+        records = (_kept(record.to_dict(), timelines if plot_path else None) for record in scores)
     else:
         from vqa2cli.ray_scoring import score_records
 
@@ -490,15 +596,108 @@ def score(paths, model_name, device, quant, prompt, max_motion_frames, max_keyfr
         reporter.stop()
         writer.close()  # first: a second signal ends the process at once
         scores.close()  # stops the decoders (or the Ray pipeline)
+    if plot_path is not None:
+        _write_plot(reporter, plot_path, timelines, f"vqa2 score ({name})", quiet)
     where = f"; records in {output}" if output else ""
     if interrupted:
-        reporter.note(_stop.note(f"{scored + failed} video(s) done, results so far written{where}"))
+        # the writer's count: a signal held back while a record was written lands before the counts above
+        reporter.note(_stop.note(f"{writer.count} video(s) done, results so far written{where}"))
         return EXIT_INTERRUPTED
     if not quiet:
         with_warnings = f" ({damaged} with warnings)" if damaged else ""
         reporter.note(f"scored {scored} video(s){with_warnings}, {failed} failed, in "
                       f"{time.perf_counter() - start:.1f} s{where}")
     return EXIT_FAILED if failed else 0
+
+
+# --- compare -------------------------------------------------------------------------------------
+
+
+def _compare_columns(timeline):
+    from vqa2cli.compare import windows_text
+    from vqa2cli.output import Column, fmt_float
+
+    return [
+        Column("path", "Path"),
+        Column("score", "Score", fmt_float(3), "right"),
+        Column("level", "Level"),
+        Column("difference", "B - A", lambda d: f"{d:+.3f}", "right", missing="-"),
+        Column("verdict", "Verdict"),
+        Column("rank", "Rank", justify="right"),
+        *([_timeline_column()] if timeline else []),
+        *([Column("segments", "Windows vs A", windows_text, in_csv=False)] if timeline else []),
+        Column("reference", "Reference", in_table=False),
+        Column("model", "Model", in_table=False),
+        Column("error", "Error", in_table=False),
+        *([Column("segments", "Segments", in_table=False)] if timeline else []),  # CSV: a JSON cell
+    ]
+
+
+@cli.command(short_help="Compare versions of a video by their scores (reference-free, not full-reference).")
+@click.argument("reference", metavar="A")
+@click.argument("candidates", nargs=-1, required=True, metavar="B...")
+@model_options
+@sampling_options
+@timeline_options
+@click.option("--margin", type=click.FloatRange(0, 1), default=0.02, show_default=True,
+              help="Score differences up to this are reported as 'same'.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr: no progress bar, notes or summary.")
+@output_format_options
+def compare(reference, candidates, model_name, device, quant, max_motion_frames, max_keyframes, timeline, plot_path,
+            margin, quiet, fmt):
+    """Compare videos by the model's quality score: which is better, and by how much.
+
+    Each video is scored on its own, exactly as `vqa2 score` scores it, and each candidate B gets
+    B - A, a verdict (better, worse, or same within --margin) and a rank among all inputs (1 =
+    best). With --timeline, windows are paired by position and each candidate window gets its
+    difference too.
+
+    This is NOT a full-reference metric: the pixels of A and B are never compared (unlike PSNR,
+    SSIM or VMAF). The score is reference-free, so A and B need not be aligned or the same length,
+    and an encode can score above its source.
+
+    Exit status: 0 all scored, 1 some failed, 2 bad usage or model not available; 130, 143, 129
+    stopped by Ctrl-C, SIGTERM, SIGHUP (the videos scored so far are compared and written).
+
+    \b
+    Examples:
+      vqa2 compare source.mp4 encode-crf23.mp4 encode-crf35.mp4
+      vqa2 compare a.mp4 b.mp4 --timeline 1 --json
+      vqa2 compare a.mp4 b.mp4 --timeline --plot ab.png
+    """
+    from vqa2cli.batch import score_videos
+    from vqa2cli.compare import best, compare_records
+    from vqa2cli.output import Reporter, default_format, make_writer
+
+    fmt = fmt or default_format(sys.stdout)
+    timeline = _timeline_setup(timeline, plot_path)
+    reporter = Reporter.for_stderr(quiet)
+    model = _load_model(reporter, model_name, device, quant, task="score")
+    paths = [reference, *candidates]
+    records = []  # all of them first: the rows compare each with the first
+    scoring = score_videos(model, paths, max_motion_frames=max_motion_frames, max_keyframes=max_keyframes,
+                           timeline=timeline)
+    try:
+        reporter.start("Scoring", total=len(paths))
+        *_, interrupted = _write_records((record.to_dict() for record in scoring),
+                                         types.SimpleNamespace(write=records.append), reporter)
+    finally:
+        scoring.close()
+        reporter.stop()
+    rows = compare_records(records, margin) if records else []
+    with make_writer(fmt, sys.stdout, _compare_columns(timeline is not None),
+                     title=f"vqa2 compare ({model.name}): B - A with A = {reference}") as writer:
+        for row in rows:
+            writer.write(row)
+    if plot_path is not None:
+        _write_plot(reporter, plot_path, rows, f"vqa2 compare ({model.name})", quiet)
+    if interrupted:
+        reporter.note(_stop.note(f"{len(rows)} of {len(paths)} video(s) scored, those written"))
+        return EXIT_INTERRUPTED
+    top = best(rows)
+    if top is not None and not quiet:
+        reporter.note(f"best: {top['path']} ({top['score']:.3f}); reference-free scores, not a pixel comparison")
+    return EXIT_FAILED if any(row["error"] for row in rows) else 0
 
 
 # --- ask -----------------------------------------------------------------------------------------

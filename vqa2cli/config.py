@@ -207,6 +207,9 @@ class VQA2Config:
     level_words: tuple[str, ...] = LEVEL_WORDS
     prompt: str = "ugc"  # default scoring prompt kind
     max_training_length: int = 10000  # embeddings per sequence the release trained with
+    # Trained on still images too (the release's enhanced checkpoint): photos are scored the release's way,
+    # one unpooled keyframe (vqa2cli.images). Others refuse photos: they never saw that layout or prompt.
+    images: bool = False
 
     def __post_init__(self):
         """Every number checked before anything is built from it: a config (ours or an official one) with
@@ -242,6 +245,8 @@ class VQA2Config:
         if total > MAX_PARAMETERS:
             raise ValueError(f"the sizes describe about {total:.1e} parameters, beyond any real model (at most "
                              f"{MAX_PARAMETERS:.0e})")
+        if self.images and self.token_layout != "official":
+            raise ValueError("images need the official token layout (the release's image path)")
 
     def parameter_count(self, quantizable_only: bool = False) -> int:
         """About how many parameters the model has (within a few percent), from the config alone. With
@@ -273,7 +278,7 @@ class VQA2Config:
 
         motion_cap = self.motion.max_frames if max_motion_frames is None else min(max_motion_frames, self.motion.max_frames)
         return Sampling(self.keyframe_size, self.motion_size, motion_cap,
-                        Sampling.max_keyframes if max_keyframes is None else max_keyframes)
+                        Sampling.max_keyframes if max_keyframes is None else max_keyframes, images=self.images)
 
     # ---- our JSON -------------------------------------------------------------------------------------
 

@@ -14,6 +14,9 @@
                                      |
                                Qwen2ForCausalLM -> logits [B, L, vocab]
 
+Still images (`config.images`, `vqa2cli.images`): the keyframe is not pooled (G*G tokens, 729 as released)
+and the image prompt's single placeholder takes that block only, as in the release's image path.
+
 Layout "per_second" (config.token_layout; only for models trained that way, never the released ones):
 [text][kf 0 (196)][motion of second 0][kf 1][motion of second 1]...[image_newline][text], all at the
 first placeholder; a second placeholder stays empty, so the same prompts work for both layouts.
@@ -199,19 +202,23 @@ class VQA2Model(nn.Module):
 
     # ---- branches ------------------------------------------------------------------------------------
 
-    def encode_keyframes(self, keyframes: torch.Tensor) -> torch.Tensor:
-        """keyframes: [N, 3, S, S] normalised float -> keyframe block [N*P*P + 1, H] (P = pooled grid)."""
+    def encode_keyframes(self, keyframes: torch.Tensor, pool: bool = True) -> torch.Tensor:
+        """keyframes: [N, 3, S, S] normalised float -> keyframe block [N*P*P + 1, H] (P = pooled grid).
+
+        `pool=False` is the release's still-image path (`vqa2cli.images`): the whole G x G grid, [N*G*G + 1, H]."""
         tower = self.vision_tower
         pixels = keyframes.to(device=self.image_newline.device, dtype=tower.embeddings.patch_embedding.weight.dtype)
         # Hidden state after the last KEPT layer, before post_layernorm (= LLaVA's select_layer -2).
         feats = tower.encoder(inputs_embeds=tower.embeddings(pixels)).last_hidden_state  # [N, G*G, Cv]
         feats = self.mm_projector(feats.to(self.mm_projector[0].weight.dtype))  # [N, G*G, H]
         n, _, hidden = feats.shape
-        grid = self.config.vision.grid
-        pooled = self.config.pooled_grid
-        feats = feats.view(n, grid, grid, hidden).permute(0, 3, 1, 2)  # [N, H, G, G]
-        feats = F.interpolate(feats, size=(pooled, pooled), mode="bilinear")  # [N, H, P, P]
-        feats = feats.permute(0, 2, 3, 1).reshape(n * pooled * pooled, hidden)  # frame-major, row-major
+        if pool:
+            grid = self.config.vision.grid
+            pooled = self.config.pooled_grid
+            feats = feats.view(n, grid, grid, hidden).permute(0, 3, 1, 2)  # [N, H, G, G]
+            feats = F.interpolate(feats, size=(pooled, pooled), mode="bilinear")  # [N, H, P, P]
+            feats = feats.permute(0, 2, 3, 1)  # [N, P, P, H]
+        feats = feats.reshape(-1, hidden)  # frame-major, row-major
         return torch.cat([feats, self.image_newline[None].to(feats.dtype)], dim=0)
 
     def encode_motion(self, frames: torch.Tensor) -> torch.Tensor:
@@ -222,10 +229,13 @@ class VQA2Model(nn.Module):
         feats = feats.to(torch.float16).to(self.motion_projector[0].weight.dtype)
         return self.motion_projector(feats)  # [T, H]
 
-    def encode_video(self, keyframes: torch.Tensor, motion: torch.Tensor | None = None) -> EncodedVideo:
+    def encode_video(self, keyframes: torch.Tensor, motion: torch.Tensor | None = None,
+                     pool: bool = True) -> EncodedVideo:
         """Both branches: keyframes [N, 3, S, S] and motion frames [T, 3, S', S'] (uint8 or normalised float;
-        None when the prompt places no motion tokens, see `places_motion`) -> their blocks."""
-        return EncodedVideo(self.encode_keyframes(keyframes), None if motion is None else self.encode_motion(motion))
+        None when the prompt places no motion tokens, see `places_motion`) -> their blocks. `pool`: see
+        `encode_keyframes`."""
+        return EncodedVideo(self.encode_keyframes(keyframes, pool),
+                            None if motion is None else self.encode_motion(motion))
 
     def places_motion(self, input_ids: torch.Tensor) -> bool:
         """Whether a prompt with these ids takes motion tokens. In the `official` layout a single
@@ -246,14 +256,15 @@ class VQA2Model(nn.Module):
             near-equal contiguous runs.
         """
         types = _token_types
-        per = self.config.tokens_per_keyframe
-        num_kf = (kf_block.shape[0] - 1) // per
-        keyframes = (kf_block, torch.cat([types(num_kf * per, KEYFRAME), types(1, NEWLINE)]))
+        # Every row before the newline is a keyframe token, however many a keyframe has (an image: unpooled).
+        keyframes = (kf_block, torch.cat([types(kf_block.shape[0] - 1, KEYFRAME), types(1, NEWLINE)]))
         if self.config.token_layout == "official":
             blocks = [keyframes]
             if num_slots == 2:
                 blocks.append((mo_block, types(mo_block.shape[0], MOTION)))
             return blocks
+        per = self.config.tokens_per_keyframe
+        num_kf = (kf_block.shape[0] - 1) // per
         num_motion = mo_block.shape[0]
         if splits is None:
             bounds = [round(i * num_motion / num_kf) for i in range(num_kf + 1)]

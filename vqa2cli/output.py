@@ -45,6 +45,7 @@ class Column:
     fmt: Callable[[Any], str] = str  # table cell text for a value that is not None
     justify: str = "left"
     in_table: bool = True  # False: CSV only, to keep the terminal table narrow
+    in_csv: bool = True  # False: table only (a view of another column's data, e.g. a sparkline)
     wide_only: bool = False  # in the table only on a terminal at least WIDE_TABLE columns wide
     no_wrap: bool = False  # keep table cells whole (names to copy and paste); numbers never wrap
     missing: str = ""  # table cell text for None
@@ -180,20 +181,21 @@ def _csv_cell(value):
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (list, tuple)):  # e.g. warnings, which are sentences with spaces
-        return "; ".join(str(item) for item in value)
-    if isinstance(value, dict):
+    if isinstance(value, (list, tuple)) and not any(isinstance(item, (dict, list, tuple)) for item in value):
+        return "; ".join(str(item) for item in value)  # e.g. warnings, which are sentences with spaces
+    if isinstance(value, (dict, list, tuple)):  # nested data (timeline segments): one JSON cell
         return to_json(value)
     return value
 
 
 class CsvWriter(_Writer):
     """CSV with a header row of column keys (`header=False`: none, for appending to a file that has it);
-    None is an empty cell, a list "; "-separated; flushed per record."""
+    None is an empty cell, a list of plain values "; "-separated, a dict or a list holding dicts one JSON
+    text; flushed per record."""
 
     def __init__(self, stream, columns, header=True):
         super().__init__(stream)
-        self.columns = list(columns)
+        self.columns = [column for column in columns if column.in_csv]
         self._csv = csv.writer(stream, lineterminator="\n")
         if header:
             with uninterrupted():
@@ -323,7 +325,7 @@ def open_record_file(path, columns, resume: bool = False):
     if size and not resume:
         raise SetupError(f"{path} already holds records: add --resume to continue it, or name a new file")
     if size:
-        records, end = _read_records(path, fmt, [column.key for column in columns])
+        records, end = _read_records(path, fmt, [column.key for column in columns if column.in_csv])
         existing.records = len(records)
         finished = [record for record in records if not record.get("error")]
         existing.done = {record["path"] for record in finished}

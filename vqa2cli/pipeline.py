@@ -107,7 +107,11 @@ class VQA2:
             return self.load_video(video, max_motion_frames, max_keyframes)
         if not (hasattr(video, "keyframes") and hasattr(video, "motion")):
             raise TypeError(f"video must be a path or a VideoSample, not {type(video).__name__}")
+        from vqa2cli.images import ImageSample
+
         expected = self.sampling()
+        if isinstance(video, ImageSample) and not expected.images:
+            raise InputError(f"{video.path}: a still image, and model {self.name} takes videos only")
         sizes = (video.keyframes.shape[-1], video.motion.shape[-1])
         if sizes != (expected.keyframe_size, expected.motion_size):
             raise InputError(
@@ -132,18 +136,24 @@ class VQA2:
         return motion_splits(sample.keyframe_indices, sample.motion_indices)
 
     def _encode(self, ids: torch.Tensor, sample):
-        """The sample through the encoders, its motion frames only where the prompt places them."""
+        """The sample through the encoders, its motion frames only where the prompt places them; a still
+        image's keyframe unpooled (`vqa2cli.images`: its prompt has one placeholder, so no motion either)."""
+        from vqa2cli.images import ImageSample
+
         motion = sample.motion if self.model.places_motion(ids) else None
-        return self.model.encode_video(sample.keyframes, motion)
+        return self.model.encode_video(sample.keyframes, motion, pool=not isinstance(sample, ImageSample))
 
     def _ids(self, text: str) -> torch.Tensor:
         from vqa2cli.prompts import tokenize_prompt
 
         return torch.tensor(tokenize_prompt(text, self.tokenizer), dtype=torch.long)
 
-    def _score_text(self, prompt: str | None) -> str:
-        from vqa2cli.prompts import scoring_prompt
+    def _score_text(self, prompt: str | None, sample=None) -> str:
+        from vqa2cli.images import ImageSample
+        from vqa2cli.prompts import image_scoring_prompt, scoring_prompt
 
+        if isinstance(sample, ImageSample):
+            return image_scoring_prompt()  # whatever the video prompt kind: images have their own
         kind = prompt or self.config.prompt
         if kind not in PROMPT_KINDS:
             raise SetupError(f"unknown scoring prompt {kind!r}: expected one of {', '.join(PROMPT_KINDS)}")
@@ -169,10 +179,10 @@ class VQA2:
         samples = [self._sample(v, max_motion_frames, max_keyframes) for v in videos]
         if not samples:
             return []
-        ids = self._ids(self._score_text(prompt))
+        ids = [self._ids(self._score_text(prompt, s)) for s in samples]
         with torch.inference_mode():
-            videos = [self._encode(ids, s) for s in samples]
-            logits = self.model.next_token_logits([ids] * len(samples), videos,
+            videos = [self._encode(i, s) for i, s in zip(ids, samples)]
+            logits = self.model.next_token_logits(ids, videos,
                                                   motion_splits=[self._splits(s) for s in samples])
             level_logits = logits.index_select(-1, self.level_ids).float().cpu()
         results = []
@@ -186,10 +196,15 @@ class VQA2:
     def ask(self, video, question: str, max_new_tokens: int = 512, on_text=None) -> str:
         """Greedy answer to a free-form question about the video; `on_text(str)` receives the answer in
         pieces as it is generated. Returns the whole answer."""
-        from vqa2cli.prompts import question_prompt
+        from vqa2cli.images import ImageSample
+        from vqa2cli.prompts import image_question_prompt, question_prompt
 
         sample = self._sample(video, max_motion_frames=None, max_keyframes=None)
-        text = question_prompt(question, num_keyframes=sample.keyframes.shape[0], num_frames=sample.motion.shape[0])
+        if isinstance(sample, ImageSample):
+            text = image_question_prompt(question)
+        else:
+            text = question_prompt(question, num_keyframes=sample.keyframes.shape[0],
+                                   num_frames=sample.motion.shape[0])
         streamer = _callback_streamer(self.tokenizer, on_text) if on_text is not None else None
         ids = self._ids(text)
         with torch.inference_mode():

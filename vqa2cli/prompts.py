@@ -52,6 +52,23 @@ def scoring_prompt(kind: str = "ugc", context: str = "") -> str:
     return chatml([("user", context + users[kind]), ("assistant", SCORE_PREFILL)])[: -len(f"{IM_END}\n")]
 
 
+# The release's image scripts (enhanced checkpoint; model_score_image.py, model_vqa_image.py): ONE placeholder,
+# which takes the keyframe block only (the image's repeated-frame motion features are computed, never placed).
+IMAGE_SCORE_PREFILL = "The overall quality of the image is"
+IMAGE_PREAMBLE = "You will receive one image. Please analyze these images and answer the questions based on your observations."
+
+
+def image_scoring_prompt() -> str:
+    """The scorer prompt for a still image: user turn `<image>`, assistant prefilled "The overall quality of
+    the image is"; the level distribution is read at its last token, as for `scoring_prompt`."""
+    return chatml([("user", IMAGE_TOKEN), ("assistant", IMAGE_SCORE_PREFILL)])[: -len(f"{IM_END}\n")]
+
+
+def image_question_prompt(question: str) -> str:
+    """The Assistant prompt for a question about a still image, ready for generation."""
+    return chatml([("user", f"{IMAGE_PREAMBLE}\n{IMAGE_TOKEN}\n{question.strip()}"), ("assistant", None)])
+
+
 # Our wording of the Assistant's preamble: the reference gives its content (N keyframes sampled one per
 # second, motion features from all frames) and the exact frame/motion lines; the sentences are ours.
 ASSISTANT_PREAMBLE = (

@@ -72,13 +72,17 @@ class _Scorer:
 
 
 def record_schema(level_words):
-    """The Arrow schema of the records (`ScoreRecord`'s fields, `probs` a struct of the model's level words)."""
+    """The Arrow schema of the records (`ScoreRecord`'s fields, `probs` a struct of the model's level words,
+    `segments` a list of `vqa2cli.timeline.segment` structs)."""
     import pyarrow as pa
 
     probs = pa.struct([(word.strip(), pa.float64()) for word in level_words])
+    segment = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("score", pa.float64()),
+                         ("level", pa.string())])
     types = {"path": pa.string(), "score": pa.float64(), "level": pa.string(), "probs": probs, "model": pa.string(),
              "duration_s": pa.float64(), "keyframes": pa.int64(), "motion_frames": pa.int64(),
-             "seconds": pa.float64(), "warnings": pa.list_(pa.string()), "error": pa.string()}
+             "seconds": pa.float64(), "warnings": pa.list_(pa.string()), "error": pa.string(),
+             "segments": pa.list_(segment), "explanation": pa.string()}
     return pa.schema([(name, types[name]) for name in RECORD_FIELDS])
 
 

@@ -1,9 +1,11 @@
 """Model names -> where the weights are: a local directory, the shipped package, or a Hugging Face repo.
 
 The registry (`weights/registry.json`, installed as `vqa2cli_weights`) lists the published checkpoints under
-short names, what each is for, which scoring prompt it was trained with, and which command uses it by
-default. An entry has either a `repo_id` (fetched through huggingface_hub's cache) or a `path` relative to
-the `vqa2cli_weights` package (a model shipped inside the wheel).
+short names, what each is for, which scoring prompt it was trained with, what it can do (`tasks`: score,
+ask; `images`: trained on still images too), and which command uses it by default. An entry has either a
+`repo_id` (fetched through huggingface_hub's cache) or a `path` relative to the `vqa2cli_weights` package (a
+model shipped inside the wheel); `aliases` are other repo ids that name the same model (the release's older
+README spelled them without the `-llava_qwen` suffix), resolved to the entry's own repo.
 
 Resolution never touches the network when the weights are already cached, and never at all when
 HF_HUB_OFFLINE is set; missing weights become a one-line `ModelNotFoundError` saying what to download.
@@ -39,6 +41,9 @@ class ModelEntry:
     default_for: tuple[str, ...] = ()
     repo_id: str | None = None
     path: str | None = None  # relative to the vqa2cli_weights package
+    aliases: tuple[str, ...] = ()  # other repo ids naming this model
+    tasks: tuple[str, ...] = ("score",)  # what it was trained for: score, ask (both: it explains its own scores)
+    images: bool = False  # trained on still images too (scores photos)
 
     @property
     def source(self) -> str:
@@ -54,6 +59,10 @@ class ResolvedModel:
     @property
     def prompt(self) -> str | None:
         return self.entry.prompt if self.entry else None
+
+    @property
+    def images(self) -> bool:
+        return bool(self.entry and self.entry.images)
 
 
 @dataclass(frozen=True)
@@ -79,15 +88,19 @@ def registry() -> tuple[ModelEntry, ...]:
                 default_for=tuple(raw.get("default_for", ())),
                 repo_id=raw.get("repo_id"),
                 path=raw.get("path"),
+                aliases=tuple(raw.get("aliases", ())),
+                tasks=tuple(raw.get("tasks", ("score",))),
+                images=bool(raw.get("images", False)),
             )
         )
     return tuple(entries)
 
 
 def get_entry(name: str) -> ModelEntry | None:
-    """The entry called `name`, or whose repo id is `name` (so a raw repo id keeps its prompt kind)."""
+    """The entry called `name`, or whose repo id or an alias is `name` (so a raw repo id keeps its prompt kind)."""
     for entry in registry():
-        if name == entry.name or (entry.repo_id and name.lower() == entry.repo_id.lower()):
+        repo_ids = ((entry.repo_id,) if entry.repo_id else ()) + entry.aliases
+        if name == entry.name or name.lower() in (repo_id.lower() for repo_id in repo_ids):
             return entry
     return None
 

@@ -113,8 +113,9 @@ class VideoOptions(BaseModel):
 class ScoreOptions(VideoOptions):
     """POST /score: fields of a JSON body, or form fields beside the uploaded `file`.
 
-    `vqa2 score`'s --timeline and --explain, once they exist, become fields here (`timeline: bool = False`)
-    and reach `score_decoded` in `Service.score`; both encodings and the OpenAPI schema follow.
+    `vqa2 score`'s --timeline and --explain are not fields here yet (records carry `segments` and
+    `explanation` as null): as fields, they would reach `Service.score` (`timeline.score_windows` to decode,
+    an `explain.Explainer` as `score_decoded`'s `after`); both encodings and the OpenAPI schema follow.
     """
 
     prompt: Optional[Literal[PROMPT_KINDS]] = Field(None, description="Scoring prompt [default: the one the "

@@ -48,20 +48,29 @@ grayscale, palette).
 Damage: decoding goes on past packets the decoder rejects and past a read error (a truncated or
 damaged file ends the stream there). A sample is returned as long as at least one frame decodes; what
 was lost is reported in `VideoSample.warnings`. A video with no decodable frame raises `VideoError`.
-A still image (png, jpg, a one-frame gif, ...) is rejected as not a video rather than taken as a
-one-frame clip: scoring a photo as video would be meaningless. Animated gif and apng are videos
-(animated WebP is not: FFmpeg's WebP decoder reads still pictures only).
+A still image (png, jpg, a one-frame gif, ...) is rejected as not a video (`StillImageError`) rather
+than taken as a one-frame clip: scoring a photo as video would be meaningless. `Sampling.load` hands it
+to `vqa2cli.images` for models trained on still images. Animated gif and apng are videos (animated WebP
+is not: FFmpeg's WebP decoder reads still pictures only).
+
+`load_video(..., tap=...)` lets another sampler see the same decoding pass (`vqa2cli.timeline` samples
+consecutive windows from it): `tap.start(expected_frames, fps)` once, then `tap.frame(index, frame,
+quarter_turns, keyframe, motion, submit, finish)` for every decoded frame, after this pass's own resize jobs
+for it were queued. `keyframe` / `motion` are the slots this pass fills from the frame (numpy views, or
+None), `submit(job, *args)` queues `job(*args)` on the resize thread (in order, after those fills) and
+`finish(n)` waits until at most n jobs are pending (0 before moving anything a queued job writes).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import math
 import os
 import stat
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import av
@@ -104,6 +113,14 @@ class VideoError(InputError):
         super().__init__(f"{_one_line(self.path)}: {self.reason}")
 
 
+class StillImageError(VideoError):
+    """A still picture, not a video. `picture` names it: "a still image (png)"."""
+
+    def __init__(self, path, picture: str):
+        self.picture = picture
+        super().__init__(path, f"{picture}, not a video")
+
+
 @dataclass
 class VideoSample:
     path: str
@@ -131,9 +148,21 @@ class Sampling:
     motion_size: int = 384
     max_motion_frames: int = 2000
     max_keyframes: int = 40
+    images: bool = False  # the model takes still images too (`vqa2cli.images.load_image`)
 
-    def load(self, path) -> VideoSample:
-        return load_video(path, **asdict(self))
+    def load(self, path, tap=None) -> VideoSample:
+        """`path` decoded for the model; a still image too when the model takes them (an `ImageSample`).
+        `tap`: see the module docstring."""
+        try:
+            return load_video(path, keyframe_size=self.keyframe_size, motion_size=self.motion_size,
+                              max_motion_frames=self.max_motion_frames, max_keyframes=self.max_keyframes, tap=tap)
+        except StillImageError as still:
+            if not self.images:
+                raise VideoError(still.path, f"{still.picture}: this model scores videos only "
+                                             "(vqa2-assistant-enhanced scores images too)") from None
+        from vqa2cli.images import load_image
+
+        return load_image(path, self.keyframe_size, self.motion_size)
 
 
 def normalize(frames: torch.Tensor) -> torch.Tensor:
@@ -150,7 +179,7 @@ def _normalize_into(out: np.ndarray, rgb: np.ndarray) -> None:
 
 
 def load_video(path, keyframe_size: int = 384, motion_size: int = 384,
-               max_motion_frames: int = 2000, max_keyframes: int = 40) -> VideoSample:
+               max_motion_frames: int = 2000, max_keyframes: int = 40, tap=None) -> VideoSample:
     """Decode `path` once into keyframes and the motion stream (see the module docstring).
 
     Raises `VideoError` (one line naming the file and the reason) for anything that is not a usable
@@ -171,7 +200,7 @@ def load_video(path, keyframe_size: int = 384, motion_size: int = 384,
             probe = _probe(path, container)
             container = _rewound(path, container, probe)
             return _decode(path, container, probe, int(keyframe_size), int(motion_size),
-                           int(max_motion_frames), int(max_keyframes))
+                           int(max_motion_frames), int(max_keyframes), tap)
         finally:
             container.close()
 
@@ -201,7 +230,7 @@ def check_video(path) -> None:
         finally:
             container.close()
     if decoded:
-        raise VideoError(path, f"a still image ({fmt.removesuffix('_pipe')}), not a video")
+        raise StillImageError(path, f"a still image ({fmt.removesuffix('_pipe')})")
     raise VideoError(path, "no decodable video frames")
 
 
@@ -461,22 +490,42 @@ class _KeyframeBuffer:
         return _trimmed(self.frames, len(self.indices)), self.indices
 
 
-def _buffers(path: str, probe: _Probe, keyframe_size: int, motion_size: int, max_motion_frames: int,
-             max_keyframes: int) -> tuple[_KeyframeBuffer, _MotionBuffer]:
-    """The output buffers, sized from the probe's frame count; a `VideoError` if they cannot be had."""
-    expected = max(probe.packets, 1)
-    keyframes = min(math.ceil(expected / _keyframe_step(probe)), max_keyframes)
-    try:
-        return (_KeyframeBuffer(keyframes, keyframe_size),
-                _MotionBuffer(expected, max_motion_frames - max_motion_frames % 4, motion_size))
-    except RuntimeError:  # torch's allocator: the output itself does not fit in memory
-        gb = (min(expected, max_motion_frames) * 3 * motion_size**2 + keyframes * 12 * keyframe_size**2) / 1e9
-        raise VideoError(path, f"too long to hold in memory: its {expected} frames need {gb:.1f} GB "
-                               f"of keyframes and motion frames") from None
+class _Buffers:
+    """A sample's keyframe and motion buffers, and which decoded frames go into them: `expected` frames
+    (counted before decoding) sampled with a keyframe every `step`; a `VideoError` if they cannot be had."""
+
+    def __init__(self, path: str, expected: int, step: int, keyframe_size: int, motion_size: int,
+                 max_motion_frames: int, max_keyframes: int):
+        count = min(math.ceil(expected / step), max_keyframes)
+        try:
+            self.keyframes = _KeyframeBuffer(count, keyframe_size)
+            self.motion = _MotionBuffer(expected, max_motion_frames - max_motion_frames % 4, motion_size)
+        except RuntimeError:  # torch's allocator: the output itself does not fit in memory
+            gb = (min(expected, max_motion_frames) * 3 * motion_size**2 + count * 12 * keyframe_size**2) / 1e9
+            raise VideoError(path, f"too long to hold in memory: its {expected} frames need {gb:.1f} GB "
+                                   f"of keyframes and motion frames") from None
+        self.is_keyframe = _keyframe_rule(expected, step, max_keyframes)
+        self.max_keyframes = max_keyframes
+        self.shared = keyframe_size == motion_size  # a keyframe's pixels serve as its motion frame
+
+    def slots(self, index: int, finish) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Where decoded frame `index` goes: (keyframe slot, motion slot), None where it is not wanted.
+        `finish(0)` is called before stored frames move, as pending resize jobs may still write them."""
+        keyframe = motion = None
+        # The count check holds the cap when the decoder yields more frames than were counted.
+        if self.is_keyframe(index) and len(self.keyframes.indices) < self.max_keyframes:
+            if self.keyframes.full:
+                finish(0)
+            keyframe = self.keyframes.slot(index)
+        if self.motion.wants(index):
+            if self.motion.full:
+                finish(0)
+            motion = self.motion.slot(index)
+        return keyframe, motion
 
 
-def _keyframe_step(probe: _Probe) -> int:
-    return max(1, round(probe.fps))
+def _keyframe_step(fps: float) -> int:
+    return max(1, round(fps))
 
 
 @dataclass
@@ -503,13 +552,10 @@ class _Decoder:
     halving the motion stream) only once every pending job is done.
     """
 
-    def __init__(self, path: str, probe: _Probe, keyframes: _KeyframeBuffer, motion: _MotionBuffer,
-                 max_keyframes: int):
+    def __init__(self, path: str, buffers: _Buffers, tap=None):
         self.path = path
-        self.keyframes, self.motion = keyframes, motion
-        self.max_keyframes = max_keyframes
-        self.is_keyframe = _keyframe_rule(max(probe.packets, 1), _keyframe_step(probe), max_keyframes)
-        self.shared = keyframes.size == motion.frames.shape[-1]  # a keyframe's pixels serve as its motion frame
+        self.buffers = buffers
+        self.tap = tap  # see the module docstring
         self.counts = _Counts()
         self.reformatter = VideoReformatter()  # used by the resize thread only
         self.resizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqa2-resize")
@@ -560,25 +606,18 @@ class _Decoder:
 
     def _queue(self, frame, index: int) -> None:
         """Hand `frame` to the resize thread for each buffer that wants it."""
-        keyframe = None
-        # The count check holds the cap when the decoder yields more frames than were counted.
-        if self.is_keyframe(index) and len(self.keyframes.indices) < self.max_keyframes:
-            if self.keyframes.full:
-                self._finish(0)
-            keyframe = self.keyframes.slot(index)
-        slot = None
-        if self.motion.wants(index):
-            if self.motion.full:
-                self._finish(0)
-            slot = self.motion.slot(index)
+        keyframe, motion = self.buffers.slots(index, self._finish)
         turns = self.counts.quarter_turns
+        slot = motion
         if keyframe is not None:
-            shared = slot if self.shared else None
-            self._submit(frame, _keyframe_into, keyframe, shared, frame, self.keyframes.size, turns)
+            shared = slot if self.buffers.shared else None
+            self._submit(frame, _keyframe_into, keyframe, shared, frame, self.buffers.keyframes.size, turns)
             if shared is not None:
                 slot = None
         if slot is not None:
             self._submit(frame, _fast_resize_into, slot, self.reformatter, frame, turns)
+        if self.tap is not None:
+            self.tap.frame(index, frame, turns, keyframe, motion, functools.partial(self._submit, frame), self._finish)
         self._finish(_IN_FLIGHT)
 
     def _submit(self, frame, job, *args) -> None:
@@ -598,12 +637,16 @@ class _Decoder:
 
 
 def _decode(path: str, container, probe: _Probe, keyframe_size: int, motion_size: int,
-            max_motion_frames: int, max_keyframes: int) -> VideoSample:
-    keyframes, motion = _buffers(path, probe, keyframe_size, motion_size, max_motion_frames, max_keyframes)
-    counts = _Decoder(path, probe, keyframes, motion, max_keyframes).run(container)
-    refusal = _refusal(container.format.name, counts.frames, probe.packets)
+            max_motion_frames: int, max_keyframes: int, tap=None) -> VideoSample:
+    expected = max(probe.packets, 1)
+    buffers = _Buffers(path, expected, _keyframe_step(probe.fps), keyframe_size, motion_size, max_motion_frames,
+                       max_keyframes)
+    if tap is not None:
+        tap.start(expected, probe.fps)
+    counts = _Decoder(path, buffers, tap).run(container)
+    refusal = _refusal(path, container.format.name, counts.frames, probe.packets)
     if refusal:
-        raise VideoError(path, refusal)
+        raise refusal
     times = sorted(counts.times)  # damaged streams can yield frames out of order
     duration = stream_duration(times, counts.last_duration, counts.frames, probe.fps)
     warnings = damage_warnings(
@@ -611,8 +654,8 @@ def _decode(path: str, container, probe: _Probe, keyframe_size: int, motion_size
         declared_seconds=probe.declared_seconds, duration=duration, times=times,
         read_error=counts.read_error or probe.read_error, rejected=counts.rejected, corrupt=counts.corrupt,
     )
-    keyframe_frames, keyframe_indices = keyframes.result()
-    motion_frames, motion_indices = motion.result()
+    keyframe_frames, keyframe_indices = buffers.keyframes.result()
+    motion_frames, motion_indices = buffers.motion.result()
     return VideoSample(
         path=path,
         keyframes=keyframe_frames,
@@ -628,16 +671,17 @@ def _decode(path: str, container, probe: _Probe, keyframe_size: int, motion_size
     )
 
 
-def _refusal(fmt: str, frames: int, packets: int) -> str | None:
+def _refusal(path: str, fmt: str, frames: int, packets: int) -> VideoError | None:
     """Why a decoded stream is not a usable video, or None."""
     if (fmt in _PICTURE_FORMATS or fmt.endswith("_pipe")) and frames <= 1:
         # Deliberate: one picture is not a video (animated gif/apng are).
         kind = "a still image" if frames else "an image FFmpeg cannot decode"
-        return f"{kind} ({fmt.removesuffix('_pipe')}), not a video"
+        return StillImageError(path, f"{kind} ({fmt.removesuffix('_pipe')})")
     if frames == 0:
         if packets == 0:
-            return "no decodable video frames (the video stream holds no data)"
-        return f"no decodable video frames ({_count(packets, 'packet')}, none decodable (corrupt or truncated))"
+            return VideoError(path, "no decodable video frames (the video stream holds no data)")
+        return VideoError(path, f"no decodable video frames ({_count(packets, 'packet')}, none decodable "
+                                "(corrupt or truncated))")
     return None
 
 
