@@ -2,9 +2,10 @@
 model, the CLI on `--device cuda`, and fine-tuning under bf16 autocast and QLoRA. Skipped without a GPU
 (tests/conftest.py).
 
-Precision is judged on the trained vqa2-tiny over clips it scores 0.15-0.78 (`graded_reference`), as a
-fraction of that spread: on CPU, 4-bit moves a score by at most 1.7% of it, 8-bit and bf16 by 0.3%
-(tests/test_quantization.py); on the GPU the compute is bf16 as well, hence the wider margins.
+Precision is judged on the trained vqa2-tiny over clips it scores 0.43-0.61 (`graded_reference`), as a
+fraction of that spread: on CPU, 4-bit moves a score by at most 2.2% of it, 8-bit by 0.7%, bf16 by 1.9%
+(tests/test_quantization.py); on the GPU the compute is bf16 as well, hence the wider margins (not yet
+measured on a GPU with this model).
 """
 
 import json
@@ -50,9 +51,9 @@ def test_8bit_and_bf16_on_cuda(wide_model_dir):
 
 
 @pytest.mark.parametrize("options, fraction", [
-    ({}, 0.05),  # auto: NF4 with bf16 compute
-    ({"quant": "8bit"}, 0.03),
-    ({"quant": "none"}, 0.03),  # bf16
+    ({}, 0.08),  # auto: NF4 with bf16 compute
+    ({"quant": "8bit"}, 0.05),
+    ({"quant": "none"}, 0.05),  # bf16
     ({"quant": "none", "dtype": "float32"}, 0.01),  # cuDNN may run convolutions in TF32
 ])
 def test_the_trained_model_on_cuda_scores_like_on_cpu(graded_reference, options, fraction):

@@ -36,16 +36,17 @@ def test_which_model_explains(tmp_path):
 @pytest.fixture(scope="module")
 def short_clips(tmp_path_factory):
     """4 s, 12 fps, 128 px procedural texture (the length vqa2-tiny's answers were trained on), clean and with
-    strong noise throughout, made with vqa2 synth's generators."""
+    strong flicker throughout (a distortion vqa2-tiny names reliably), made with vqa2 synth's generators."""
     from vqa2cli.synth import AppliedDistortion, ContentSettings, DistortionRenderer, ProceduralClip, encode_clip
 
     root = tmp_path_factory.mktemp("explain")
     source = ProceduralClip("texture", np.random.default_rng(1), 128, 128, 48, ContentSettings())
     clean = [source.frame(i) for i in range(48)]
-    noise = DistortionRenderer(AppliedDistortion("noise", 3.5, "whole"), np.random.default_rng(2), 128, 128, 12.0, 48)
+    flicker = DistortionRenderer(AppliedDistortion("flicker", 3.5, "whole"), np.random.default_rng(2), 128, 128,
+                                 12.0, 48)
     encode_clip(root / "clean.mp4", iter(clean), 128, 128, 12.0)
-    encode_clip(root / "noisy.mp4", (noise(frame.copy(), i) for i, frame in enumerate(clean)), 128, 128, 12.0)
-    return root / "clean.mp4", root / "noisy.mp4"
+    encode_clip(root / "flicker.mp4", (flicker(frame.copy(), i) for i, frame in enumerate(clean)), 128, 128, 12.0)
+    return root / "clean.mp4", root / "flicker.mp4"
 
 
 @pytest.fixture
@@ -64,15 +65,15 @@ def decodes(monkeypatch):
 
 
 def test_vqa2_tiny_scores_and_explains_from_one_decoding(vqa2, short_clips, decodes, monkeypatch):
-    """Measured answers: "The video has no visible distortion. Overall, the quality is high." and "The video
-    has severe noise throughout the video. Overall, the quality is poor.\""""
+    """Measured: 0.70, "The video has slight compression artifacts throughout the video. Overall, the quality
+    is good." and 0.32, "The video has strong flicker throughout the video. Overall, the quality is fair.\""""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # decoded in this process (--workers 0), where `decodes` counts them
     code, out, err = vqa2("score", *short_clips, "-m", "vqa2-tiny", "--explain", "--jsonl", "--workers", "0")
     assert code == 0, err
-    clean, noisy = (json.loads(line) for line in out.splitlines())
-    assert "no visible distortion" in clean["explanation"] and "noise" in noisy["explanation"]
-    assert clean["score"] > noisy["score"] + 0.2
+    clean, flicker = (json.loads(line) for line in out.splitlines())
+    assert "flicker" not in clean["explanation"] and "flicker" in flicker["explanation"]
+    assert clean["score"] > flicker["score"] + 0.2
     assert decodes == [str(path) for path in short_clips]  # one decoding pass per video for both models' work
 
 
@@ -82,7 +83,7 @@ def test_another_assistant_at_other_sizes_decodes_again(vqa2, short_clips, tiny_
     code, out, err = vqa2("score", short_clips[1], "-m", tiny_model_dir, "--explain-model", "vqa2-tiny", "--csv")
     assert code == 0, err
     [row] = list(csv.DictReader(io.StringIO(out)))
-    assert list(row)[-2:] == ["error", "explanation"] and "noise" in row["explanation"]
+    assert list(row)[-2:] == ["error", "explanation"] and "flicker" in row["explanation"]
     assert decodes == [str(short_clips[1])] * 2
 
 

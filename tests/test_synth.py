@@ -1,6 +1,7 @@
 """vqa2 synth: determinism, what each distortion does to frames, label semantics, files, user clips."""
 
 import csv
+import itertools
 import json
 from pathlib import Path
 
@@ -45,11 +46,19 @@ def test_leaves_content_is_flat_regions_and_sharp_edges_at_any_detail():
             assert edge_contrast("texture", detail, seed) < 5
 
 
-def distort(frames, name, severity, extent="whole", fps=8.0, seed=0):
+def distort(frames, name, severity, extent="whole", fps=8.0, seed=0, mode=None):
+    """`frames` with one distortion; `mode` picks a variant (noise: gaussian/sensor, stutter: duplicate/freeze,
+    flicker: sine/random) instead of the one the seed draws."""
     h, w = frames[0].shape[:2]
-    renderer = synth.DistortionRenderer(
-        synth.AppliedDistortion(name, severity, extent), np.random.default_rng(seed), w, h, fps, len(frames)
-    )
+    distortion = synth.AppliedDistortion(name, severity, extent)
+    if name == "compression":
+        return synth.Compressor(distortion, np.random.default_rng(seed), fps, len(frames))(list(frames))
+    renderer = synth.DistortionRenderer(distortion, np.random.default_rng(seed), w, h, fps, len(frames))
+    if mode is not None:
+        renderer.mode = mode
+        if name == "stutter":
+            renderer.holds = (renderer._hold_schedule if mode == "duplicate" else renderer._freeze_schedule)(
+                severity, fps)
     return [renderer(frame, i) for i, frame in enumerate(frames)]
 
 
@@ -117,9 +126,51 @@ def test_blur_lowers_high_frequency_energy_more_with_severity():
 
 def test_noise_raises_variance_more_with_severity():
     frames = clean_clip("gradient")
-    residual_std = [float(np.std(np.array(distort(frames, "noise", s)) - np.array(frames))) for s in (1, 2, 4)]
-    assert residual_std == pytest.approx([6.0, 12.0, 24.0], rel=0.1)
+    residual = lambda s, mode: np.array(distort(frames, "noise", s, mode=mode)) - np.array(frames)  # noqa: E731
+    gaussian = [float(np.std(residual(s, "gaussian"))) for s in (1, 2, 4)]
+    assert gaussian == pytest.approx([6.0, 12.0, 24.0], rel=0.1)
+    sensor = [residual(s, "sensor") for s in (1, 2, 4)]
+    assert float(np.std(sensor[0])) < float(np.std(sensor[1])) < float(np.std(sensor[2]))
     assert laplacian_energy(distort(frames, "noise", 1)) > laplacian_energy(frames)
+
+
+def test_sensor_noise_grows_with_brightness_and_has_blotchy_chroma():
+    dark, bright = np.full((64, 64, 3), 20.0, np.float32), np.full((64, 64, 3), 230.0, np.float32)
+    noise = {name: np.array(distort([frame] * 4, "noise", 3, mode="sensor")) - frame
+             for name, frame in (("dark", dark), ("bright", bright))}
+    assert np.std(luma(noise["bright"])) > 1.5 * np.std(luma(noise["dark"]))
+    chroma = noise["bright"][..., 2] - luma(noise["bright"])  # blue-difference: constant over 2x2 blocks
+    assert np.allclose(chroma[:, 0::2, 0::2], chroma[:, 1::2, 1::2], atol=1e-3)
+
+
+def test_motion_blur_smears_along_one_direction():
+    frame = clean_clip("texture")[0]
+    renderer = synth.DistortionRenderer(synth.AppliedDistortion("motion_blur", 4, "whole"),
+                                        np.random.default_rng(0), 64, 64, 8.0, 1)
+    smeared = renderer(frame, 0)
+    dy, dx = renderer.offsets[-1][0] - renderer.offsets[0][0], renderer.offsets[-1][1] - renderer.offsets[0][1]
+    along = np.abs(np.diff(luma(smeared), axis=0 if abs(dy) >= abs(dx) else 1)).mean()
+    across = np.abs(np.diff(luma(smeared), axis=1 if abs(dy) >= abs(dx) else 0)).mean()
+    assert along < across and laplacian_energy([smeared]) < 0.5 * laplacian_energy([frame])
+
+
+def test_upscaling_loses_detail_more_with_severity():
+    frames = clean_clip("texture", n_frames=2, size=128)
+    energies = [laplacian_energy(frames)] + [laplacian_energy(distort(frames, "upscaling", s)) for s in (1, 4)]
+    assert energies[0] > energies[1] > energies[2] and energies[2] < 0.2 * energies[0]
+
+
+@pytest.mark.parametrize("seed", range(5))  # the codec is drawn per clip: x264, VP9 or MPEG-4
+def test_compression_by_a_real_encoder_loses_detail_and_is_repeatable(seed):
+    frames = clean_clip("texture", n_frames=8, size=96)
+    mild, strong = (distort(frames, "compression", s, seed=seed) for s in (1, 4))
+    error = lambda out: float(np.mean(np.abs(np.array(out) - np.array(frames))))  # noqa: E731
+    assert 0 < error(mild) < error(strong)
+    assert laplacian_energy(strong) < laplacian_energy(frames)
+    again = distort(frames, "compression", 4, seed=seed)
+    assert all(np.array_equal(a, b) for a, b in zip(strong, again))  # single-threaded: the same frames
+    half = distort(frames, "compression", 4, extent="second half", seed=seed)
+    assert all(np.array_equal(a, b) for a, b in zip(half[:4], frames[:4]))
 
 
 def blockiness(frame):
@@ -169,20 +220,26 @@ def count_repeats(frames):
     return sum(np.array_equal(a, b) for a, b in zip(frames, frames[1:]))
 
 
-def test_stutter_repeats_frames_and_drops_others():
+@pytest.mark.parametrize("mode", ["duplicate", "freeze"])
+def test_stutter_repeats_frames_and_drops_others(mode):
     frames = clean_clip(n_frames=48)
     assert count_repeats(frames) == 0
-    mild, severe = (count_repeats(distort(frames, "stutter", s, fps=12)) for s in (1, 4))
+    mild, severe = (count_repeats(distort(frames, "stutter", s, fps=12, mode=mode)) for s in (1, 4))
     assert 0 < mild < severe
     renderer = synth.DistortionRenderer(synth.AppliedDistortion("stutter", 3, "whole"), np.random.default_rng(0),
                                         64, 64, 12.0, 48)
+    renderer.holds = renderer._hold_schedule(3, 12.0) if mode == "duplicate" else renderer._freeze_schedule(3, 12.0)
     out = [renderer(frame, i) for i, frame in enumerate(frames)]
     assert renderer.holds
     for i, frame in enumerate(out):
-        # a frozen frame shows the first frame of its freeze; then playback resumes at the source's own
-        # time: the frames in between are dropped, not delayed
+        # a held frame shows an earlier source frame; then playback resumes at the source's own time: the
+        # frames in between are dropped, not delayed
         np.testing.assert_array_equal(frame, frames[renderer.holds.get(i, i)])
     assert any(i + 1 not in renderer.holds and i + 1 < 48 for i in renderer.holds)
+    if mode == "duplicate":  # a lower frame rate: each shown frame held round(1 + 3) = 4 frames
+        shown = [renderer.holds.get(i, i) for i in range(48)]
+        runs = [len(list(group)) for _, group in itertools.groupby(shown)]
+        assert set(runs[1:-1]) == {4}
 
 
 def test_shake_translates_content_per_frame():
@@ -203,7 +260,7 @@ def test_shake_translates_content_per_frame():
 
 def test_partial_extent_leaves_the_other_half_untouched():
     frames = clean_clip(n_frames=16)
-    for name in ("blur", "noise", "flicker", "shake", "blocking"):
+    for name in ("blur", "motion_blur", "noise", "upscaling", "flicker", "shake", "blocking"):
         out = distort(frames, name, 3, extent="second half")
         assert all(np.array_equal(a, b) for a, b in zip(out[:8], frames[:8])), name
         assert all(not np.array_equal(a, b) for a, b in zip(out[8:], frames[8:])), name
@@ -247,14 +304,16 @@ def test_two_distortions_are_worse_than_either():
 
 def test_plan_is_balanced():
     plans = synth.plan_dataset(small_settings(count=400))
-    counts = {name: 0 for name in synth.DISTORTIONS}
+    counts = {name: 0 for name in synth.DEFAULT_DISTORTIONS}
     for plan in plans:
         kinds = [d.type.kind for d in plan.distortions]
         assert len(kinds) <= 2 and len(set(kinds)) == len(kinds)  # at most one spatial and one motion
         for d in plan.distortions:
             counts[d.name] += 1
             assert 1 <= d.severity <= 4 and d.extent in synth.EXTENTS
-    assert min(counts.values()) > 0.7 * max(counts.values())
+    for kind in ("spatial", "motion"):  # two-distortion clips add one of each kind, so kinds differ in totals
+        of_kind = [n for name, n in counts.items() if synth.DISTORTIONS[name].kind == kind]
+        assert min(of_kind) > 0.7 * max(of_kind), counts
     answers = [a for plan in plans for q, a in synth._questions(plan, np.random.default_rng(plan.index))
                if q.startswith("Is there")]
     assert answers.count("Yes.") == answers.count("No.")
@@ -388,3 +447,53 @@ def test_command_makes_a_dataset_and_refuses_a_full_folder(tmp_path, vqa2):
     assert code == 2 and "even" in err
     code, _, err = vqa2("synth", tmp_path / "y", "--jobs", "0")
     assert code == 2 and "--jobs" in err
+
+
+# ---------------------------------------------------------------- photographs
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Two 'photographs': textures with edges, saved as PNG and JPEG."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("photos")
+    for name, seed in (("a.png", 1), ("sub/b.jpg", 2)):
+        rng = np.random.default_rng(seed)
+        canvas = synth._canvas(rng, "leaves", 200, 300, synth.ContentSettings())
+        (folder / name).parent.mkdir(exist_ok=True)
+        Image.fromarray((canvas * 255).astype(np.uint8)).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_photo_clips_pan_over_the_photo_at_its_own_detail(photos):
+    settings = synth.ContentSettings(speed=(2.0, 2.0), objects=(0, 0))
+    clip = synth.PhotoClip(photos / "a.png", np.random.default_rng(0), 96, 64, 12, settings)
+    frames = [clip.frame(i) for i in range(12)]
+    assert frames[0].shape == (64, 96, 3) and frames[0].dtype == np.float32
+    assert all(not np.array_equal(a, b) for a, b in zip(frames, frames[1:]))  # the camera moves every frame
+    again = synth.PhotoClip(photos / "a.png", np.random.default_rng(0), 96, 64, 12, settings)
+    assert np.array_equal(again.frame(5), frames[5])
+    # the frame covers 45-80% of the scaled photo, so it is never upscaled beyond what it holds
+    assert clip.photo.width >= 96 / 0.8 - 1 and clip.photo.height >= 64 / 0.8 - 1
+
+
+def test_cli_makes_photo_clips_of_several_sizes(photos, tmp_path, vqa2):
+    code, _, err = vqa2("synth", tmp_path / "out", "--images", photos, "--count", "6", "--seed", "4", "--size",
+                        "96x64,64x64", "--fps", "8", "--seconds", "1", "--jobs", "1", "-q")
+    assert code == 0, err
+    manifest = list(csv.DictReader(open(tmp_path / "out" / "manifest.csv")))
+    sources = {row["source"].split(":")[0] for row in manifest}
+    assert "photo" in sources and sources <= {"photo", "procedural"}
+    assert {row["source"] for row in manifest if row["source"].startswith("photo:")} <= {"photo:a.png", "photo:sub/b.jpg"}
+    sizes = {decode(tmp_path / "out" / row["video"]).shape[1:3] for row in manifest}
+    assert sizes == {(64, 96), (64, 64)}
+    assert json.loads((tmp_path / "out" / "synth.json").read_text())["images_dir"] == str(photos)
+
+
+def test_photo_content_needs_images_and_images_exclude_clips(photos, tmp_path, vqa2):
+    code, _, err = vqa2("synth", tmp_path / "a", "--content", "photo", "--count", "2")
+    assert code == 2 and "photo content needs --images DIR" in err
+    code, _, err = vqa2("synth", tmp_path / "b", "--images", photos, "--clips", photos, "--count", "2")
+    assert code == 2 and "use --clips or --images, not both" in err

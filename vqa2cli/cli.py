@@ -825,12 +825,15 @@ def models(fmt):
 # --- synth ---------------------------------------------------------------------------------------
 
 
-def _parse_size(ctx, param, value):
-    try:
-        width, height = (int(part) for part in value.lower().split("x"))
-    except ValueError:
-        raise click.BadParameter(f"'{value}' is not WIDTHxHEIGHT (e.g. 128x128)") from None
-    return width, height
+def _parse_sizes(ctx, param, value):
+    sizes = []
+    for item in value.split(","):
+        try:
+            width, height = (int(part) for part in item.strip().lower().split("x"))
+        except ValueError:
+            raise click.BadParameter(f"'{item}' is not WIDTHxHEIGHT (e.g. 128x128)") from None
+        sizes.append((width, height))
+    return tuple(sizes)
 
 
 def _parse_range(kind):
@@ -854,16 +857,25 @@ def _parse_range(kind):
               help="Folder of clean clips to distort (searched recursively) [default: procedural clips].")
 @click.option("-n", "--count", type=click.IntRange(min=1), default=200, show_default=True, help="Clips to make.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same dataset.")
-@click.option("--size", default="128x128", show_default=True, callback=_parse_size, metavar="WxH",
-              help="Frame size (even); user clips are centre-cropped to its aspect ratio, then resized.")
+@click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False),
+              help="Folder of photographs (searched recursively) for 'photo' content: a camera pans and zooms over "
+              "each, with cut-outs of it gliding across [default content with it: photo,photo,photo,photo,shapes].")
+@click.option("--size", default="128x128", show_default=True, callback=_parse_sizes, metavar="WxH[,WxH...]",
+              help="Frame size (even); several: each clip takes one, drawn from the seed. User clips are "
+              "centre-cropped to its aspect ratio, then resized.")
 @click.option("--fps", type=float, default=12.0, show_default=True, help="Frame rate (never above a user clip's).")
 @click.option("--seconds", type=float, default=4.0, show_default=True, help="Clip length.")
 @click.option("--crf", type=click.IntRange(0, 51), default=0, show_default=True,
               help="x264 quality of the written clips: 0 is lossless (only the labelled damage shows, and frames "
               "are identical run to run); 10-18 are near-lossless and smaller.")
-@click.option("--content", default=",".join(("texture", "gradient", "shapes", "zoom")), show_default=True,
-              help="Procedural content kinds to draw from (comma-separated), of texture, gradient, shapes, zoom "
-              "and leaves (dead leaves: flat regions and sharp edges, like a photograph).")
+@click.option("--content", default=None,
+              help="Content kinds to draw from (comma-separated; repeat one to draw it more often): photo (needs "
+              "--images), and the procedural texture, gradient, shapes, zoom and leaves (dead leaves) "
+              "[default: texture,gradient,shapes,zoom; with --images photo,photo,photo,photo,shapes].")
+@click.option("--distortions", default=None, metavar="NAME,...",
+              help="Distortions to draw from [default: all but blocking]: blur, motion_blur, noise, compression "
+              "(x264, VP9 or MPEG-4 at a quality ladder), upscaling, blocking (synthetic 8x8 DCT), overexposure, "
+              "underexposure (spatial); stutter, flicker, shake (motion).")
 @click.option("--speed", default="1,3", show_default=True, callback=_parse_range(float), metavar="LO,HI",
               help="Procedural motion, pixels per frame at 128 px.")
 @click.option("--detail", default="0.9,1.5", show_default=True, callback=_parse_range(float), metavar="LO,HI",
@@ -875,13 +887,15 @@ def _parse_range(kind):
               "CPUs this process may use].")
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty OUT folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary; errors are still reported.")
-def synth(out, clips_dir, count, seed, size, fps, seconds, crf, content, speed, detail, objects, jobs, overwrite,
-          quiet):
+def synth(out, clips_dir, images_dir, count, seed, size, fps, seconds, crf, content, distortions, speed, detail, objects,
+          jobs, overwrite, quiet):
     """Make training data for all three fine-tune stages from clean clips and labelled distortions.
 
     Each clip gets no distortion, one, or one spatial plus one motion distortion, each at a severity
-    in [1, 4] over the whole clip or one half of it: blur, noise, compression blocking,
-    over-exposure, under-exposure (spatial); stutter, flicker, camera shake (motion).
+    in [1, 4] over the whole clip or one half of it: blur, motion blur, noise, compression (a real
+    encoder), low resolution, over-exposure, under-exposure (spatial); stutter, flicker, camera
+    shake (motion). Content: your clips (--clips), photographs a camera moves over (--images), or
+    procedural clips.
 
     OUT receives videos/*.mp4 and, with video paths relative to OUT: stage1.csv
     (video,distortion,kind), stage2.csv (video,mos; MOS 0-100: use --mos-range 0 100), stage3.csv
@@ -895,13 +909,18 @@ def synth(out, clips_dir, count, seed, size, fps, seconds, crf, content, speed, 
       vqa2 synth data/train --count 400 --seed 1
       vqa2 synth data/heldout --count 100 --seed 99 --content shapes,zoom --speed 1,4
       vqa2 synth data/mine --clips ~/clean-footage --size 224x224
+      vqa2 synth data/photos --images ~/Pictures --size 320x180,480x270 --fps 24
     """
     from vqa2cli.output import Reporter
     from vqa2cli.synth import ContentSettings, SynthSettings, generate_dataset, usable_cpus
 
+    if content is None:
+        content = "photo,photo,photo,photo,shapes" if images_dir else "texture,gradient,shapes,zoom"
     kinds = tuple(kind.strip() for kind in content.split(",") if kind.strip())
-    settings = SynthSettings(count=count, seed=seed, width=size[0], height=size[1], fps=fps, seconds=seconds, crf=crf,
-                             content=ContentSettings(kinds=kinds, speed=speed, detail=detail, objects=objects))
+    extra = {"distortions": tuple(d.strip() for d in distortions.split(",") if d.strip())} if distortions else {}
+    settings = SynthSettings(count=count, seed=seed, width=size[0][0], height=size[0][1], more_sizes=size[1:], fps=fps,
+                             seconds=seconds, crf=crf,
+                             content=ContentSettings(kinds=kinds, speed=speed, detail=detail, objects=objects), **extra)
     reporter = Reporter.for_stderr(quiet, unit="clips")
 
     def on_clip(plan, error):
@@ -913,7 +932,8 @@ def synth(out, clips_dir, count, seed, size, fps, seconds, crf, content, speed, 
     try:
         with reporter:
             reporter.start("Making clips", total=count)
-            meta = generate_dataset(out, settings, clips_dir=clips_dir, overwrite=overwrite, on_clip=on_clip,
+            meta = generate_dataset(out, settings, clips_dir=clips_dir, images_dir=images_dir, overwrite=overwrite,
+                                    on_clip=on_clip,
                                     jobs=min(jobs or usable_cpus(), count))
     except KeyboardInterrupt:
         reporter.note(_stop.note(f"the clips made so far are labelled in {out}"))

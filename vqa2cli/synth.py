@@ -31,7 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from vqa2cli import files
 from vqa2cli.errors import STOP_SIGNALS, InputError, SetupError
+from vqa2cli.video import VIDEO_EXTENSIONS
 
 CLEAN_MOS = 90.0
 MAX_IMPAIRMENT = 0.8
@@ -44,9 +46,9 @@ EXTENT_PROBS = (0.6, 0.2, 0.2)
 # the yes/no questions balanced (see _questions).
 CLEAN_SHARE = 0.15
 DOUBLE_SHARE = 0.15
-CONTENT_KINDS = ("texture", "gradient", "shapes", "zoom", "leaves")
-DEFAULT_KINDS = ("texture", "gradient", "shapes", "zoom")  # what vqa2-tiny's held-out set is made of
-VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".y4m"}
+CONTENT_KINDS = ("texture", "gradient", "shapes", "zoom", "leaves", "photo")
+DEFAULT_KINDS = ("texture", "gradient", "shapes", "zoom")  # procedural, when no --images are given
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 FORMAT_VERSION = 1
 
 
@@ -61,7 +63,10 @@ DISTORTIONS = {
     d.name: d
     for d in (
         DistortionType("blur", "spatial", "blur"),
+        DistortionType("motion_blur", "spatial", "motion blur"),
         DistortionType("noise", "spatial", "noise"),
+        DistortionType("compression", "spatial", "compression artifacts"),
+        DistortionType("upscaling", "spatial", "low resolution"),
         DistortionType("blocking", "spatial", "compression blocking"),
         DistortionType("overexposure", "spatial", "over-exposure"),
         DistortionType("underexposure", "spatial", "under-exposure"),
@@ -70,6 +75,9 @@ DISTORTIONS = {
         DistortionType("shake", "motion", "camera shake"),
     )
 }
+# Real damage by default; "blocking" (a synthetic 8x8 DCT quantisation, which real encoders do not make at these
+# strengths) only when asked for.
+DEFAULT_DISTORTIONS = tuple(name for name in DISTORTIONS if name != "blocking")
 
 
 def impairment(severity: float, extent: str = "whole") -> float:
@@ -137,11 +145,13 @@ class AppliedDistortion:
 class ClipPlan:
     index: int
     video: str  # path relative to the dataset folder
-    source: str  # "procedural:<kind>" or the user clip's path relative to clips_dir
+    source: str  # "procedural:<kind>", "photo:<path relative to images_dir>" or a user clip relative to clips_dir
     start: float  # seconds into a user clip
     fps: float
     n_frames: int
     distortions: list = field(default_factory=list)
+    width: int = 128
+    height: int = 128
 
     @property
     def mos(self) -> float:
@@ -153,19 +163,22 @@ def _clip_rng(seed: int, index: int, purpose: int) -> np.random.Generator:
     return np.random.default_rng([seed, index, purpose])
 
 
-def plan_dataset(settings, sources=None) -> list:
-    """Decide every clip's source, length and distortions from the seed.
+def plan_dataset(settings, sources=None, images=()) -> list:
+    """Decide every clip's source, size, length and distortions from the seed.
 
-    `sources`: [(name, duration_s, fps)] of readable user clips; None for procedural content."""
+    `sources`: [(name, duration_s, fps)] of readable user clips; None for procedural or photo content.
+    `images`: photo paths (relative to the images folder) that "photo" content pans over."""
     rng = np.random.default_rng([settings.seed, 0xD157])
     count, kinds = settings.count, settings.content.kinds
     n_clean = round(CLEAN_SHARE * count)
     n_double = min(round(DOUBLE_SHARE * count), count - n_clean)
     categories = ["clean"] * n_clean + ["double"] * n_double + ["single"] * (count - n_clean - n_double)
     rng.shuffle(categories)
-    names = list(DISTORTIONS)
-    spatial = [n for n in names if DISTORTIONS[n].kind == "spatial"]
-    motion = [n for n in names if DISTORTIONS[n].kind == "motion"]
+    names = list(settings.distortions)
+    spatial = [n for n in names if DISTORTIONS[n].kind == "spatial"] or [None]
+    motion = [n for n in names if DISTORTIONS[n].kind == "motion"] or [None]
+    sizes = settings.sizes
+    photos = []
     # Single-distortion clips cycle through shuffled rounds of all types, so counts stay balanced.
     singles = []
     plans = []
@@ -175,7 +188,7 @@ def plan_dataset(settings, sources=None) -> list:
                 singles = list(rng.permutation(names))
             chosen = [singles.pop()]
         elif category == "double":
-            chosen = [rng.choice(spatial), rng.choice(motion)]
+            chosen = [n for n in (rng.choice(spatial), rng.choice(motion)) if n is not None]
         else:
             chosen = []
         distortions = [
@@ -187,6 +200,7 @@ def plan_dataset(settings, sources=None) -> list:
             for name in chosen
         ]
         offset = float(rng.uniform())  # drawn for every clip so plans do not depend on the source kind
+        width, height = sizes[rng.integers(len(sizes))]
         n_frames, fps = max(4, round(settings.seconds * settings.fps)), settings.fps
         if sources:
             source, duration, source_fps = sources[index % len(sources)]
@@ -197,8 +211,14 @@ def plan_dataset(settings, sources=None) -> list:
             n_frames = max(1, min(round(settings.seconds * fps), available))
             start = round(offset * max(0.0, duration - (n_frames + 1) / fps), 3)
         else:
-            source, start = f"procedural:{kinds[rng.integers(len(kinds))]}", 0.0
-        plans.append(ClipPlan(index, f"videos/clip_{index:05d}.mp4", source, start, fps, n_frames, distortions))
+            kind, start = kinds[rng.integers(len(kinds))], 0.0
+            source = f"procedural:{kind}"
+            if kind == "photo":
+                if not photos:  # every photo once per round, in a shuffled order
+                    photos = list(rng.permutation(len(images)))
+                source = f"photo:{images[photos.pop()]}"
+        plans.append(ClipPlan(index, f"videos/clip_{index:05d}.mp4", source, start, fps, n_frames, distortions,
+                              int(width), int(height)))
     return plans
 
 
@@ -362,6 +382,89 @@ class ProceduralClip:
         return rgb * (1.0 - coverage) + np.clip(fill, 0, 1) * coverage
 
 
+# ---------------------------------------------------------------- photographs
+
+
+class PhotoClip:
+    """Frames of a camera moving over a photograph: a straight pan with a gentle zoom in or out, each frame
+    resampled from the photo with Lanczos at a sub-pixel box (so the camera neither blurs nor jumps), and up to
+    `settings.objects` elliptical cut-outs of the photo gliding across it, like things moving in the scene.
+
+    The photo is first scaled so the frame covers 45-80% of it: clips keep the photo's own detail (it is never
+    upscaled past its resolution when it is at least that large)."""
+
+    def __init__(self, path, rng, width, height, n_frames, settings):
+        from PIL import Image
+
+        self.width, self.height, self.n_frames = width, height, n_frames
+        try:
+            with Image.open(path) as image:
+                image.draft("RGB", (4 * width, 4 * height))  # JPEG: decode at a fraction of a large photo's size
+                photo = image.convert("RGB")
+        except (OSError, ValueError) as error:
+            raise InputError(f"{path}: cannot read image ({str(error).splitlines()[0]})") from None
+        coverage = rng.uniform(0.45, 0.8)
+        scale = max(width / photo.width, height / photo.height) / coverage
+        self.photo = photo.resize((max(width, round(photo.width * scale)), max(height, round(photo.height * scale))),
+                                  Image.LANCZOS)
+        pw, ph = self.photo.size
+        zoom_end = rng.uniform(0.85, 1.15)
+        span_w, span_h = width * max(1.0, zoom_end), height * max(1.0, zoom_end)
+        speed = rng.uniform(*settings.speed) * min(width, height) / 128.0  # px per frame, like procedural content
+        angle = rng.uniform(0, 2 * np.pi)
+        travel = speed * (n_frames - 1) * np.array([np.cos(angle), np.sin(angle)])
+        room = np.maximum([pw - span_w, ph - span_h], 0.0)
+        travel = np.clip(travel, -room, room)  # the camera stays on the photo
+        lo, hi = np.maximum(0.0, -travel), room - np.maximum(travel, 0.0)
+        self.start, self.travel, self.zoom_end = lo + rng.uniform(0, 1, 2) * (hi - lo), travel, zoom_end
+        self.objects = [self._cut_out(rng, speed) for _ in range(int(rng.integers(0, settings.objects[1] // 2 + 1)))]
+
+    def _cut_out(self, rng, speed):
+        from PIL import Image, ImageDraw
+
+        w = int(rng.uniform(0.12, 0.3) * self.width)
+        h = int(rng.uniform(0.12, 0.3) * self.height)
+        pw, ph = self.photo.size
+        x, y = rng.uniform(0, pw - w), rng.uniform(0, ph - h)
+        patch = self.photo.crop((int(x), int(y), int(x) + w, int(y) + h))
+        mask = Image.new("L", (4 * w, 4 * h), 0)
+        ImageDraw.Draw(mask).ellipse((0, 0, 4 * w - 1, 4 * h - 1), fill=255)
+        mask = mask.resize((w, h), Image.LANCZOS)  # drawn 4x and reduced: an anti-aliased edge
+        direction = rng.uniform(0, 2 * np.pi)
+        velocity = rng.uniform(1.0, 2.5) * speed * np.array([np.cos(direction), np.sin(direction)])
+        position = rng.uniform(0, 1, 2) * np.array([self.width - w, self.height - h])
+        return patch, mask, position, velocity
+
+    def frame(self, i):
+        """Frame i as float32 [H, W, 3] in 0..255."""
+        from PIL import Image
+
+        t = i / max(self.n_frames - 1, 1)
+        zoom = 1.0 + (self.zoom_end - 1.0) * t
+        w, h = self.width * zoom, self.height * zoom
+        cx, cy = self.start + self.travel * t + np.array([self.width, self.height]) * max(1.0, self.zoom_end) / 2
+        box = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+        image = self.photo.resize((self.width, self.height), Image.LANCZOS, box=box)
+        for patch, mask, position, velocity in self.objects:
+            # bounce inside the frame (a triangle wave of the straight-line position)
+            span = np.array([self.width - patch.width, self.height - patch.height], dtype=np.float64)
+            pos = (position + velocity * i) % (2 * np.maximum(span, 1))
+            pos = np.where(pos > span, 2 * span - pos, pos)
+            image.paste(patch, (int(round(pos[0])), int(round(pos[1]))), mask)
+        return np.asarray(image, dtype=np.float32)
+
+
+def find_images(images_dir) -> list:
+    root = Path(images_dir)
+    if not root.is_dir():
+        raise SetupError(f"{images_dir}: not a folder of images")
+    images = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                    if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise SetupError(f"{images_dir}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return images
+
+
 # ---------------------------------------------------------------- user clips
 
 
@@ -502,12 +605,15 @@ class DistortionRenderer:
     """Applies one planned distortion to a frame stream: `__call__(frame, i)` -> frame (float32 0..255).
 
     Parameters per severity s in [1, 4] (sizes scale with the frame's short side, relative to 128 px):
-    blur: Gaussian sigma = s px; noise: Gaussian sigma = 6 s grey levels per channel; blocking: JPEG
-    quality 60 * 0.42^s (25 ... 2) on 8x8 blocks; over-exposure: +(0.5 s + 0.2) EV; under-exposure:
-    -(0.7 s + 0.3) EV; stutter: freezes of round(fps (0.1 + 0.1 s)) frames (at least 2) separated by
-    about fps (1.2 - 0.2 s) frames of motion, the source running on underneath (frames dropped);
-    flicker: luminance offset of 0.035 s * 255 * sin(2 pi f t) with f in [2, 4] Hz (below Nyquist) and
-    10% per-frame jitter; shake: independent per-frame translation of up to 0.02 s * short side px.
+    blur: Gaussian sigma = s px; motion blur: a straight smear of (2 + 2.5 s) px in one direction;
+    noise: either Gaussian, sigma 6 s grey levels per channel, or sensor-like (luma noise growing with
+    brightness, 6 s at white, plus blotchy chroma noise at half resolution); low resolution: down by
+    1.5 + 0.75 s (area) and back up (bicubic); compression: the frames through a real encoder (`Compressor`);
+    blocking: JPEG quality 60 * 0.42^s on 8x8 blocks (not in the default set); over-exposure: +(0.5 s + 0.2)
+    EV; under-exposure: -(0.7 s + 0.3) EV; stutter: either a lower frame rate by duplication (each frame held
+    round(1 + s) frames) or freezes of round(fps (0.1 + 0.1 s)) frames every fps (1.2 - 0.2 s) frames, the
+    source running on underneath; flicker: a luminance offset of up to 0.035 s * 255, either a 2-4 Hz sine
+    with 10% jitter or a random level each frame; shake: a per-frame translation of up to 0.02 s * short side.
     """
 
     def __init__(self, distortion: AppliedDistortion, rng, width, height, fps, n_frames):
@@ -521,10 +627,18 @@ class DistortionRenderer:
         ]
         scale = min(width, height) / 128.0
         self.rng = rng
+        self.mode = None
         if self.name == "blur":
             self.sigma = s * scale
+        elif self.name == "motion_blur":
+            length, angle = (2.0 + 2.5 * s) * scale, rng.uniform(0, np.pi)
+            steps = np.linspace(-length / 2, length / 2, max(2, round(length) + 1))
+            self.offsets = sorted({(round(d * math.sin(angle)), round(d * math.cos(angle))) for d in steps})
         elif self.name == "noise":
             self.sigma = 6.0 * s
+            self.mode = "sensor" if rng.random() < 0.5 else "gaussian"
+        elif self.name == "upscaling":
+            self.factor = 1.5 + 0.75 * s
         elif self.name == "blocking":
             self.quality = max(1.0, 60.0 * 0.42**s)
         elif self.name == "overexposure":
@@ -532,19 +646,33 @@ class DistortionRenderer:
         elif self.name == "underexposure":
             self.ev = -(0.7 * s + 0.3)
         elif self.name == "stutter":
-            self.holds = self._freeze_schedule(s, fps)
+            self.mode = "duplicate" if rng.random() < 0.6 else "freeze"
+            self.holds = self._hold_schedule(s, fps) if self.mode == "duplicate" else self._freeze_schedule(s, fps)
             self.held = None
         elif self.name == "flicker":
-            freq = rng.uniform(min(2.0, 0.3 * fps), min(4.0, 0.45 * fps))  # below Nyquist at any rate
-            phase = rng.uniform(0, 2 * np.pi)
             amp = 0.035 * s * 255.0
-            t = np.arange(n_frames) / fps
-            self.offsets = amp * (np.sin(2 * np.pi * freq * t + phase) + rng.normal(0, 0.1, n_frames))
+            self.mode = "sine" if rng.random() < 0.5 else "random"
+            if self.mode == "sine":
+                freq = rng.uniform(min(2.0, 0.3 * fps), min(4.0, 0.45 * fps))  # below Nyquist at any rate
+                t = np.arange(n_frames) / fps
+                self.offsets = amp * (np.sin(2 * np.pi * freq * t + rng.uniform(0, 2 * np.pi))
+                                      + rng.normal(0, 0.1, n_frames))
+            else:
+                self.offsets = rng.uniform(-amp, amp, n_frames)
         elif self.name == "shake":
             self.max_shift = max(1, round(0.02 * s * min(width, height)))
             self.shifts = rng.integers(-self.max_shift, self.max_shift + 1, (n_frames, 2))
-        else:
+        elif self.name != "compression":
             raise ValueError(f"unknown distortion {self.name}")
+
+    def _hold_schedule(self, s, fps):
+        """A lower frame rate: from a random phase on, every k-th frame of the active span held for k frames
+        (the frames before the phase hold the span's first one)."""
+        k = max(2, round(1 + s))
+        lo, hi = self.active
+        first = lo + int(self.rng.integers(k))
+        shown = {i: lo if i < first else i - (i - first) % k for i in range(lo, hi)}
+        return {i: source for i, source in shown.items() if source != i}
 
     def _freeze_schedule(self, s, fps):
         length = max(2, round(fps * (0.1 + 0.1 * s)))
@@ -561,20 +689,21 @@ class DistortionRenderer:
     def __call__(self, frame, i):
         lo, hi = self.active
         if self.name == "stutter":
-            # Needs the previous output even outside the active span, so it runs before the span check.
-            start = self.holds.get(i)
-            if start is None:
-                self.held = None
-                return frame
-            if self.held is None:
+            # Output frame i shows source frame holds[i] (earlier, already seen) or its own; the source runs on
+            # underneath, so the frames in between are dropped, not delayed.
+            if self.holds.get(i, i) == i:
                 self.held = frame
             return self.held
-        if not lo <= i < hi:
+        if not lo <= i < hi or self.name == "compression":
             return frame
         if self.name == "blur":
             return self._ndimage.gaussian_filter(frame, sigma=(self.sigma, self.sigma, 0), mode="reflect")
+        if self.name == "motion_blur":
+            return _smear(frame, self.offsets)
         if self.name == "noise":
-            return frame + self.rng.normal(0.0, self.sigma, frame.shape).astype(np.float32)
+            return frame + self._noise(frame)
+        if self.name == "upscaling":
+            return _down_up(frame, self.factor)
         if self.name == "blocking":
             return _block_quantize(frame, self.quality)
         if self.name in ("overexposure", "underexposure"):
@@ -588,6 +717,89 @@ class DistortionRenderer:
         h, w = frame.shape[:2]
         return padded[m + dy : m + dy + h, m + dx : m + dx + w]
 
+    def _noise(self, frame):
+        if self.mode == "gaussian":
+            return self.rng.normal(0.0, self.sigma, frame.shape).astype(np.float32)
+        h, w = frame.shape[:2]
+        luma = frame @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        # shot noise grows with the light; read noise keeps the shadows from being clean
+        y = self.rng.normal(0.0, 1.0, (h, w)).astype(np.float32) * self.sigma * np.sqrt(0.2 + 0.8 * luma / 255.0)
+        chroma = self.rng.normal(0.0, 0.7 * self.sigma, (2, (h + 1) // 2, (w + 1) // 2)).astype(np.float32)
+        cb, cr = (np.repeat(np.repeat(c, 2, axis=0), 2, axis=1)[:h, :w] for c in chroma)
+        return np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], axis=-1)
+
+
+def _smear(frame, offsets):
+    """The mean of the frame shifted along a line (edge pixels repeated): motion blur of a moving camera."""
+    reach = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    padded = np.pad(frame, ((reach, reach), (reach, reach), (0, 0)), mode="edge")
+    h, w = frame.shape[:2]
+    total = np.zeros_like(frame)
+    for dy, dx in offsets:
+        total += padded[reach + dy : reach + dy + h, reach + dx : reach + dx + w]
+    return total / len(offsets)
+
+
+def _down_up(frame, factor):
+    """Down-scaled by `factor` (area average) and back up (bicubic), as a low-resolution source upscaled."""
+    from PIL import Image
+
+    h, w = frame.shape[:2]
+    image = Image.fromarray(np.clip(np.rint(frame), 0, 255).astype(np.uint8))
+    small = image.resize((max(1, round(w / factor)), max(1, round(h / factor))), Image.BOX)
+    return np.asarray(small.resize((w, h), Image.BICUBIC), dtype=np.float32)
+
+
+class Compressor:
+    """Compression by a real encoder: the clip's frames are encoded and decoded again, and the decoded frames
+    replace the originals over the distortion's span. The codec is drawn per clip: libx264 (60%, CRF
+    26 + 6 s: 32 ... 50), libvpx-vp9 (20%, CRF 28 + 8.5 s: 36 ... 62) or MPEG-4 part 2 (20%, qscale 3 + 7 s:
+    10 ... 31, its 8x8 blocking), each single-threaded, so the same input gives the same frames."""
+
+    def __init__(self, distortion: AppliedDistortion, rng, fps, n_frames):
+        s = distortion.severity
+        half = n_frames // 2
+        self.active = {"whole": (0, n_frames), "first half": (0, half), "second half": (half, n_frames)}[
+            distortion.extent
+        ]
+        draw = rng.random()
+        if draw < 0.6:
+            self.codec, self.decoder, self.options = "libx264", "h264", {"crf": str(round(26 + 6 * s)),
+                                                                       "preset": "veryfast"}
+        elif draw < 0.8:
+            self.codec, self.decoder, self.options = "libvpx-vp9", "vp9", {
+                "crf": str(round(28 + 8.5 * s)), "b": "0", "deadline": "realtime", "cpu-used": "8"}
+        else:  # qmin = qmax pins MPEG-4's quantiser, as `-qscale:v` does
+            q = str(round(3 + 7 * s))
+            self.codec, self.decoder, self.options = "mpeg4", "mpeg4", {"qmin": q, "qmax": q}
+        self.fps = Fraction(fps).limit_denominator(1001)
+
+    def __call__(self, frames: list) -> list:
+        import av
+
+        images = [np.clip(np.rint(f), 0, 255).astype(np.uint8) for f in frames]
+        h, w = images[0].shape[:2]
+        encoder = av.CodecContext.create(self.codec, "w")
+        encoder.width, encoder.height, encoder.pix_fmt = w, h, "yuv420p"
+        encoder.time_base, encoder.framerate = 1 / self.fps, self.fps
+        encoder.options = self.options
+        encoder.thread_count = 1
+        decoder = av.CodecContext.create(self.decoder, "r")
+        decoder.thread_count = 1
+        decoded = []
+        for i, image in enumerate([*images, None]):
+            frame = None
+            if image is not None:
+                frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
+                frame.pts = i
+            for packet in encoder.encode(frame):
+                decoded += [f.to_ndarray(format="rgb24") for f in decoder.decode(packet)]
+        decoded += [f.to_ndarray(format="rgb24") for f in decoder.decode(None)]
+        if len(decoded) != len(frames):
+            raise InputError(f"{self.codec} gave {len(decoded)} frames for {len(frames)}")
+        lo, hi = self.active
+        return [decoded[i].astype(np.float32) if lo <= i < hi else frames[i] for i in range(len(frames))]
+
 
 # ---------------------------------------------------------------- encoding
 
@@ -597,9 +809,8 @@ def encode_clip(path, frames, width, height, fps, crf=0):
     labelled one). Returns the number of frames written."""
     import av
 
-    tmp = Path(str(path) + ".part")
     written = 0
-    try:
+    with files.replacing(path) as tmp:  # a bad source clip, Ctrl-C: no half-written file is left behind
         with av.open(str(tmp), mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
@@ -615,10 +826,6 @@ def encode_clip(path, frames, width, height, fps, crf=0):
                 written += 1
             for packet in stream.encode():
                 container.mux(packet)
-    except BaseException:  # a bad source clip, Ctrl-C: leave no half-written file behind
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
     return written
 
 
@@ -633,7 +840,7 @@ def _when(extent):
             "second half": "in the second half of the video"}[extent]
 
 
-def _questions(plan: ClipPlan, rng) -> list:
+def _questions(plan: ClipPlan, rng, names=DEFAULT_DISTORTIONS) -> list:
     """Stage-3 (question, answer) pairs for one clip.
 
     Yes/no: a 'yes' for each distortion present and one 'no' about an absent one, so clean clips give one
@@ -642,7 +849,7 @@ def _questions(plan: ClipPlan, rng) -> list:
     """
     present = {d.name for d in plan.distortions}
     pairs = [(f"Is there {d.type.phrase} in this video?", "Yes.") for d in plan.distortions]
-    absent = [n for n in DISTORTIONS if n not in present]
+    absent = [n for n in names if n not in present]  # a distortion the dataset could have had
     pairs.append((f"Is there {DISTORTIONS[absent[rng.integers(len(absent))]].phrase} in this video?", "No."))
     level = level_for(plan.mos)
     if plan.distortions:
@@ -666,12 +873,6 @@ def _csv_text(header, rows):
     return buffer.getvalue()
 
 
-def _write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _conversation(record_id, video, question, answer, **extra):
     return {
         "id": record_id,
@@ -681,11 +882,12 @@ def _conversation(record_id, video, question, answer, **extra):
     }
 
 
-def label_files(plans, seed) -> dict:
+def label_files(plans, seed, names=DEFAULT_DISTORTIONS) -> dict:
     """File name -> text of every label file for the given (rendered) clips.
 
     The JSON files hold the same records as the stage CSVs, in the LLaVA-style format `vqa2 finetune`
-    reads: stage 2 with the scorer's prompt (two <image> slots), stages 1 and 3 as bare questions."""
+    reads: stage 2 with the scorer's prompt (two <image> slots), stages 1 and 3 as bare questions. `names`: the
+    distortions the dataset draws from (the 'No' questions ask about one of them that a clip lacks)."""
     from vqa2cli.data import distortion_answer, distortion_question
     from vqa2cli.prompts import UGC_USER
     from vqa2cli.scoring import answer_text
@@ -704,7 +906,7 @@ def label_files(plans, seed) -> dict:
                 stage1.append((plan.video, of_kind[0].type.phrase, kind))
                 json1.append(_conversation(f"clip_{plan.index:05d}_{kind}", plan.video, distortion_question(kind),
                                            distortion_answer(of_kind[0].type.phrase)))
-        for n, (question, answer) in enumerate(_questions(plan, _clip_rng(seed, plan.index, 3))):
+        for n, (question, answer) in enumerate(_questions(plan, _clip_rng(seed, plan.index, 3), names)):
             stage3.append((plan.video, question, answer))
             json3.append(_conversation(f"clip_{plan.index:05d}_q{n}", plan.video, question, answer))
         manifest.append(
@@ -745,12 +947,22 @@ class SynthSettings:
     # was measured to make slightly different lossy bitstreams from identical input, ~1 clip in 60).
     crf: int = 0
     content: ContentSettings = field(default_factory=ContentSettings)
+    more_sizes: tuple = ()  # each clip takes one of (width, height) and these, drawn from the seed
+    distortions: tuple = DEFAULT_DISTORTIONS
+
+    @property
+    def sizes(self) -> tuple:
+        return ((self.width, self.height), *(tuple(size) for size in self.more_sizes))
 
     def validate(self):
         if self.count < 1:
             raise SetupError(f"--count must be at least 1, got {self.count}")
-        if self.width < 16 or self.height < 16 or self.width % 2 or self.height % 2:
-            raise SetupError(f"--size must be even and at least 16x16, got {self.width}x{self.height}")
+        for width, height in self.sizes:
+            if width < 16 or height < 16 or width % 2 or height % 2:
+                raise SetupError(f"--size must be even and at least 16x16, got {width}x{height}")
+        unknown = [name for name in self.distortions if name not in DISTORTIONS]
+        if not self.distortions or unknown:
+            raise SetupError(f"unknown distortion(s) {unknown or '(none given)'}; choose from {', '.join(DISTORTIONS)}")
         if not 1 <= self.fps <= 120:
             raise SetupError(f"--fps must be in [1, 120], got {self.fps}")
         if self.seconds * self.fps < 4:
@@ -770,7 +982,8 @@ def find_clips(clips_dir) -> list:
     return clips
 
 
-def generate_dataset(out, settings: SynthSettings, clips_dir=None, overwrite=False, on_clip=None, jobs=1) -> dict:
+def generate_dataset(out, settings: SynthSettings, clips_dir=None, overwrite=False, on_clip=None, jobs=1,
+                     images_dir=None) -> dict:
     """Write videos/ and the label files into `out`. `on_clip(plan, error_or_None)` reports progress, in plan
     order. Returns a summary dict. Unreadable user clips are skipped (named in the summary). On Ctrl-C the
     clips made so far are labelled (synth.json says `interrupted`) before KeyboardInterrupt goes on.
@@ -779,6 +992,8 @@ def generate_dataset(out, settings: SynthSettings, clips_dir=None, overwrite=Fal
     dataset is the same whatever `jobs` is. The workers are spawned, so a script calling this with `jobs` > 1
     must do so under `if __name__ == "__main__":`."""
     settings.validate()
+    if clips_dir is not None and images_dir is not None:
+        raise SetupError("use --clips or --images, not both")
     if jobs < 1:
         raise SetupError(f"--jobs must be at least 1, got {jobs}")
     out = Path(out)
@@ -803,7 +1018,12 @@ def generate_dataset(out, settings: SynthSettings, clips_dir=None, overwrite=Fal
             sources.append((clip.relative_to(root).as_posix(), duration, fps))
         if not sources:
             raise SetupError(f"{clips_dir}: none of the clips could be read ({skipped[0]})")
-    plans = plan_dataset(settings, sources)
+    images = ()
+    if "photo" in settings.content.kinds:
+        if images_dir is None:
+            raise SetupError("photo content needs --images DIR (a folder of photographs)")
+        images = find_images(images_dir)
+    plans = plan_dataset(settings, sources, images)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     done, failed = [], []
 
@@ -822,10 +1042,10 @@ def generate_dataset(out, settings: SynthSettings, clips_dir=None, overwrite=Fal
     try:
         if jobs == 1:
             for plan in plans:
-                record(plan, _render_outcome(out, plan, settings, clips_dir))
+                record(plan, _render_outcome(out, plan, settings, clips_dir, images_dir))
         else:
             with _worker_pool(jobs) as pool:
-                futures = [pool.submit(_render_outcome, out, plan, settings, clips_dir) for plan in plans]
+                futures = [pool.submit(_render_outcome, out, plan, settings, clips_dir, images_dir) for plan in plans]
                 try:
                     for plan, future in zip(plans, futures):
                         record(plan, future.result())
@@ -844,12 +1064,13 @@ def generate_dataset(out, settings: SynthSettings, clips_dir=None, overwrite=Fal
         if interrupted:
             raise KeyboardInterrupt
         raise SetupError(f"no clip could be made ({failed[0]})")
-    for name, text in label_files(done, settings.seed).items():
-        _write_atomic(out / name, text)
+    for name, text in label_files(done, settings.seed, settings.distortions).items():
+        files.write_text(out / name, text)
     meta = {
         "format_version": FORMAT_VERSION,
         "settings": {**asdict(settings), "content": asdict(settings.content)},
         "clips_dir": str(clips_dir) if clips_dir is not None else None,
+        "images_dir": str(images_dir) if images_dir is not None else None,
         "clips": len(done),
         "interrupted": interrupted,
         "failed": failed,
@@ -857,26 +1078,30 @@ def generate_dataset(out, settings: SynthSettings, clips_dir=None, overwrite=Fal
         "mos": {"clean": CLEAN_MOS, "max_impairment": MAX_IMPAIRMENT, "exponent": IMPAIRMENT_EXPONENT,
                 "partial_weight": PARTIAL_WEIGHT},
     }
-    _write_atomic(out / "synth.json", json.dumps(meta, indent=1, default=list) + "\n")
+    files.write_text(out / "synth.json", json.dumps(meta, indent=1, default=list) + "\n")
     if interrupted:
         raise KeyboardInterrupt
     return meta
 
 
-def clean_frames(plan: ClipPlan, settings: SynthSettings, clips_dir=None):
+def clean_frames(plan: ClipPlan, settings: SynthSettings, clips_dir=None, images_dir=None):
     """The undistorted frames of a planned clip (a generator of float32 [H, W, 3])."""
-    if plan.source.startswith("procedural:"):
-        clip = ProceduralClip(plan.source.split(":", 1)[1], _clip_rng(settings.seed, plan.index, 1),
-                              settings.width, settings.height, plan.n_frames, settings.content)
+    kind, _, name = plan.source.partition(":")
+    if kind in ("procedural", "photo"):
+        rng = _clip_rng(settings.seed, plan.index, 1)
+        if kind == "photo":
+            clip = PhotoClip(Path(images_dir) / name, rng, plan.width, plan.height, plan.n_frames, settings.content)
+        else:
+            clip = ProceduralClip(name, rng, plan.width, plan.height, plan.n_frames, settings.content)
         return (clip.frame(i) for i in range(plan.n_frames))
-    return user_clip_frames(Path(clips_dir) / plan.source, settings.width, settings.height, plan.fps, plan.start,
+    return user_clip_frames(Path(clips_dir) / plan.source, plan.width, plan.height, plan.fps, plan.start,
                             plan.n_frames)
 
 
-def _render_outcome(out, plan, settings, clips_dir):
+def _render_outcome(out, plan, settings, clips_dir, images_dir=None):
     """Make one clip: None when it is written, else why it could not be (the message crosses processes)."""
     try:
-        _render(out, plan, settings, clips_dir)
+        _render(out, plan, settings, clips_dir, images_dir)
     except InputError as error:
         return str(error)
     return None
@@ -908,21 +1133,26 @@ def _worker_pool(jobs):
     return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
 
 
-def _render(out, plan, settings, clips_dir):
+def _render(out, plan, settings, clips_dir, images_dir=None):
     if plan.n_frames < 4:
         raise InputError(f"{plan.source}: too short to make a clip (under 4 frames)")
     rng = _clip_rng(settings.seed, plan.index, 2)
-    renderers = [DistortionRenderer(d, rng, settings.width, settings.height, plan.fps, plan.n_frames)
-                 for d in plan.distortions]
-
-    def stream():
-        for i, frame in enumerate(clean_frames(plan, settings, clips_dir)):
-            for renderer in renderers:
-                frame = renderer(frame, i)
-            yield frame
-
-    written = encode_clip(out / plan.video, stream(), settings.width, settings.height, plan.fps, settings.crf)
+    stages = [Compressor(d, rng, plan.fps, plan.n_frames) if d.name == "compression"
+              else DistortionRenderer(d, rng, plan.width, plan.height, plan.fps, plan.n_frames)
+              for d in plan.distortions]
+    frames = clean_frames(plan, settings, clips_dir, images_dir)
+    for stage in stages:
+        frames = _applied(stage, frames)
+    written = encode_clip(out / plan.video, frames, plan.width, plan.height, plan.fps, settings.crf)
     if written < plan.n_frames:
         # Labels (which half is distorted, where freezes fall) assume the planned length.
         (out / plan.video).unlink(missing_ok=True)
         raise InputError(f"{plan.source}: decoded {written} frames, fewer than the {plan.n_frames} planned")
+
+
+def _applied(stage, frames):
+    if isinstance(stage, Compressor):  # an encoder works on the whole clip (its frames reference each other)
+        yield from stage(list(frames))
+    else:
+        for i, frame in enumerate(frames):
+            yield stage(frame, i)
