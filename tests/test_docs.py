@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -85,9 +87,6 @@ def quick_start() -> tuple[list[str], list[str]]:
 def test_readme_quick_start_prints_what_the_readme_shows(tmp_path, monkeypatch):
     """Run the quick start's commands as a new user would, then hold the README to their output: every
     clip's score (to the 3 decimals shown) and level, and the answer to the question."""
-    import subprocess
-    import sys
-
     commands, shown = quick_start()
     assert [arguments(c)[0] for c in commands] == ["synth", "score", "ask"], commands
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

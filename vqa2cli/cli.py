@@ -1131,10 +1131,8 @@ def finetune(**values):
     options = FinetuneOptions(**values)
     reporter = Reporter.for_stderr(quiet=False, unit="steps")
     result = run(options, say=reporter.note, progress=reporter)
-    if result.interrupted:
-        _stop.signum = _stop.signum or result.stopped_by  # finetune's own handler caught it, not `_stop`
-        return EXIT_INTERRUPTED
-    return 0
+    # finetune's own handler caught the signal (it saves first), so the exit code comes from the result
+    return 128 + (result.stopped_by or signal.SIGINT) if result.interrupted else 0
 
 
 # --- serve ---------------------------------------------------------------------------------------
