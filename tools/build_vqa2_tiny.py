@@ -18,7 +18,8 @@ pretrained LLaVA-OneVision: the LLM and text embeddings train too (the release f
 the text embeddings throughout, which only makes sense for a pretrained LLM), at a learning rate of 1e-3, the
 vision tower included (the release slows it); the patch embedding and the fast pathway's stem are fixed filters
 that never train (see PARTS, `dct_patch_embedding_`, `temporal_difference_stem_`), and the vision tower's
-layers start as identities (`identity_vision_layers_`); stage 3 also replays the stage-2 scoring records so
+layers start as identities (`identity_vision_layers_`) and the keyframe projector as a rectifier of the DCT
+channels (`rectifying_projector_`); stage 3 also replays the stage-2 scoring records so
 that learning to answer questions does not erase the score; a yes/no pass follows stage 3 (`mixed_stage3`).
 """
 
@@ -88,6 +89,12 @@ def tiny_vqa2_config():
     )
 
 
+def dct_luma_channels(width: int) -> int:
+    """How many of the patch embedding's `width` channels are luma DCT filters (the rest, a third rounded
+    down to an even count, are colour differences)."""
+    return width - 2 * (width // 6)
+
+
 def dct_patch_embedding_(conv) -> None:
     """Start the vision tower's patch embedding as a 2D DCT basis: luma filters spread from the lowest to the
     highest frequency, then colour-difference filters (B-R, R-G) at the lowest ones. Each basis is scaled
@@ -110,8 +117,8 @@ def dct_patch_embedding_(conv) -> None:
         return b * (1 + math.hypot(u, v))
 
     by_radius = sorted(((u, v) for u in range(p) for v in range(p)), key=lambda f: (f[0] ** 2 + f[1] ** 2, f))
-    n_colour = 2 * (out // 6)
-    n_luma = out - n_colour
+    n_luma = dct_luma_channels(out)
+    n_colour = out - n_luma
     spread = torch.linspace(0, len(by_radius) - 1, n_luma).round().long().tolist()
     weight = torch.zeros(out, 3, p, p, dtype=torch.float64)
     for row, index in enumerate(spread):
@@ -123,6 +130,32 @@ def dct_patch_embedding_(conv) -> None:
     with torch.no_grad():
         conv.weight.copy_(weight.to(conv.weight.dtype))
         conv.bias.zero_()
+
+
+def rectifying_projector_(projector, n_luma: int, gain: float = 4.0) -> None:
+    """Start the keyframe projector as a rectifier of the luma DCT channels: hidden unit pair 2c, 2c+1 is
+    GELU(+g x_c), GELU(-g x_c); output c is their sum / g (~|x_c|, the channel's energy) and output n_luma + c
+    their difference / g (exactly x_c, since GELU(z) - GELU(-z) = z). The colour channels start unread.
+
+    Bilinear pooling averages 2x2 patches after the projector: of signed DCT coefficients, the average keeps
+    little of the fine detail that blur and compression remove and noise adds; of their magnitudes it keeps
+    the patches' spectrum, and the LLM's RMSNorm turns that into its shape, whatever the contrast. From a
+    random projector, stage 2 alone (600 steps, seed 0) barely learned spatial damage: on the real-footage
+    held-out set, blur sigma 6 lowered a clip's score by 0.00-0.3 (mostly < 0.05) and the overall SRCC was
+    0.356; from this one, by 0.1-0.4, and 0.473. A random second layer after the same first one: 0.336."""
+    import torch
+
+    first, second = projector[0], projector[2]
+    pairs = min(n_luma, first.out_features // 2)
+    with torch.no_grad():
+        for linear in (first, second):
+            linear.weight.zero_()
+            linear.bias.zero_()
+        for c in range(pairs):
+            first.weight[2 * c, c], first.weight[2 * c + 1, c] = gain, -gain
+            second.weight[c, 2 * c] = second.weight[c, 2 * c + 1] = 1 / gain
+            if pairs + c < second.out_features:
+                second.weight[pairs + c, 2 * c], second.weight[pairs + c, 2 * c + 1] = 1 / gain, -1 / gain
 
 
 def temporal_difference_stem_(conv) -> None:
@@ -193,6 +226,7 @@ def init_model(directory: Path, seed: int) -> dict:
     # but scored 0.760 / yes/no 84.8% (seed 0) and 0.766 / 77.0% (seed 1), and 0.499 / 59.5% on
     # photos_vqa2_tiny.py's set (seed 0): worse SRCC on both sets (this recipe: 0.786 and 0.765 at seeds 0 and 1).
     identity_vision_layers_(model.vision_tower)
+    rectifying_projector_(model.mm_projector, n_luma=dct_luma_channels(config.vision.hidden_size))
     temporal_difference_stem_(model.motion_encoder.blocks[0].multipathway_blocks[1].conv)
     tokenizer = build_tokenizer(config.text.vocab_size)
     save_model_dir(model, tokenizer, directory, card="# vqa2-tiny, random initialisation\n")
