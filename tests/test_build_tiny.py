@@ -15,6 +15,7 @@ from tools.build_vqa2_tiny import (
     PARTS,
     dct_patch_embedding_,
     identity_vision_layers_,
+    rectifying_projector_,
     temporal_difference_stem_,
     tiny_vqa2_config,
 )
@@ -27,7 +28,7 @@ def model():
 
 
 def luma_filters(model) -> int:
-    """How many patch-embedding rows are luma filters (the rest are colour-difference pairs)."""
+    """How many patch-embedding rows are luma filters (the rest are colour-difference pairs): 64 of 96."""
     hidden = model.config.vision.hidden_size
     return hidden - 2 * (hidden // 6)
 
@@ -116,6 +117,39 @@ def test_identity_layers_pass_the_patch_embedding_through():
         embedded = tower.embeddings(pixels)
         out = tower.encoder(inputs_embeds=embedded).last_hidden_state
     torch.testing.assert_close(out, embedded)
+
+
+def test_projector_starts_as_magnitude_and_value_of_each_luma_channel():
+    torch.manual_seed(0)
+    model = VQA2Model(tiny_vqa2_config())
+    n = luma_filters(model)
+    rectifying_projector_(model.mm_projector, n)
+    x = torch.zeros(3, model.config.vision.hidden_size)
+    x[0, :n] = torch.linspace(-3, 3, n)  # at gain 4, GELU(4x) + GELU(-4x) is within 1e-3 of 4|x| from |x| = 1
+    x[1, n:] = 5.0  # colour channels: not read at the start
+    x[2, :n] = -0.5
+    with torch.no_grad():
+        out = model.mm_projector(x)
+    # GELU(z) - GELU(-z) = z exactly: the second half is the channel itself
+    torch.testing.assert_close(out[:, n:2 * n], x[:, :n], atol=1e-6, rtol=0)
+    big = x[0, :n].abs() >= 1
+    torch.testing.assert_close(out[0, :n][big], x[0, :n].abs()[big], atol=1e-3, rtol=0)
+    assert torch.all(out[0, :n] >= 0) and torch.all(out[0, :n] <= x[0, :n].abs() + 1e-6)
+    assert out[1].abs().max() == 0
+
+
+def test_pooled_projection_keeps_fine_detail_that_signed_pooling_cancels():
+    """Two patches with opposite fine detail average to nothing; their magnitudes do not."""
+    torch.manual_seed(0)
+    model = VQA2Model(tiny_vqa2_config())
+    n = luma_filters(model)
+    rectifying_projector_(model.mm_projector, n)
+    detail = torch.zeros(2, model.config.vision.hidden_size)
+    detail[0, n - 1], detail[1, n - 1] = 2.0, -2.0  # the finest luma filter, opposite signs
+    with torch.no_grad():
+        pooled = model.mm_projector(detail).mean(0)
+    assert pooled[n + n - 1].abs() < 1e-6  # the signed value cancels
+    assert pooled[n - 1] > 1.9  # the magnitude survives
 
 
 def test_build_trains_everything_but_the_fixed_first_layers():
