@@ -308,6 +308,8 @@ def real_footage(model: Path, heldout: Path, work: Path, logs: Path) -> dict:
 def model_card(info: dict) -> str:
     s, q, real = info["eval"]["scores"], info["eval"]["yes_no"], info["eval"].get("real_footage")
     sizes, config = info["data"], info["config"]
+    # --data: the clips came from an earlier build, so the minutes leave out making them
+    reused = ", not counting the clips, reused from an earlier build" if info["data"].get("reused") else ""
     real_table = "(not measured in this build: pass --real-heldout)"
     if real:
         families = [name for name in real if name != "overall"]
@@ -324,7 +326,8 @@ common damage of real footage the right way round (numbers below); its absolute 
 - parameters: {info["parameters"]:,} (float32, {info["weights_bytes"] / 2**20:.1f} MiB safetensors)
 - vision: {config["vision"]["num_hidden_layers"]} layers of width {config["vision"]["hidden_size"]}, \
 {config["keyframe_size"]} px keyframes, {config["vision"]["patch_size"]} px patches, \
-{config["pooled_grid"]}x{config["pooled_grid"]} tokens per keyframe; the patch embedding is a fixed 2D DCT basis
+{config["pooled_grid"]}x{config["pooled_grid"]} tokens per keyframe; the patch embedding is a fixed 2D DCT basis,
+  and the projector starts as a rectifier of its luma channels (magnitude and value of each)
 - motion: SlowFast depth {config["motion"]["model_depth"]}, stem widths {config["motion"]["stem_dim_outs"]} \
 (a fixed temporal-difference stem), {config["motion_size"]} px, at most {config["motion"]["max_frames"]} motion \
 frames (longer videos are sampled down)
@@ -364,7 +367,7 @@ at 128 px, other seed and content settings than any training), evaluated with `v
 "Is there <distortion> in this video?" ({q["count"]} questions, half Yes, half No): accuracy {q["accuracy"]:.1%}.
 
 Reproduce (the numbers above, and `eval.json` beside this card; {info["build_minutes"]:.0f} minutes on the 2 CPU
-cores it was built on):
+cores it was built on{reused}):
 
 ```
 python tools/training_photos.py photos/
@@ -469,7 +472,7 @@ def main() -> None:
     info.update(
         config=json.loads((base / "config.json").read_text()),
         weights_bytes=(base / "model.safetensors").stat().st_size,
-        data={"train_clips": args.train_clips, "heldout_clips": args.heldout_clips,
+        data={"train_clips": args.train_clips, "heldout_clips": args.heldout_clips, "reused": bool(args.data),
               "stage1": rows(train / "stage1.csv"), "stage2": rows(train / "stage2.csv"),
               "stage3": rows(train / "stage3.csv"), "heldout_yes_no": n_questions},
         steps=steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
