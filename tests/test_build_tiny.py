@@ -119,17 +119,23 @@ def test_identity_layers_pass_the_patch_embedding_through():
     torch.testing.assert_close(out, embedded)
 
 
-def test_projector_starts_as_magnitude_and_value_of_each_luma_channel():
-    torch.manual_seed(0)
-    model = VQA2Model(tiny_vqa2_config())
+@pytest.fixture()
+def rectifier(model):
+    """(the keyframe projector as `rectifying_projector_` starts it, the number of luma channels, the tower's
+    width); only this projector changes, so the module's model serves."""
     n = luma_filters(model)
     rectifying_projector_(model.mm_projector, n)
-    x = torch.zeros(3, model.config.vision.hidden_size)
+    return model.mm_projector, n, model.config.vision.hidden_size
+
+
+def test_projector_starts_as_magnitude_and_value_of_each_luma_channel(rectifier):
+    projector, n, width = rectifier
+    x = torch.zeros(3, width)
     x[0, :n] = torch.linspace(-3, 3, n)  # at gain 4, GELU(4x) + GELU(-4x) is within 1e-3 of 4|x| from |x| = 1
     x[1, n:] = 5.0  # colour channels: not read at the start
     x[2, :n] = -0.5
     with torch.no_grad():
-        out = model.mm_projector(x)
+        out = projector(x)
     # GELU(z) - GELU(-z) = z exactly: the second half is the channel itself
     torch.testing.assert_close(out[:, n:2 * n], x[:, :n], atol=1e-6, rtol=0)
     big = x[0, :n].abs() >= 1
@@ -138,16 +144,13 @@ def test_projector_starts_as_magnitude_and_value_of_each_luma_channel():
     assert out[1].abs().max() == 0
 
 
-def test_pooled_projection_keeps_fine_detail_that_signed_pooling_cancels():
+def test_pooled_projection_keeps_fine_detail_that_signed_pooling_cancels(rectifier):
     """Two patches with opposite fine detail average to nothing; their magnitudes do not."""
-    torch.manual_seed(0)
-    model = VQA2Model(tiny_vqa2_config())
-    n = luma_filters(model)
-    rectifying_projector_(model.mm_projector, n)
-    detail = torch.zeros(2, model.config.vision.hidden_size)
+    projector, n, width = rectifier
+    detail = torch.zeros(2, width)
     detail[0, n - 1], detail[1, n - 1] = 2.0, -2.0  # the finest luma filter, opposite signs
     with torch.no_grad():
-        pooled = model.mm_projector(detail).mean(0)
+        pooled = projector(detail).mean(0)
     assert pooled[n + n - 1].abs() < 1e-6  # the signed value cancels
     assert pooled[n - 1] > 1.9  # the magnitude survives
 
