@@ -5,8 +5,8 @@ distortions on procedural clips it never saw, and it answers the yes/no and open
 constant answer would.
 
 The damage tests are real checks of the trained weights: random weights give near-uniform level probabilities
-(gaps ~0.001), and the first vqa2-tiny, trained on procedural content, ranked the CRF ladder backwards; v2 lowered its score by
-only 0.01-0.03 over the whole blur ladder.
+(gaps ~0.001), the first vqa2-tiny, trained on procedural content, ranked the CRF ladder backwards, and v2
+lowered its score by only 0.01-0.03 over the whole blur ladder.
 """
 
 from __future__ import annotations
