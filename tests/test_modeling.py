@@ -381,6 +381,16 @@ def test_config_json_round_trip(tmp_path):
         make_tiny_config(keyframe_size=64)
 
 
+def test_keyframe_fragments_are_part_of_the_config_and_its_sampling():
+    fragmented = make_tiny_config(keyframe_fragments=4)  # 56 px keyframes: 4 x 4 crops of 14 px
+    assert VQA2Config.from_dict(fragmented.to_dict()) == fragmented
+    assert fragmented.sampling().keyframe_fragments == 4 and make_tiny_config().sampling().keyframe_fragments == 0
+    with pytest.raises(ValueError, match="keyframe_fragments 3 must divide keyframe_size 56"):
+        make_tiny_config(keyframe_fragments=3)
+    with pytest.raises(ValueError, match="whole keyframes"):
+        make_tiny_config(keyframe_fragments=4, images=True)
+
+
 def test_config_from_llava_qwen():
     config = VQA2Config.from_llava_qwen(RELEASED_CONFIG, prompt="streaming")
     assert config.vision.num_hidden_layers == 26 and config.vision.grid == 27

@@ -101,6 +101,16 @@ def test_a_sample_decoded_at_other_sizes_is_refused_in_one_line(ours, clip_facto
     assert ours.score(ours.load_video(clip)) == ours.score(clip)
 
 
+def test_a_sample_decoded_as_fragments_is_refused_by_a_whole_frame_model(ours, clip_factory):
+    from vqa2cli.video import load_video
+
+    clip = clip_factory(seconds=2, fps=8)
+    sizes = ours.config.keyframe_size, ours.config.motion_size
+    with pytest.raises(InputError, match=f"^{clip}: decoded with 4x4 keyframe fragments, but model .* takes "
+                                         "whole-frame keyframes; decode it with model.load_video"):
+        ours.score(load_video(clip, *sizes, keyframe_fragments=4))
+
+
 def test_ask_streams_the_answer(ours):
     sample = tiny_sample(ours.config)
     pieces = []

@@ -45,7 +45,8 @@ def _windows(path, sampling, seconds):
     Sampling(32, 32, 2000, 40),  # same size: a keyframe is also its motion frame, the exact resize
     Sampling(32, 32, 16, 1),  # caps: the whole clip and each window subsample differently
     Sampling(48, 48, 8, 3),
-], ids=["sizes-differ", "same-size", "caps", "small-caps"])
+    Sampling(32, 32, 2000, 40, keyframe_fragments=4),  # same size, but keyframes are crops of the 64x48 frames
+], ids=["sizes-differ", "same-size", "caps", "small-caps", "fragments"])
 def test_a_window_is_what_decoding_that_stretch_alone_gives(lossless, sampling, seconds):
     """Bitwise: each window's keyframes, motion frames and their indices equal load_video of the same frames
     written as a clip of their own; the whole clip's sample is untouched by the tap."""
@@ -61,6 +62,7 @@ def test_a_window_is_what_decoding_that_stretch_alone_gives(lossless, sampling, 
         assert window.sample.keyframe_indices == alone.keyframe_indices
         assert window.sample.motion_indices == alone.motion_indices
         assert window.sample.num_frames == stop - first and (window.sample.width, window.sample.height) == (64, 48)
+        assert window.sample.keyframe_fragments == sampling.keyframe_fragments
     plain = sampling.load(clip)
     assert torch.equal(whole.keyframes, plain.keyframes) and torch.equal(whole.motion, plain.motion)
 

@@ -526,3 +526,43 @@ def test_stream_duration_by_hand():
     assert stream_duration([0.0, 0.5, 2.0], 0.0, 3, 25.0) == pytest.approx(3.0)
     assert stream_duration([], 0.0, 10, 25.0) == pytest.approx(0.4)  # no timestamps: frames / fps
     assert stream_duration([1.0], 0.04, 1, 25.0) == pytest.approx(0.04)
+
+
+def _pixels(keyframes: torch.Tensor) -> np.ndarray:
+    """Normalised keyframes back to uint8 HxWx3."""
+    return (keyframes * 0.5 + 0.5).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def test_fragment_keyframes_are_crops_of_the_frame_at_its_own_resolution(tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    path = make_clip(tmp_path / "noise.mkv", frames=4, size=(96, 64), codec="ffv1", pattern=lambda i, w, h: image)
+    sample = load_video(path, keyframe_size=32, motion_size=16, keyframe_fragments=4)
+    # The 96x64 frame cut 4 x 4 has cells 24 x 16 px centred at x = 12, 36, 60, 84 and y = 8, 24, 40, 56;
+    # 8 px crops around them start at x = 8, 32, 56, 80 and y = 4, 20, 36, 52.
+    expected = np.concatenate([np.concatenate([image[y:y + 8, x:x + 8] for x in (8, 32, 56, 80)], axis=1)
+                               for y in (4, 20, 36, 52)], axis=0)
+    assert np.array_equal(_pixels(sample.keyframes)[0], expected) and sample.keyframe_fragments == 4
+    whole = load_video(path, keyframe_size=32, motion_size=16)
+    assert torch.equal(sample.motion, whole.motion)  # the motion stream sees whole frames either way
+
+
+def test_fragments_leave_motion_frames_whole_at_the_keyframe_size_too(tmp_path):
+    path = make_clip(tmp_path / "p.mkv", frames=8, size=(96, 64), codec="ffv1")
+    fragments = load_video(path, keyframe_size=32, motion_size=32, keyframe_fragments=2)
+    # a keyframe's pixels are not its motion frame: every motion frame is the plain motion resize, as when
+    # the two sizes differ
+    apart = load_video(path, keyframe_size=64, motion_size=32)
+    assert torch.equal(fragments.motion, apart.motion)
+    assert not torch.equal(fragments.motion, load_video(path, keyframe_size=32, motion_size=32).motion)
+
+
+def test_a_frame_smaller_than_the_keyframe_is_resized_whole_for_fragments(tmp_path):
+    path = make_clip(tmp_path / "small.mkv", frames=4, size=(40, 24), codec="ffv1")
+    fragments = load_video(path, keyframe_size=32, motion_size=16, keyframe_fragments=4)
+    assert torch.equal(fragments.keyframes, load_video(path, keyframe_size=32, motion_size=16).keyframes)
+
+
+def test_keyframe_fragments_must_divide_the_keyframe(tmp_path):
+    path = make_clip(tmp_path / "c.mkv", frames=4, codec="ffv1")
+    with pytest.raises(ValueError, match="keyframe_fragments must be 0 or divide keyframe_size 32, got 3"):
+        load_video(path, keyframe_size=32, motion_size=16, keyframe_fragments=3)

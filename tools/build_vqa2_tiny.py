@@ -85,7 +85,9 @@ def tiny_vqa2_config():
         text=TextConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                         rope_theta=10000.0),
-        pooled_grid=4, keyframe_size=128, motion_size=64,
+        # Keyframes as 8 x 8 crops of 16 px at the video's own resolution, one per patch: a whole frame shrunk
+        # to 128 px hides codec damage and noise (docs/vqa2-tiny.md, v4).
+        pooled_grid=4, keyframe_size=128, keyframe_fragments=8, motion_size=64,
     )
 
 

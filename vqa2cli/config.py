@@ -202,6 +202,10 @@ class VQA2Config:
     text: TextConfig = field(default_factory=TextConfig)
     pooled_grid: int = 14  # keyframe tokens per side after bilinear pooling: ceil(27 / 2)
     keyframe_size: int = 384  # side of the square keyframes fed to the vision tower
+    # 0: each keyframe is the whole frame resized (the release). N: an N x N mosaic of crops at the video's own
+    # resolution (FAST-VQA's fragments), for a model whose keyframes are too small to show codec damage and
+    # noise once a whole HD frame is shrunk into them (vqa2-tiny). Motion frames are whole frames either way.
+    keyframe_fragments: int = 0
     motion_size: int = 384  # side of the square frames fed to SlowFast
     token_layout: str = "official"
     level_words: tuple[str, ...] = LEVEL_WORDS
@@ -227,6 +231,9 @@ class VQA2Config:
         _whole("pooled_grid", self.pooled_grid)
         _whole("keyframe_size", self.keyframe_size, high=MAX_FRAME_SIDE)
         _whole("motion_size", self.motion_size, high=MAX_FRAME_SIDE)
+        _whole("keyframe_fragments", self.keyframe_fragments, low=0, high=self.keyframe_size)
+        if self.keyframe_fragments and self.keyframe_size % self.keyframe_fragments:
+            raise ValueError(f"keyframe_fragments {self.keyframe_fragments} must divide keyframe_size {self.keyframe_size}")
         _whole("max_training_length", self.max_training_length)
         if not isinstance(self.level_words, (list, tuple)) or len(self.level_words) < 2 or not all(
                 isinstance(word, str) and word.strip() for word in self.level_words):
@@ -245,8 +252,8 @@ class VQA2Config:
         if total > MAX_PARAMETERS:
             raise ValueError(f"the sizes describe about {total:.1e} parameters, beyond any real model (at most "
                              f"{MAX_PARAMETERS:.0e})")
-        if self.images and self.token_layout != "official":
-            raise ValueError("images need the official token layout (the release's image path)")
+        if self.images and (self.token_layout != "official" or self.keyframe_fragments):
+            raise ValueError("images need the official token layout and whole keyframes (the release's image path)")
 
     def parameter_count(self, quantizable_only: bool = False) -> int:
         """About how many parameters the model has (within a few percent), from the config alone. With
@@ -278,7 +285,8 @@ class VQA2Config:
 
         motion_cap = self.motion.max_frames if max_motion_frames is None else min(max_motion_frames, self.motion.max_frames)
         return Sampling(self.keyframe_size, self.motion_size, motion_cap,
-                        Sampling.max_keyframes if max_keyframes is None else max_keyframes, images=self.images)
+                        Sampling.max_keyframes if max_keyframes is None else max_keyframes, images=self.images,
+                        keyframe_fragments=self.keyframe_fragments)
 
     # ---- our JSON -------------------------------------------------------------------------------------
 

@@ -68,4 +68,5 @@ class Explainer:
 
 def _decodes(model, caps) -> tuple:
     sampling = model.sampling(*caps)
-    return sampling.keyframe_size, sampling.motion_size, sampling.max_motion_frames, sampling.max_keyframes
+    return (sampling.keyframe_size, sampling.motion_size, sampling.max_motion_frames, sampling.max_keyframes,
+            sampling.keyframe_fragments)

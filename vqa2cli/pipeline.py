@@ -119,6 +119,12 @@ class VQA2:
                 f"{self.name} takes {expected.keyframe_size} and {expected.motion_size}; decode it with "
                 f"model.load_video(path)"
             )
+        if getattr(video, "keyframe_fragments", 0) != expected.keyframe_fragments:
+            views = {0: "whole-frame keyframes"}
+            decoded, wanted = (views.get(n, f"{n}x{n} keyframe fragments")
+                               for n in (getattr(video, "keyframe_fragments", 0), expected.keyframe_fragments))
+            raise InputError(f"{video.path}: decoded with {decoded}, but model {self.name} takes {wanted}; "
+                             "decode it with model.load_video(path)")
         if video.motion.shape[0] > expected.max_motion_frames:
             raise InputError(
                 f"{video.path}: {video.motion.shape[0]} motion frames, more than model {self.name}'s "

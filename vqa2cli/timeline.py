@@ -55,7 +55,7 @@ class _WindowBuffers:
 
         self.number, self.first = number, first
         self.buffers = _Buffers(path, expected, step, sampling.keyframe_size, sampling.motion_size,
-                                sampling.max_motion_frames, sampling.max_keyframes)
+                                sampling.max_motion_frames, sampling.max_keyframes, sampling.keyframe_fragments)
         self.frames = 0
         self.width = self.height = 0
 
@@ -67,7 +67,7 @@ class _WindowBuffers:
         sample = VideoSample(
             path=path, keyframes=keyframes, motion=motion, keyframe_indices=keyframe_indices,
             motion_indices=motion_indices, fps=fps, duration=self.frames / fps, num_frames=self.frames,
-            width=self.width, height=self.height,
+            width=self.width, height=self.height, keyframe_fragments=self.buffers.keyframe_fragments,
         )
         return Window(self.number, self.first / fps, (self.first + self.frames) / fps, sample)
 
@@ -79,10 +79,12 @@ class WindowSampler:
     def __init__(self, path: str, sampling, seconds: float, on_window: Callable[[Window], None]):
         from av.video.reformatter import VideoReformatter
 
+        from vqa2cli.video import _keyframe_is_motion_frame
+
         if not seconds > 0:
             raise ValueError(f"window length must be positive, got {seconds}")
         self.path, self.sampling, self.seconds, self.on_window = path, sampling, seconds, on_window
-        self.shared = sampling.keyframe_size == sampling.motion_size
+        self.shared = _keyframe_is_motion_frame(sampling.keyframe_size, sampling.motion_size, sampling.keyframe_fragments)
         self.reformatter = VideoReformatter()  # used on the resize thread only
         self.current: Optional[_WindowBuffers] = None
 
@@ -126,7 +128,8 @@ class WindowSampler:
             if whole_keyframe is not None and not (exact and motion is not None):
                 submit(np.copyto, keyframe, whole_keyframe)
             else:
-                submit(_keyframe_into, keyframe, motion if exact else None, frame, self.sampling.keyframe_size, turns)
+                submit(_keyframe_into, keyframe, motion if exact else None, frame, self.sampling.keyframe_size,
+                       self.sampling.keyframe_fragments, turns)
                 motion = None if exact else motion
         if motion is not None:
             submit(_fast_resize_into, motion, self.reformatter, frame, turns)

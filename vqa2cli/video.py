@@ -11,7 +11,11 @@
   checkpoints were trained on, and 600 keyframes of a 10-minute clip would overflow the LLM's context
   (and 1 GB of memory). Keyframes are resized exactly like the release does it: the
   full-resolution RGB frame goes through PIL's bicubic resize to ``keyframe_size`` squared (aspect
-  ratio not kept), then is scaled to [0, 1] and normalised with mean = std = 0.5 (float32).
+  ratio not kept), then is scaled to [0, 1] and normalised with mean = std = 0.5 (float32). A model
+  with ``keyframe_fragments`` N (vqa2-tiny) takes instead an N x N mosaic of crops at the frame's own
+  resolution, one from the centre of each cell of the frame cut N x N, so that codec damage and noise
+  are not averaged away by the shrinking (FAST-VQA's fragments); frames smaller than the keyframe are
+  resized whole.
 * **Motion stream**: all decoded frames, truncated to a multiple of 4, kept as uint8 RGB (the model
   normalises them with `normalize`). Clips with more than ``max_motion_frames`` frames are subsampled
   uniformly in time: the k-th motion frame is source frame ``k * N // T`` with T the cap rounded
@@ -134,6 +138,7 @@ class VideoSample:
     width: int  # displayed size (after rotation)
     height: int
     warnings: list[str] = field(default_factory=list)  # damage that was tolerated
+    keyframe_fragments: int = 0  # how the keyframes were taken (`Sampling.keyframe_fragments`)
 
 
 @dataclass(frozen=True)
@@ -149,13 +154,15 @@ class Sampling:
     max_motion_frames: int = 2000
     max_keyframes: int = 40
     images: bool = False  # the model takes still images too (`vqa2cli.images.load_image`)
+    keyframe_fragments: int = 0  # 0: whole frames resized; N: N x N crops at full resolution (`load_video`)
 
     def load(self, path, tap=None) -> VideoSample:
         """`path` decoded for the model; a still image too when the model takes them (an `ImageSample`).
         `tap`: see the module docstring."""
         try:
             return load_video(path, keyframe_size=self.keyframe_size, motion_size=self.motion_size,
-                              max_motion_frames=self.max_motion_frames, max_keyframes=self.max_keyframes, tap=tap)
+                              max_motion_frames=self.max_motion_frames, max_keyframes=self.max_keyframes, tap=tap,
+                              keyframe_fragments=self.keyframe_fragments)
         except StillImageError as still:
             if not self.images:
                 raise VideoError(still.path, f"{still.picture}: this model scores videos only "
@@ -179,7 +186,8 @@ def _normalize_into(out: np.ndarray, rgb: np.ndarray) -> None:
 
 
 def load_video(path, keyframe_size: int = 384, motion_size: int = 384,
-               max_motion_frames: int = 2000, max_keyframes: int = 40, tap=None) -> VideoSample:
+               max_motion_frames: int = 2000, max_keyframes: int = 40, tap=None,
+               keyframe_fragments: int = 0) -> VideoSample:
     """Decode `path` once into keyframes and the motion stream (see the module docstring).
 
     Raises `VideoError` (one line naming the file and the reason) for anything that is not a usable
@@ -192,6 +200,8 @@ def load_video(path, keyframe_size: int = 384, motion_size: int = 384,
         raise ValueError(f"max_motion_frames must be at least 4, got {max_motion_frames}")
     if int(max_keyframes) < 1:
         raise ValueError(f"max_keyframes must be at least 1, got {max_keyframes}")
+    if int(keyframe_fragments) < 0 or (keyframe_fragments and int(keyframe_size) % int(keyframe_fragments)):
+        raise ValueError(f"keyframe_fragments must be 0 or divide keyframe_size {keyframe_size}, got {keyframe_fragments}")
     path = os.fspath(path)
     _check_file(path)
     with _reported(path):
@@ -200,7 +210,7 @@ def load_video(path, keyframe_size: int = 384, motion_size: int = 384,
             probe = _probe(path, container)
             container = _rewound(path, container, probe)
             return _decode(path, container, probe, int(keyframe_size), int(motion_size),
-                           int(max_motion_frames), int(max_keyframes), tap)
+                           int(max_motion_frames), int(max_keyframes), tap, int(keyframe_fragments))
         finally:
             container.close()
 
@@ -490,12 +500,17 @@ class _KeyframeBuffer:
         return _trimmed(self.frames, len(self.indices)), self.indices
 
 
+def _keyframe_is_motion_frame(keyframe_size: int, motion_size: int, keyframe_fragments: int) -> bool:
+    """Whether a keyframe's pixels can serve as its motion frame: the same size, and the whole frame."""
+    return keyframe_size == motion_size and not keyframe_fragments
+
+
 class _Buffers:
     """A sample's keyframe and motion buffers, and which decoded frames go into them: `expected` frames
     (counted before decoding) sampled with a keyframe every `step`; a `VideoError` if they cannot be had."""
 
     def __init__(self, path: str, expected: int, step: int, keyframe_size: int, motion_size: int,
-                 max_motion_frames: int, max_keyframes: int):
+                 max_motion_frames: int, max_keyframes: int, keyframe_fragments: int = 0):
         count = min(math.ceil(expected / step), max_keyframes)
         try:
             self.keyframes = _KeyframeBuffer(count, keyframe_size)
@@ -506,7 +521,8 @@ class _Buffers:
                                    f"of keyframes and motion frames") from None
         self.is_keyframe = _keyframe_rule(expected, step, max_keyframes)
         self.max_keyframes = max_keyframes
-        self.shared = keyframe_size == motion_size  # a keyframe's pixels serve as its motion frame
+        self.keyframe_fragments = keyframe_fragments
+        self.shared = _keyframe_is_motion_frame(keyframe_size, motion_size, keyframe_fragments)
 
     def slots(self, index: int, finish) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Where decoded frame `index` goes: (keyframe slot, motion slot), None where it is not wanted.
@@ -611,7 +627,8 @@ class _Decoder:
         slot = motion
         if keyframe is not None:
             shared = slot if self.buffers.shared else None
-            self._submit(frame, _keyframe_into, keyframe, shared, frame, self.buffers.keyframes.size, turns)
+            self._submit(frame, _keyframe_into, keyframe, shared, frame, self.buffers.keyframes.size,
+                         self.buffers.keyframe_fragments, turns)
             if shared is not None:
                 slot = None
         if slot is not None:
@@ -637,10 +654,10 @@ class _Decoder:
 
 
 def _decode(path: str, container, probe: _Probe, keyframe_size: int, motion_size: int,
-            max_motion_frames: int, max_keyframes: int, tap=None) -> VideoSample:
+            max_motion_frames: int, max_keyframes: int, tap=None, keyframe_fragments: int = 0) -> VideoSample:
     expected = max(probe.packets, 1)
     buffers = _Buffers(path, expected, _keyframe_step(probe.fps), keyframe_size, motion_size, max_motion_frames,
-                       max_keyframes)
+                       max_keyframes, keyframe_fragments)
     if tap is not None:
         tap.start(expected, probe.fps)
     counts = _Decoder(path, buffers, tap).run(container)
@@ -668,6 +685,7 @@ def _decode(path: str, container, probe: _Probe, keyframe_size: int, motion_size
         width=counts.width,
         height=counts.height,
         warnings=warnings,
+        keyframe_fragments=keyframe_fragments,
     )
 
 
@@ -743,24 +761,38 @@ def _widest_gap(times: list[float]) -> tuple[int, float, float] | None:
     return len(gaps), times[widest] - times[0], times[widest + 1] - times[0]
 
 
-def _keyframe_into(out: np.ndarray, motion_slot: np.ndarray | None, frame, size: int,
+def _keyframe_into(out: np.ndarray, motion_slot: np.ndarray | None, frame, size: int, fragments: int,
                    quarter_turns: int) -> None:
     """Keyframe `frame`, normalised into `out` ([3, S, S] float32) and, uint8, into `motion_slot`."""
-    rgb = _exact_resize(frame, size, quarter_turns)
+    rgb = frame.to_ndarray(format="rgb24")
+    if quarter_turns:  # rotated first, so PIL's passes match the release's
+        rgb = np.rot90(rgb, quarter_turns)
+    rgb = _fragments(rgb, size, fragments) if fragments and min(rgb.shape[:2]) >= size else _exact_resize(rgb, size)
     _normalize_into(out, rgb)
     if motion_slot is not None:
         np.copyto(motion_slot, rgb.transpose(2, 0, 1))
 
 
-def _exact_resize(frame, size: int, quarter_turns: int) -> np.ndarray:
-    """The release's path: full-size RGB, then PIL bicubic (rotated first, so PIL's passes match)."""
-    rgb = frame.to_ndarray(format="rgb24")
-    if quarter_turns:
-        rgb = np.rot90(rgb, quarter_turns)
+def _exact_resize(rgb: np.ndarray, size: int) -> np.ndarray:
+    """The release's path: the full-size RGB frame through PIL bicubic to size x size."""
     image = Image.fromarray(np.ascontiguousarray(rgb))
     if image.size != (size, size):
         image = image.resize((size, size), Image.BICUBIC)
     return np.array(image)
+
+
+def _fragments(rgb: np.ndarray, size: int, grid: int) -> np.ndarray:
+    """[size, size, 3]: a grid x grid mosaic of (size / grid)-pixel crops of the frame at its own resolution,
+    each from the centre of its cell of the frame divided grid x grid (the same places in every frame)."""
+    height, width = rgb.shape[:2]
+    cell = size // grid
+    mosaic = np.empty((size, size, 3), np.uint8)
+    for i in range(grid):
+        top = int((i + 0.5) * height / grid) - cell // 2
+        for j in range(grid):
+            left = int((j + 0.5) * width / grid) - cell // 2
+            mosaic[i * cell:(i + 1) * cell, j * cell:(j + 1) * cell] = rgb[top:top + cell, left:left + cell]
+    return mosaic
 
 
 def _fast_resize_into(out: np.ndarray, reformatter: VideoReformatter, frame, quarter_turns: int) -> None:
