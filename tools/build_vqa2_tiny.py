@@ -310,6 +310,9 @@ def real_footage(model: Path, heldout: Path, work: Path, logs: Path) -> dict:
 def model_card(info: dict) -> str:
     s, q, real = info["eval"]["scores"], info["eval"]["yes_no"], info["eval"].get("real_footage")
     sizes, config = info["data"], info["config"]
+    grid, size = config.get("keyframe_fragments", 0), config["keyframe_size"]
+    keyframes = (f"{size} px keyframes made of {grid}x{grid} crops of {size // grid} px at the video's own resolution"
+                 if grid else f"{size} px keyframes")
     # --data: the clips came from an earlier build, so the minutes leave out making them
     reused = ", not counting the clips, reused from an earlier build" if info["data"].get("reused") else ""
     real_table = "(not measured in this build: pass --real-heldout)"
@@ -322,12 +325,12 @@ def model_card(info: dict) -> str:
 A tiny model with the VQA² architecture (SigLIP-style vision tower, SlowFast-R18 fast pathway, Qwen2
 decoder), trained from random weights by `tools/build_vqa2_tiny.py` with `vqa2 synth` data and `vqa2
 finetune` stages 1 -> 2 -> 3. **It is a demo, CI and offline model, not a substitute for the released VQA²
-checkpoints**: 4 M parameters, 128 px keyframes, trained on {sizes["train_clips"]} four-second clips. It ranks
+checkpoints**: 4 M parameters, {keyframes}, trained on {sizes["train_clips"]} four-second clips. It ranks
 common damage of real footage the right way round (numbers below); its absolute scores are rough.
 
 - parameters: {info["parameters"]:,} (float32, {info["weights_bytes"] / 2**20:.1f} MiB safetensors)
 - vision: {config["vision"]["num_hidden_layers"]} layers of width {config["vision"]["hidden_size"]}, \
-{config["keyframe_size"]} px keyframes, {config["vision"]["patch_size"]} px patches, \
+{keyframes}, {config["vision"]["patch_size"]} px patches, \
 {config["pooled_grid"]}x{config["pooled_grid"]} tokens per keyframe; the patch embedding is a fixed 2D DCT basis,
   and the projector starts as a rectifier of its luma channels (magnitude and value of each)
 - motion: SlowFast depth {config["motion"]["model_depth"]}, stem widths {config["motion"]["stem_dim_outs"]} \
