@@ -2,7 +2,7 @@
 
     python tests/bench/bench_tiny_gpu_precision.py [--workdir DIR]
 
-Makes two `vqa2 synth` sets: the CUDA tests' graded set (8 clips, 128 px, seed 11; `graded_clips` in
+Makes two `vqa2 synth` sets: the CUDA tests' graded set (8 clips, 128 px, 4 s at 12 fps, seed 11; `graded_clips` in
 tests/fixtures/models.py) and 40 clips at the README quick start's 320x180 (seed 5). Each clip is decoded
 once; every precision scores the same samples. For each precision it prints the largest move from the CPU
 float32 score as a fraction of the CPU scores' spread (the measure tests/test_cuda.py asserts), the mean
@@ -24,7 +24,7 @@ from vqa2cli.pipeline import load_model
 
 SETS = {
     "graded (tests/test_cuda.py: 8 clips, 128 px, seed 11)":
-        synth.SynthSettings(count=8, seed=11, width=128, height=128, fps=8.0, seconds=2.0),
+        synth.SynthSettings(count=8, seed=11, width=128, height=128, fps=12.0, seconds=4.0),
     "quick-start size (40 clips, 320x180, seed 5)": synth.SynthSettings(count=40, seed=5, width=320, height=180),
 }
 PRECISIONS = {
