@@ -123,7 +123,7 @@ def test_qlora_trains_on_a_4bit_base_and_saves_full_precision(base, data, tmp_pa
     assert 0 < delta.max() < 0.1
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(base, data, tmp_path, monkeypatch):
+def test_interrupted_then_resumed_equals_uninterrupted(base, data, tmp_path, monkeypatch, stop_signals_armed):
     lora = dict(max_steps=6, method="lora", train=("language_model", "mm_projector"))  # dropout draws from the RNG
     whole = run(options(base, data, tmp_path / "whole", **lora), say=quiet)
     assert whole.step == 6
@@ -311,7 +311,7 @@ def test_two_processes_on_gloo_match_one_process(base, data, tmp_path):
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
 
 
-def test_cli_exit_codes_report_interrupt_and_resume(base, data, tmp_path, monkeypatch, vqa2):
+def test_cli_exit_codes_report_interrupt_and_resume(base, data, tmp_path, monkeypatch, vqa2, stop_signals_armed):
     out = tmp_path / "run"
     common = ["--stage", "2", "--model", base, "--output", out, "--max-steps", "3", "--device", "cpu"]
     code, _, err = vqa2("finetune", data / "s2", *common)

@@ -148,7 +148,7 @@ class _InterruptedWhileWriting(io.StringIO):
         return written
 
 
-def test_ctrl_c_mid_record_still_leaves_a_valid_array(sigint_raises):
+def test_ctrl_c_mid_record_still_leaves_a_valid_array(stop_signals_armed):
     stream = _InterruptedWhileWriting()
     with pytest.raises(KeyboardInterrupt):
         with JsonArrayWriter(stream) as writer:
@@ -158,7 +158,7 @@ def test_ctrl_c_mid_record_still_leaves_a_valid_array(sigint_raises):
     assert json.loads(stream.getvalue()) == [RECORDS[0]]
 
 
-def test_uninterrupted_delivers_the_interrupt_at_the_end(sigint_raises):
+def test_uninterrupted_delivers_the_interrupt_at_the_end(stop_signals_armed):
     done = []
     with pytest.raises(KeyboardInterrupt):
         with uninterrupted():
