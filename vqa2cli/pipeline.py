@@ -119,12 +119,10 @@ class VQA2:
                 f"{self.name} takes {expected.keyframe_size} and {expected.motion_size}; decode it with "
                 f"model.load_video(path)"
             )
-        if getattr(video, "keyframe_fragments", 0) != expected.keyframe_fragments:
-            views = {0: "whole-frame keyframes"}
-            decoded, wanted = (views.get(n, f"{n}x{n} keyframe fragments")
-                               for n in (getattr(video, "keyframe_fragments", 0), expected.keyframe_fragments))
-            raise InputError(f"{video.path}: decoded with {decoded}, but model {self.name} takes {wanted}; "
-                             "decode it with model.load_video(path)")
+        fragments = getattr(video, "keyframe_fragments", 0)
+        if fragments != expected.keyframe_fragments:
+            raise InputError(f"{video.path}: decoded with {_keyframe_view(fragments)}, but model {self.name} takes "
+                             f"{_keyframe_view(expected.keyframe_fragments)}; decode it with model.load_video(path)")
         if video.motion.shape[0] > expected.max_motion_frames:
             raise InputError(
                 f"{video.path}: {video.motion.shape[0]} motion frames, more than model {self.name}'s "
@@ -248,3 +246,6 @@ def _callback_streamer(tokenizer, on_text):
     # skip_prompt: generate() first "streams" the (empty, embeddings-only) prompt ids.
     return CallbackStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
+
+def _keyframe_view(fragments: int) -> str:
+    return f"{fragments}x{fragments} keyframe fragments" if fragments else "whole-frame keyframes"
