@@ -510,7 +510,7 @@ class _Buffers:
     (counted before decoding) sampled with a keyframe every `step`; a `VideoError` if they cannot be had."""
 
     def __init__(self, path: str, expected: int, step: int, keyframe_size: int, motion_size: int,
-                 max_motion_frames: int, max_keyframes: int, keyframe_fragments: int = 0):
+                 max_motion_frames: int, max_keyframes: int, keyframe_fragments: int):
         count = min(math.ceil(expected / step), max_keyframes)
         try:
             self.keyframes = _KeyframeBuffer(count, keyframe_size)
@@ -654,7 +654,7 @@ class _Decoder:
 
 
 def _decode(path: str, container, probe: _Probe, keyframe_size: int, motion_size: int,
-            max_motion_frames: int, max_keyframes: int, tap=None, keyframe_fragments: int = 0) -> VideoSample:
+            max_motion_frames: int, max_keyframes: int, tap, keyframe_fragments: int) -> VideoSample:
     expected = max(probe.packets, 1)
     buffers = _Buffers(path, expected, _keyframe_step(probe.fps), keyframe_size, motion_size, max_motion_frames,
                        max_keyframes, keyframe_fragments)

@@ -13,18 +13,21 @@ the CPU's ("Is there any blur?", 8 tokens). Needs a CUDA GPU and bitsandbytes.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from vqa2cli import synth
-from vqa2cli.metrics import srcc
-from vqa2cli.pipeline import load_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.fixtures.models import graded_settings  # noqa: E402
+from vqa2cli import synth  # noqa: E402
+from vqa2cli.metrics import srcc  # noqa: E402
+from vqa2cli.pipeline import load_model  # noqa: E402
 
 SETS = {
-    "graded (tests/test_cuda.py: 8 clips, 128 px, seed 11)":
-        synth.SynthSettings(count=8, seed=11, width=128, height=128, fps=12.0, seconds=4.0),
+    "graded (tests/test_cuda.py: 8 clips, 128 px, seed 11)": graded_settings(),
     "quick-start size (40 clips, 320x180, seed 5)": synth.SynthSettings(count=40, seed=5, width=320, height=180),
 }
 PRECISIONS = {
