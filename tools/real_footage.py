@@ -16,7 +16,9 @@ at four levels, made the way ffmpeg filters make them, at the source's resolutio
     stutter      every 2nd, 3rd, 5th, 8th frame kept and repeated           (ffmpeg fps=N then fps=24)
     flicker      per-frame brightness offsets, up to 5, 10, 18, 30 levels  (ffmpeg eq=brightness)
 
-Undamaged and non-compression versions are written as x264 at CRF 16 (visually lossless). labels.csv gives
+Undamaged and non-compression versions are written as x264 at CRF 16 (visually lossless). x264 keeps its
+macroblock tree on, as ffmpeg does, so a second `make` can write slightly different compressed clips (synth turns
+it off for that reason: `vqa2cli.synth.X264_REPEATABLE`). labels.csv gives
 each clip the MOS that `vqa2 synth` gives one distortion of the same severity (level k -> severity k,
 clean -> 90), so `vqa2 eval` can report SRCC over the whole set; `report` adds the figure that matters most:
 for each family, the Spearman correlation between damage level and score within each source clip (clean plus

@@ -50,6 +50,10 @@ CONTENT_KINDS = ("texture", "gradient", "shapes", "zoom", "leaves", "photo")
 DEFAULT_KINDS = ("texture", "gradient", "shapes", "zoom")  # procedural, when no --images are given
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 FORMAT_VERSION = 1
+# x264's macroblock tree made different bitstreams from identical frames, depending on what the process had
+# encoded before (15 of the 47 x264-compressed clips differed between two syntheses of the same 1000-clip set);
+# without it x264's output depends on its input alone.
+X264_REPEATABLE = {"preset": "veryfast", "mbtree": "0"}
 
 
 @dataclass(frozen=True)
@@ -754,7 +758,8 @@ class Compressor:
     """Compression by a real encoder: the clip's frames are encoded and decoded again, and the decoded frames
     replace the originals over the distortion's span. The codec is drawn per clip: libx264 (60%, CRF
     26 + 6 s: 32 ... 50), libvpx-vp9 (20%, CRF 28 + 8.5 s: 36 ... 62) or MPEG-4 part 2 (20%, qscale 3 + 7 s:
-    10 ... 31, its 8x8 blocking), each single-threaded, so the same input gives the same frames."""
+    10 ... 31, its 8x8 blocking), each single-threaded and x264 as `X264_REPEATABLE`, so the same input gives the
+    same frames."""
 
     def __init__(self, distortion: AppliedDistortion, rng, fps, n_frames):
         s = distortion.severity
@@ -765,7 +770,7 @@ class Compressor:
         draw = rng.random()
         if draw < 0.6:
             self.codec, self.decoder, self.options = "libx264", "h264", {"crf": str(round(26 + 6 * s)),
-                                                                       "preset": "veryfast"}
+                                                                       **X264_REPEATABLE}
         elif draw < 0.8:
             self.codec, self.decoder, self.options = "libvpx-vp9", "vp9", {
                 "crf": str(round(28 + 8.5 * s)), "b": "0", "deadline": "realtime", "cpu-used": "8"}
@@ -814,12 +819,12 @@ def encode_clip(path, frames, width, height, fps, crf=0):
         with av.open(str(tmp), mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            stream.options = {"crf": str(crf), "preset": "veryfast"}
+            stream.options = {"crf": str(crf), **X264_REPEATABLE}
             stream.codec_context.thread_count = 1  # tiny clips encode fast anyway
             for frame in frames:
                 image = np.clip(np.rint(frame), 0, 255).astype(np.uint8)
                 # Converting to yuv420p here rather than in the encoder removed one source of run-to-run
-                # differences in the bitstream; lossy x264 still varies now and then (see SynthSettings.crf).
+                # differences in the bitstream (the other: see X264_REPEATABLE).
                 video_frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
                 for packet in stream.encode(video_frame):
                     container.mux(packet)
@@ -943,9 +948,7 @@ class SynthSettings:
     height: int = 128
     fps: float = 12.0
     seconds: float = 4.0
-    # 0 = lossless: decoded frames are then identical run to run whatever the encoder decides (x264
-    # was measured to make slightly different lossy bitstreams from identical input, ~1 clip in 60).
-    crf: int = 0
+    crf: int = 0  # 0 = lossless: only the labelled damage shows
     content: ContentSettings = field(default_factory=ContentSettings)
     more_sizes: tuple = ()  # each clip takes one of (width, height) and these, drawn from the seed
     distortions: tuple = DEFAULT_DISTORTIONS
