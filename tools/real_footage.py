@@ -2,7 +2,7 @@
 
     python tools/real_footage.py make OUT [--videos DIR]       # clips, labels.csv, manifest.csv
     vqa2 eval OUT/labels.csv --model vqa2-tiny --predictions OUT/predictions.csv
-    python tools/real_footage.py report OUT [OUT/predictions.csv]
+    python tools/real_footage.py report OUT [OUT/predictions.csv] [--breakdown]
 
 Sources: scikit-image's bundled photographs (12, none of them in vqa2-tiny's training content), each turned
 into a 4 s clip at 24 fps by a slow camera pan and zoom at the photo's own resolution (a window of its pixels,
@@ -185,12 +185,17 @@ def spearman(a, b) -> float:
     return float(value) if value == value else 0.0  # constant scores rank nothing: count as 0
 
 
-def report(out: Path, predictions: Path) -> dict:
-    """{family: mean within-source SRCC of (level, -score)} and the overall SRCC of score against MOS."""
+def _scored(out: Path, predictions: Path) -> tuple[dict, list[dict]]:
+    """({path: score}, the manifest's rows)."""
     with open(predictions, newline="") as handle:
         scores = {row["path"]: float(row["score"]) for row in csv.DictReader(handle) if row.get("score")}
     with open(out / "manifest.csv", newline="") as handle:
-        manifest = list(csv.DictReader(handle))
+        return scores, list(csv.DictReader(handle))
+
+
+def report(out: Path, predictions: Path) -> dict:
+    """{family: mean within-source SRCC of (level, -score)} and the overall SRCC of score against MOS."""
+    scores, manifest = _scored(out, predictions)
     clean = {row["source"]: scores[row["path"]] for row in manifest if row["family"] == "clean"}
     result = {}
     for family in FAMILIES:
@@ -206,6 +211,29 @@ def report(out: Path, predictions: Path) -> dict:
     return result
 
 
+def breakdown(out: Path, predictions: Path) -> dict:
+    """Where the overall SRCC is lost: the mean score at each level of each family ("clean" is level 0), each
+    source's clean score, and the overall SRCC two idealised models would get: one that scores every clip
+    with the mean of its family and level (no content bias), and one whose scores have each source's clean score
+    moved to the mean clean score (no offset between sources, the families weighed as they are)."""
+    scores, manifest = _scored(out, predictions)
+    by_level = {}
+    for row in manifest:
+        by_level.setdefault((row["family"], int(row["level"])), []).append(scores[row["path"]])
+    means = {key: statistics.mean(values) for key, values in by_level.items()}
+    clean = {row["source"]: scores[row["path"]] for row in manifest if row["family"] == "clean"}
+    mean_clean = statistics.mean(clean.values())
+    mos = [float(row["mos"]) for row in manifest]
+    return {
+        "levels": {family: [means[(family, k)] for k in sorted(k for f, k in means if f == family)]
+                   for family in ("clean", *FAMILIES)},
+        "clean": clean,
+        "without_content_bias": spearman(mos, [means[(r["family"], int(r["level"]))] for r in manifest]),
+        "without_source_offset": spearman(mos, [scores[r["path"]] - clean[r["source"]] + mean_clean
+                                                for r in manifest]),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -216,16 +244,29 @@ def main() -> None:
     report_parser.add_argument("out", type=Path)
     report_parser.add_argument("predictions", type=Path, nargs="?")
     report_parser.add_argument("--json", action="store_true", help="one JSON object instead of lines")
+    report_parser.add_argument("--breakdown", action="store_true",
+                               help="also where the overall SRCC is lost (mean score per family and level, ...)")
     args = parser.parse_args()
     if args.command == "make":
         make(args.out, args.videos)
         return
-    result = report(args.out, args.predictions or args.out / "predictions.csv")
+    predictions = args.predictions or args.out / "predictions.csv"
+    result = report(args.out, predictions)
+    extra = breakdown(args.out, predictions) if args.breakdown else {}
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps({**result, **({"breakdown": extra} if extra else {})}))
         return
     for name, value in result.items():
         print(f"{name:12s} {value:+.3f}")
+    if extra:
+        print("\nmean score: clean clips, then each family at levels 1-4")
+        for family, values in extra["levels"].items():
+            print(f"  {family:12s} " + " ".join(f"{v:.3f}" for v in values))
+        print("clean score by source: " + ", ".join(f"{s} {v:.2f}" for s, v in sorted(extra["clean"].items(),
+                                                                                     key=lambda item: item[1])))
+        print(f"overall SRCC without content bias (each clip at its family-level mean): "
+              f"{extra['without_content_bias']:+.3f}")
+        print(f"overall SRCC without the offset between sources' clean scores: {extra['without_source_offset']:+.3f}")
     if any(math.isnan(v) for v in result.values()):
         sys.exit(1)
 
