@@ -185,18 +185,19 @@ def spearman(a, b) -> float:
     return float(value) if value == value else 0.0  # constant scores rank nothing: count as 0
 
 
-def _scored(out: Path, predictions: Path) -> tuple[dict, list[dict]]:
-    """({path: score}, the manifest's rows)."""
+def _scored(out: Path, predictions: Path) -> tuple[dict, list[dict], dict]:
+    """({path: score}, the manifest's rows, {source: its clean clip's score})."""
     with open(predictions, newline="") as handle:
         scores = {row["path"]: float(row["score"]) for row in csv.DictReader(handle) if row.get("score")}
     with open(out / "manifest.csv", newline="") as handle:
-        return scores, list(csv.DictReader(handle))
+        manifest = list(csv.DictReader(handle))
+    clean = {row["source"]: scores[row["path"]] for row in manifest if row["family"] == "clean"}
+    return scores, manifest, clean
 
 
 def report(out: Path, predictions: Path) -> dict:
     """{family: mean within-source SRCC of (level, -score)} and the overall SRCC of score against MOS."""
-    scores, manifest = _scored(out, predictions)
-    clean = {row["source"]: scores[row["path"]] for row in manifest if row["family"] == "clean"}
+    scores, manifest, clean = _scored(out, predictions)
     result = {}
     for family in FAMILIES:
         per_source = []
@@ -216,12 +217,11 @@ def breakdown(out: Path, predictions: Path) -> dict:
     source's clean score, and the overall SRCC two idealised models would get: one that scores every clip
     with the mean of its family and level (no content bias), and one whose scores have each source's clean score
     moved to the mean clean score (no offset between sources, the families weighed as they are)."""
-    scores, manifest = _scored(out, predictions)
+    scores, manifest, clean = _scored(out, predictions)
     by_level = {}
     for row in manifest:
         by_level.setdefault((row["family"], int(row["level"])), []).append(scores[row["path"]])
     means = {key: statistics.mean(values) for key, values in by_level.items()}
-    clean = {row["source"]: scores[row["path"]] for row in manifest if row["family"] == "clean"}
     mean_clean = statistics.mean(clean.values())
     mos = [float(row["mos"]) for row in manifest]
     return {
