@@ -5,8 +5,8 @@ model, the CLI on `--device cuda`, and fine-tuning under bf16 autocast and QLoRA
 Precision is judged on the trained vqa2-tiny over clips it scores 0.37-0.88 (`graded_reference`), as a
 fraction of that spread: on CPU, 4-bit moves a score by at most 1.5% of it, 8-bit by 0.2%, bf16 by 0.6%
 (tests/test_quantization.py). On the GPU the compute is bf16 as well, hence the wider margins. Measured on an
-H200 with the previous vqa2-tiny (v3) and the previous graded set (2 s at 8 fps): 4-bit 2.3%, 8-bit 1.0%,
-bf16 0.9%, float32 0.02% (BENCHMARKS.md, tests/bench/bench_tiny_gpu_precision.py); not yet on a GPU with v4.
+H200 with vqa2-tiny v4 on this graded set: 4-bit 1.5%, 8-bit 0.6%, bf16 0.6%, float32 0.02% (BENCHMARKS.md,
+tests/bench/bench_tiny_gpu_precision.py).
 """
 
 import json

@@ -1,7 +1,7 @@
 """Folder throughput of `vqa2 score`'s pipeline: clips/s scored against clips/s only decoded, per worker count.
 
-For each number of decode worker processes (--workers, default 0 1 2 4; 0 is the in-process thread, the
-pipeline before worker processes, always measured), in the same run and on the same files, alternating,
+For each number of decode worker processes (--workers, default 0 1 2 4; 0 is a decode thread in this
+process, the pipeline before worker processes), in the same run and on the same files, alternating,
 --reps times:
 
 * decode only: `Prefetcher(paths, model.sampling().load, workers=W)` drained without a model: the pace of
@@ -11,16 +11,16 @@ pipeline before worker processes, always measured), in the same run and on the s
 and prints, from the median wall times: clips/s for both and their ratio (scored / decoded: 1.0 means
 scoring goes at the pace of pure decoding, the model keeps up), the share of wall time the model was
 computing (`model_busy`: a GPU's busy share when the model is on one) and the pace the model alone
-would allow (`model_clips_s`: clips over its compute time), the in-process decode rate
-(`workers=0`) for reference, and the CPU seconds other processes on the machine used during the runs
-(`others_cpu_s`, from /proc/stat; `--wait-idle S` waits for quiet moments on a shared machine). The
-clips are made here with PyAV (moving pattern, libx264, 30 fps, 10 s): --clips at 640x360, --hd at
-1920x1080.
+would allow (`model_clips_s`: clips over its compute time), the same rates after the first result
+(`steady_*_clips_s`: a long catalogue's pace once the pipeline has filled, to read only with several
+times more clips than workers; `first_result_s`: how long filling took), and the CPU seconds other
+processes on the machine used during the runs (`others_cpu_s`, from /proc/stat; `--wait-idle S` waits
+for quiet moments on a shared machine). The clips are made here with PyAV (moving pattern, libx264,
+30 fps, 10 s): --clips at 640x360, --hd at 1920x1080.
 
     python tests/bench/bench_throughput.py                                  # vqa2-tiny on CPU
     python tests/bench/bench_throughput.py --workers 0 1 2 --batch-size 1 2 4
-    python tests/bench/bench_throughput.py --released-random --quant 4bit --clips 0 --hd 24 --workers 4 8 12 \
-        --batch-size 1 2 4
+    python tests/bench/bench_throughput.py --released-random --quant 4bit --clips 0 --hd 96 --workers 15 --reps 1
     python tests/bench/bench_throughput.py --transport                      # pickle vs shared memory
     python tests/bench/bench_throughput.py --model-only --batch-size 1 2 4  # batched model calls alone
 
@@ -135,13 +135,22 @@ def own_cpu() -> float:
 
 
 class Run:
-    """Wall time of a measured run, and the CPU that other processes on the machine used meanwhile."""
+    """Wall time of a measured run, when its first result came (`first`: the pipeline filling up), and the
+    CPU that other processes on the machine used meanwhile."""
 
     def __enter__(self):
         from tests.bench.bench_video import busy_seconds
 
         self.busy, self.own, self.start = busy_seconds(), own_cpu(), time.perf_counter()
+        self.first = None
         return self
+
+    def results(self, items):
+        """`items`, passed through, noting when the first one arrives."""
+        for item in items:
+            if self.first is None:
+                self.first = time.perf_counter() - self.start
+            yield item
 
     def __exit__(self, *exc_info):
         from tests.bench.bench_video import busy_seconds
@@ -156,7 +165,7 @@ def decode_only(model, paths, workers) -> Run:
 
     with Run() as run:
         with Prefetcher(paths, model.sampling().load, workers=workers) as prefetcher:
-            failed = [error for _, _, error, _ in prefetcher if error]
+            failed = [error for _, _, error, _ in run.results(prefetcher) if error]
     if failed:
         sys.exit(f"decoding failed: {failed[0]}")
     return run
@@ -167,7 +176,7 @@ def scored(model, paths, workers, batch_size) -> Run:
 
     clock = ModelClock(model)
     with Run() as run:
-        records = list(score_videos(clock, paths, workers=workers, batch_size=batch_size))
+        records = list(run.results(score_videos(clock, paths, workers=workers, batch_size=batch_size)))
     failed = [r.error for r in records if r.error]
     if failed:
         sys.exit(f"scoring failed: {failed[0]}")
@@ -191,7 +200,7 @@ def throughput(args):
         scored(model, paths[:2], 1, 1)  # warm-up: model kernels, the worker's imports
         runs = {}
         for rep in range(args.reps):
-            for workers in sorted(set(args.workers) | {0}):
+            for workers in sorted(set(args.workers)):
                 if args.wait_idle:
                     wait_until_idle(args.wait_idle)
                 runs.setdefault(("decode", workers, 1), []).append(decode_only(model, paths, workers))
@@ -201,6 +210,9 @@ def throughput(args):
                     runs.setdefault(("score", workers, batch_size), []).append(scored(model, paths, workers, batch_size))
             print(f"rep {rep + 1}/{args.reps} done, load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
     rate = {key: len(paths) / statistics.median(run.wall for run in found) for key, found in runs.items()}
+    # After the first result: the pace a long catalogue settles at, once every worker is busy.
+    steady = {key: (len(paths) - 1) / statistics.median(run.wall - run.first for run in found)
+              for key, found in runs.items()}
     others = {key: statistics.median(run.others for run in found) for key, found in runs.items()}
     rows = []
     for workers in args.workers:
@@ -210,11 +222,14 @@ def throughput(args):
                          "decode_clips_s": round(rate[decode_key], 3),
                          "score_clips_s": round(rate[score_key], 3),
                          "ratio": round(rate[score_key] / rate[decode_key], 3),
+                         "steady_decode_clips_s": round(steady[decode_key], 3),
+                         "steady_score_clips_s": round(steady[score_key], 3),
+                         "first_result_s": {"decode": statistics.median(round(run.first, 2) for run in runs[decode_key]),
+                                            "score": statistics.median(round(run.first, 2) for run in runs[score_key])},
                          "model_busy": round(statistics.median(run.busy_share for run in runs[score_key]), 3),
                          # the pace if decoding were free: clips over the model's own compute time
                          "model_clips_s": round(len(paths) / statistics.median(
                              run.busy_share * run.wall for run in runs[score_key]), 3),
-                         "decode_in_process_clips_s": round(rate[("decode", 0, 1)], 3),
                          "others_cpu_s": {"decode": round(others[decode_key], 1), "score": round(others[score_key], 1)},
                          "all_s": {"decode": [round(run.wall, 2) for run in runs[decode_key]],
                                    "score": [round(run.wall, 2) for run in runs[score_key]]}})
@@ -303,7 +318,7 @@ def main():
     parser.add_argument("--released-random", action="store_true",
                         help="the released-size architecture with random weights (CUDA)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4],
-                        help="worker counts to measure (0: the in-process thread, always measured)")
+                        help="worker counts to measure (0: decoding on a thread of this process)")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1])
     parser.add_argument("--clips", type=int, default=8, help="10 s 640x360 clips")
     parser.add_argument("--hd", type=int, default=2, help="10 s 1920x1080 clips")
