@@ -224,8 +224,8 @@ def throughput(args):
                          "ratio": round(rate[score_key] / rate[decode_key], 3),
                          "steady_decode_clips_s": round(steady[decode_key], 3),
                          "steady_score_clips_s": round(steady[score_key], 3),
-                         "first_result_s": {"decode": statistics.median(round(run.first, 2) for run in runs[decode_key]),
-                                            "score": statistics.median(round(run.first, 2) for run in runs[score_key])},
+                         "first_result_s": {kind: round(statistics.median(run.first for run in runs[key]), 2)
+                                            for kind, key in (("decode", decode_key), ("score", score_key))},
                          "model_busy": round(statistics.median(run.busy_share for run in runs[score_key]), 3),
                          # the pace if decoding were free: clips over the model's own compute time
                          "model_clips_s": round(len(paths) / statistics.median(
