@@ -14,8 +14,8 @@
   ratio not kept), then is scaled to [0, 1] and normalised with mean = std = 0.5 (float32). A model
   with ``keyframe_fragments`` N (vqa2-tiny) takes instead an N x N mosaic of crops at the frame's own
   resolution, one from the centre of each cell of the frame cut N x N, so that codec damage and noise
-  are not averaged away by the shrinking (FAST-VQA's fragments); frames smaller than the keyframe are
-  resized whole.
+  are not averaged away by the shrinking (FAST-VQA's fragments; training may take them from random
+  places in their cells, ``fragment_places``); frames smaller than the keyframe are resized whole.
 * **Motion stream**: all decoded frames, truncated to a multiple of 4, kept as uint8 RGB (the model
   normalises them with `normalize`). Clips with more than ``max_motion_frames`` frames are subsampled
   uniformly in time: the k-th motion frame is source frame ``k * N // T`` with T the cap rounded
@@ -156,13 +156,13 @@ class Sampling:
     images: bool = False  # the model takes still images too (`vqa2cli.images.load_image`)
     keyframe_fragments: int = 0  # 0: whole frames resized; N: N x N crops at full resolution (`load_video`)
 
-    def load(self, path, tap=None) -> VideoSample:
+    def load(self, path, tap=None, fragment_places=None) -> VideoSample:
         """`path` decoded for the model; a still image too when the model takes them (an `ImageSample`).
-        `tap`: see the module docstring."""
+        `tap`: see the module docstring; `fragment_places`: see `load_video`."""
         try:
             return load_video(path, keyframe_size=self.keyframe_size, motion_size=self.motion_size,
                               max_motion_frames=self.max_motion_frames, max_keyframes=self.max_keyframes, tap=tap,
-                              keyframe_fragments=self.keyframe_fragments)
+                              keyframe_fragments=self.keyframe_fragments, fragment_places=fragment_places)
         except StillImageError as still:
             if not self.images:
                 raise VideoError(still.path, f"{still.picture}: this model scores videos only "
@@ -187,8 +187,12 @@ def _normalize_into(out: np.ndarray, rgb: np.ndarray) -> None:
 
 def load_video(path, keyframe_size: int = 384, motion_size: int = 384,
                max_motion_frames: int = 2000, max_keyframes: int = 40, tap=None,
-               keyframe_fragments: int = 0) -> VideoSample:
+               keyframe_fragments: int = 0, fragment_places: np.ndarray | None = None) -> VideoSample:
     """Decode `path` once into keyframes and the motion stream (see the module docstring).
+
+    `fragment_places` (training only: FAST-VQA's random fragments): where each fragment lies in its cell,
+    [N, N, 2] (row, column) in [0, 1], 0 at the cell's top or left edge, 1 at its bottom or right, the same
+    for every keyframe; None takes the centres (0.5), as scoring does.
 
     Raises `VideoError` (one line naming the file and the reason) for anything that is not a usable
     video; never a raw PyAV or OS error.
@@ -202,6 +206,8 @@ def load_video(path, keyframe_size: int = 384, motion_size: int = 384,
         raise ValueError(f"max_keyframes must be at least 1, got {max_keyframes}")
     if int(keyframe_fragments) < 0 or (keyframe_fragments and int(keyframe_size) % int(keyframe_fragments)):
         raise ValueError(f"keyframe_fragments must be 0 or divide keyframe_size {keyframe_size}, got {keyframe_fragments}")
+    if fragment_places is not None:
+        fragment_places = _checked_places(fragment_places, int(keyframe_fragments))
     path = os.fspath(path)
     _check_file(path)
     with _reported(path):
@@ -210,9 +216,22 @@ def load_video(path, keyframe_size: int = 384, motion_size: int = 384,
             probe = _probe(path, container)
             container = _rewound(path, container, probe)
             return _decode(path, container, probe, int(keyframe_size), int(motion_size),
-                           int(max_motion_frames), int(max_keyframes), tap, int(keyframe_fragments))
+                           int(max_motion_frames), int(max_keyframes), tap, int(keyframe_fragments),
+                           fragment_places)
         finally:
             container.close()
+
+
+def _checked_places(places, grid: int) -> np.ndarray:
+    """`load_video`'s `fragment_places` as float64, or a ValueError."""
+    if not grid:
+        raise ValueError("fragment_places needs keyframe_fragments")
+    places = np.asarray(places, dtype=np.float64)
+    if places.shape != (grid, grid, 2):
+        raise ValueError(f"fragment_places must have shape ({grid}, {grid}, 2), got {places.shape}")
+    if not ((places >= 0) & (places <= 1)).all():
+        raise ValueError("fragment_places must lie in [0, 1]")
+    return places
 
 
 def check_video(path) -> None:
@@ -510,7 +529,8 @@ class _Buffers:
     (counted before decoding) sampled with a keyframe every `step`; a `VideoError` if they cannot be had."""
 
     def __init__(self, path: str, expected: int, step: int, keyframe_size: int, motion_size: int,
-                 max_motion_frames: int, max_keyframes: int, keyframe_fragments: int):
+                 max_motion_frames: int, max_keyframes: int, keyframe_fragments: int,
+                 fragment_places: np.ndarray | None = None):
         count = min(math.ceil(expected / step), max_keyframes)
         try:
             self.keyframes = _KeyframeBuffer(count, keyframe_size)
@@ -522,6 +542,7 @@ class _Buffers:
         self.is_keyframe = _keyframe_rule(expected, step, max_keyframes)
         self.max_keyframes = max_keyframes
         self.keyframe_fragments = keyframe_fragments
+        self.fragment_places = fragment_places
         self.shared = _keyframe_is_motion_frame(keyframe_size, motion_size, keyframe_fragments)
 
     def slots(self, index: int, finish) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -628,7 +649,7 @@ class _Decoder:
         if keyframe is not None:
             shared = slot if self.buffers.shared else None
             self._submit(frame, _keyframe_into, keyframe, shared, frame, self.buffers.keyframes.size,
-                         self.buffers.keyframe_fragments, turns)
+                         self.buffers.keyframe_fragments, turns, self.buffers.fragment_places)
             if shared is not None:
                 slot = None
         if slot is not None:
@@ -654,10 +675,11 @@ class _Decoder:
 
 
 def _decode(path: str, container, probe: _Probe, keyframe_size: int, motion_size: int,
-            max_motion_frames: int, max_keyframes: int, tap, keyframe_fragments: int) -> VideoSample:
+            max_motion_frames: int, max_keyframes: int, tap, keyframe_fragments: int,
+            fragment_places: np.ndarray | None) -> VideoSample:
     expected = max(probe.packets, 1)
     buffers = _Buffers(path, expected, _keyframe_step(probe.fps), keyframe_size, motion_size, max_motion_frames,
-                       max_keyframes, keyframe_fragments)
+                       max_keyframes, keyframe_fragments, fragment_places)
     if tap is not None:
         tap.start(expected, probe.fps)
     counts = _Decoder(path, buffers, tap).run(container)
@@ -762,12 +784,15 @@ def _widest_gap(times: list[float]) -> tuple[int, float, float] | None:
 
 
 def _keyframe_into(out: np.ndarray, motion_slot: np.ndarray | None, frame, size: int, fragments: int,
-                   quarter_turns: int) -> None:
+                   quarter_turns: int, places: np.ndarray | None = None) -> None:
     """Keyframe `frame`, normalised into `out` ([3, S, S] float32) and, uint8, into `motion_slot`."""
     rgb = frame.to_ndarray(format="rgb24")
     if quarter_turns:  # rotated first, so PIL's passes match the release's
         rgb = np.rot90(rgb, quarter_turns)
-    rgb = _fragments(rgb, size, fragments) if fragments and min(rgb.shape[:2]) >= size else _exact_resize(rgb, size)
+    if fragments and min(rgb.shape[:2]) >= size:
+        rgb = _fragments(rgb, size, fragments, places)
+    else:
+        rgb = _exact_resize(rgb, size)
     _normalize_into(out, rgb)
     if motion_slot is not None:
         np.copyto(motion_slot, rgb.transpose(2, 0, 1))
@@ -781,18 +806,28 @@ def _exact_resize(rgb: np.ndarray, size: int) -> np.ndarray:
     return np.array(image)
 
 
-def _fragments(rgb: np.ndarray, size: int, grid: int) -> np.ndarray:
+def _fragments(rgb: np.ndarray, size: int, grid: int, places: np.ndarray | None = None) -> np.ndarray:
     """[size, size, 3]: a grid x grid mosaic of (size / grid)-pixel crops of the frame at its own resolution,
-    each from the centre of its cell of the frame divided grid x grid (the same places in every frame)."""
+    one in each cell of the frame divided grid x grid, the same places in every frame: the cells' centres,
+    or `places` (`load_video`'s `fragment_places`)."""
     height, width = rgb.shape[:2]
     cell = size // grid
     mosaic = np.empty((size, size, 3), np.uint8)
     for i in range(grid):
-        top = int((i + 0.5) * height / grid) - cell // 2
         for j in range(grid):
-            left = int((j + 0.5) * width / grid) - cell // 2
+            row, column = (0.5, 0.5) if places is None else places[i, j]
+            top = _crop_start(i, height, grid, cell, row)
+            left = _crop_start(j, width, grid, cell, column)
             mosaic[i * cell:(i + 1) * cell, j * cell:(j + 1) * cell] = rgb[top:top + cell, left:left + cell]
     return mosaic
+
+
+def _crop_start(k: int, length: int, grid: int, cell: int, place: float) -> int:
+    """Where the crop of the k-th of `grid` cells along `length` pixels starts: centred, then moved by
+    (place - 0.5) of the room the cell has around it; 0 and 1 reach the cell's edges, 0.5 is exactly the centre."""
+    centred = int((k + 0.5) * length / grid) - cell // 2
+    start = centred + math.floor((place - 0.5) * (length / grid - cell))
+    return min(max(start, 0), length - cell)
 
 
 def _fast_resize_into(out: np.ndarray, reformatter: VideoReformatter, frame, quarter_turns: int) -> None:

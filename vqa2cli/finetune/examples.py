@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vqa2cli.data import Record
@@ -57,10 +58,16 @@ def build_example(record: Record, sample, tokenizer) -> Example:
 
 class ExampleLoader:
     """Makes a micro-batch's examples (decoding, or the cached encoding, and tokenising); run in the
-    background by `vqa2cli.batch.Prefetcher`, so it never raises: failures come back in the batch."""
+    background by `vqa2cli.batch.Prefetcher`, so it never raises: failures come back in the batch.
 
-    def __init__(self, records: list[Record], sampling, tokenizer, cache: FeatureCache | None):
+    With `places_seed`, a fragment model's clips are cut at random places in their cells (`load_video`'s
+    `fragment_places`), drawn from the seed, the step and the record: the same places whether the run went
+    straight through or resumed, and new ones each time a clip comes up again."""
+
+    def __init__(self, records: list[Record], sampling, tokenizer, cache: FeatureCache | None,
+                 places_seed: int | None = None):
         self.records, self.sampling, self.tokenizer, self.cache = records, sampling, tokenizer, cache
+        self.places_seed = places_seed
 
     def __call__(self, micro: MicroBatch) -> LoadedBatch:
         batch = LoadedBatch(micro)
@@ -70,13 +77,19 @@ class ExampleLoader:
                 try:
                     sample = self.cache.get(record.video) if self.cache else None
                     if sample is None:
-                        sample = self.sampling.load(record.video)
+                        sample = self.sampling.load(record.video, fragment_places=self.places(micro, index))
                     batch.examples.append(build_example(record, sample, self.tokenizer))
                 except InputError as error:
                     batch.failures.append(f"{record.where}: {error}")
         except Exception as error:  # a bug, not a bad video: the training thread re-raises it as it is
             batch.error = error
         return batch
+
+    def places(self, micro: MicroBatch, record: int) -> np.ndarray | None:
+        if self.places_seed is None:
+            return None
+        grid = self.sampling.keyframe_fragments
+        return np.random.default_rng([self.places_seed, micro.step, micro.index, record]).random((grid, grid, 2))
 
 
 def answer_span(labels) -> int:

@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -155,7 +155,9 @@ def fingerprint(dataset: Dataset) -> str:
 def check_resume(saved: dict, run: dict, say) -> None:
     """Refuse to continue a checkpoint with options that would make it another run."""
     keys = [*FinetuneOptions.resume_keys(), "parts", "base_model", "data"]
-    different = [k for k in keys if saved.get(k) != run.get(k)]
+    # a checkpoint written before an option existed ran with its default
+    defaults = {f.name: f.default for f in fields(FinetuneOptions) if f.default is not MISSING}
+    different = [k for k in keys if saved.get(k, defaults.get(k)) != run.get(k)]
     if different:
         listing = "; ".join(f"{k}: {saved.get(k)!r} then, {run.get(k)!r} now" for k in different)
         raise SetupError(f"--resume: this run differs from the checkpoint's ({listing}); use the same options "
@@ -279,11 +281,16 @@ class Run:
         options, accelerator = self.options, self.accelerator
         # the model's own sizes, and the motion cap held within its position table
         sampling = self.raw_model.config.sampling(options.max_motion_frames)
-        if options.feature_cache_gb > 0 and FeatureCache.applies(self.raw_model, self.trainable):
+        if options.random_fragments and not sampling.keyframe_fragments:
+            raise SetupError(f"--random-fragments: {self.base_name} takes whole keyframes, not fragments")
+        # random fragments make every encoding of a clip new, so none is worth keeping
+        if options.feature_cache_gb > 0 and not options.random_fragments and \
+                FeatureCache.applies(self.raw_model, self.trainable):
             self.cache = FeatureCache(self.raw_model, int(options.feature_cache_gb * 2**30), accelerator.autocast)
             self.say(f"the encoders are frozen: each video is encoded once (up to {options.feature_cache_gb:g} GB "
                      "kept)")
-        loader = ExampleLoader(self.dataset.records, sampling, self.tokenizer, self.cache)
+        loader = ExampleLoader(self.dataset.records, sampling, self.tokenizer, self.cache,
+                               options.seed if options.random_fragments else None)
         jobs = micro_batches(len(self.dataset.records), options.batch_size, options.grad_accum, options.seed,
                              accelerator.process_index, accelerator.num_processes, self.position)
         self.began, self.started_at, self.reported = time.monotonic(), self.position.step, 0.0

@@ -86,6 +86,10 @@ class FinetuneOptions:
     device: str = option("Where to train (auto: cuda when available).", "auto", choices=DEVICES)
     save_dtype: str | None = option("Weights of the saved model [default: bfloat16 after GPU training, float32 on "
                                     "CPU].", None, choices=SAVE_DTYPES)
+    random_fragments: bool = option("Models that take keyframe fragments (vqa2-tiny): cut each training clip's "
+                                    "fragments at random places in their cells, new each time it comes up "
+                                    "(FAST-VQA's sampling; scoring takes the centres). No feature cache then.",
+                                    False, resume=True)
     feature_cache_gb: float = option("When nothing before the LLM trains, encode each video once and keep up to "
                                      "this much of the encodings in memory (0: off).", 4.0, min=0)
 
