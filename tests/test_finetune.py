@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.fixtures.checkpoints import write_tiny_model_dir
+from tests.fixtures.clips import make_clip
 from tests.fixtures.finetune import finetune_options as options
 from tests.fixtures.finetune import quiet, write_stage_data
 from vqa2cli.errors import DataError, SetupError
@@ -479,6 +480,58 @@ def test_frozen_encoders_encode_each_video_once_with_the_same_result(base, data,
     run(options(base, data, tmp_path / "projector", max_steps=6, batch_size=2,
                 train=("language_model", "mm_projector")), say=quiet)
     assert len(decoded) >= 12  # every use (and the batches read ahead)
+
+
+def test_random_fragments_are_new_each_time_and_the_same_after_a_resume(tmp_path, monkeypatch, stop_signals_armed):
+    import vqa2cli.video
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in ("a", "b"):  # gradients: a crop's pixels depend on where it is cut
+        make_clip(folder / f"{name}.mp4", size=(96, 80), frames=8, fps=8)
+    (folder / "mos.csv").write_text("video,mos\na.mp4,4.5\nb.mp4,1.5\n")
+    base = write_tiny_model_dir(tmp_path / "fragments", keyframe_fragments=4)  # 56 px: 4 x 4 crops of 14 px
+    real, places = vqa2cli.video.load_video, []
+
+    def load_video(path, **kwargs):
+        places.append((Path(path).name, kwargs["fragment_places"]))
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(vqa2cli.video, "load_video", load_video)
+    # the projector alone trains: what the vision tower sees reaches the weights, the cache would apply
+    jitter = dict(stage=2, data=str(folder), max_steps=4, train=("mm_projector",), mos_range=(1, 5),
+                  random_fragments=True)
+    lines = []
+    run(options(base, folder, tmp_path / "whole", **jitter), say=lines.append)
+    assert not any("encoded once" in line for line in lines)
+    drawn = [p for _, p in places]
+    assert all(p.shape == (4, 4, 2) for p in drawn) and len(drawn) >= 4
+    assert len({p.tobytes() for p in drawn}) == len(drawn)  # each use of a clip cut anew
+    append = OutputFolder.append_metrics
+
+    def append_and_interrupt(folder, record):
+        append(folder, record)
+        if record["step"] == 2:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(OutputFolder, "append_metrics", append_and_interrupt)
+    opts = options(base, folder, tmp_path / "parts", **jitter)
+    assert run(opts, say=quiet).interrupted
+    monkeypatch.setattr(OutputFolder, "append_metrics", append)
+    run(replace(opts, resume=True), say=quiet)
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "parts")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    # the centres (and so other weights) without the option
+    places.clear()
+    run(options(base, folder, tmp_path / "centred", **{**jitter, "random_fragments": False}), say=quiet)
+    assert all(p is None for _, p in places)
+    centred = weights(tmp_path / "centred")
+    assert not torch.equal(a["mm_projector.0.weight"], centred["mm_projector.0.weight"])
+
+
+def test_random_fragments_need_a_fragment_model(base, data, tmp_path):
+    with pytest.raises(SetupError, match="--random-fragments: .* takes whole keyframes, not fragments"):
+        run(options(base, data, tmp_path / "run", random_fragments=True), say=quiet)
 
 
 def test_videos_longer_than_the_position_table_are_sampled_down(tmp_path, vqa2):

@@ -546,6 +546,44 @@ def test_fragment_keyframes_are_crops_of_the_frame_at_its_own_resolution(tmp_pat
     assert torch.equal(sample.motion, whole.motion)  # the motion stream sees whole frames either way
 
 
+def test_fragment_places_move_each_crop_inside_its_cell_the_same_in_every_keyframe(tmp_path):
+    image = np.random.default_rng(1).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    path = make_clip(tmp_path / "still.mkv", frames=30, fps=10, size=(96, 64), codec="ffv1",
+                     pattern=lambda i, w, h: image)
+
+    def keyframes(places):
+        sample = load_video(path, keyframe_size=32, motion_size=16, keyframe_fragments=4, fragment_places=places)
+        assert len(sample.keyframe_indices) == 3
+        return _pixels(sample.keyframes)
+
+    def mosaic(xs, ys):
+        return np.concatenate([np.concatenate([image[y:y + 8, x:x + 8] for x in xs], axis=1) for y in ys], axis=0)
+
+    # Cells 24 x 16 px: 8 px crops flush with each cell's top edge (row place 0) and right edge (column place 1)
+    top_right = np.stack([np.zeros((4, 4)), np.ones((4, 4))], axis=-1)
+    assert all(np.array_equal(k, mosaic((16, 40, 64, 88), (0, 16, 32, 48))) for k in keyframes(top_right))
+    assert all(np.array_equal(k, mosaic((0, 24, 48, 72), (8, 24, 40, 56))) for k in keyframes(1 - top_right))
+    # 0.5 is the centres, exactly what scoring takes
+    centred = load_video(path, keyframe_size=32, motion_size=16, keyframe_fragments=4)
+    assert np.array_equal(keyframes(np.full((4, 4, 2), 0.5)), _pixels(centred.keyframes))
+    # each cell on its own: only the one moved crop changes
+    moved = np.full((4, 4, 2), 0.5)
+    moved[2, 1] = (0.0, 1.0)
+    changed = keyframes(moved)[0] != _pixels(centred.keyframes)[0]
+    assert changed[16:24, 8:16].any() and not np.delete(np.delete(changed, np.s_[8:16], 1), np.s_[16:24], 0).any()
+
+
+def test_fragment_places_are_checked(tmp_path):
+    path = make_clip(tmp_path / "c.mkv", frames=4, size=(96, 64), codec="ffv1")
+    for places, message in ((np.full((2, 2, 2), 0.5), r"shape \(4, 4, 2\), got \(2, 2, 2\)"),
+                            (np.full((4, 4, 2), 1.5), r"lie in \[0, 1\]"),
+                            (np.full((4, 4, 2), np.nan), r"lie in \[0, 1\]")):
+        with pytest.raises(ValueError, match=message):
+            load_video(path, keyframe_size=32, motion_size=16, keyframe_fragments=4, fragment_places=places)
+    with pytest.raises(ValueError, match="fragment_places needs keyframe_fragments"):
+        load_video(path, keyframe_size=32, motion_size=16, fragment_places=np.full((4, 4, 2), 0.5))
+
+
 def test_fragments_leave_motion_frames_whole_at_the_keyframe_size_too(tmp_path):
     path = make_clip(tmp_path / "p.mkv", frames=8, size=(96, 64), codec="ffv1")
     fragments = load_video(path, keyframe_size=32, motion_size=32, keyframe_fragments=2)
