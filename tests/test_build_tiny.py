@@ -179,7 +179,8 @@ def test_build_trains_everything_but_the_fixed_first_layers():
 
 @pytest.mark.slow
 def test_the_build_gives_the_same_model_for_the_same_seed(tmp_path):
-    """Synth, initialisation and every stage are seeded: two builds from nothing, same seed, same bytes."""
+    """Synth, initialisation and every stage are seeded (stage 2's random fragment places too): two builds from
+    nothing, same seed, same bytes."""
     photos = tmp_path / "photos"
     photos.mkdir()
     rng = np.random.default_rng(0)
@@ -194,11 +195,13 @@ def test_the_build_gives_the_same_model_for_the_same_seed(tmp_path):
         out = tmp_path / name
         done = subprocess.run([sys.executable, str(repo / "tools" / "build_vqa2_tiny.py"), "--images", str(photos),
                                "--work", str(out / "work"), "--out", str(out / "model"), "--train-clips", "12",
-                               "--heldout-clips", "6", "--steps", "3,3,3,3", "--seed", "5"],
+                               "--heldout-clips", "6", "--steps", "3,3,3,3", "--seed", "5",
+                               "--random-fragments"],
                               capture_output=True, text=True, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
         built.append(out / "model")
     first, second = built
+    assert "stage 2 3 (fragments at random places" in (first / "README.md").read_text()
     assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
     evaluated = [json.loads((model / "eval.json").read_text())["eval"] for model in built]
     assert evaluated[0] == evaluated[1]

@@ -124,24 +124,30 @@ def test_qlora_trains_on_a_4bit_base_and_saves_full_precision(base, data, tmp_pa
     assert 0 < delta.max() < 0.1
 
 
+def interrupt_after_step(monkeypatch, step: int):
+    """A real SIGINT to the run once `step` is logged; returns the function that stops sending it."""
+    append = OutputFolder.append_metrics
+
+    def append_and_interrupt(folder, record):
+        append(folder, record)
+        if record["step"] == step:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(OutputFolder, "append_metrics", append_and_interrupt)
+    return lambda: monkeypatch.setattr(OutputFolder, "append_metrics", append)
+
+
 def test_interrupted_then_resumed_equals_uninterrupted(base, data, tmp_path, monkeypatch, stop_signals_armed):
     lora = dict(max_steps=6, method="lora", train=("language_model", "mm_projector"))  # dropout draws from the RNG
     whole = run(options(base, data, tmp_path / "whole", **lora), say=quiet)
     assert whole.step == 6
     # a real SIGINT during step 3: the run finishes that step, checkpoints it and stops
-    append = OutputFolder.append_metrics
-
-    def append_and_interrupt(folder, record):
-        append(folder, record)
-        if record["step"] == 2:
-            signal.raise_signal(signal.SIGINT)
-
-    monkeypatch.setattr(OutputFolder, "append_metrics", append_and_interrupt)
+    undo = interrupt_after_step(monkeypatch, 2)
     opts = options(base, data, tmp_path / "parts", **lora)
     first = run(opts, say=quiet)
     assert first.interrupted and first.step == 2 and first.checkpoint.name == "step-00000002"
     assert not (tmp_path / "parts" / "model.safetensors").exists()
-    monkeypatch.setattr(OutputFolder, "append_metrics", append)
+    undo()
     with open(tmp_path / "parts" / "metrics.jsonl", "a") as log:
         log.write('{"step": 3, "lo')  # a line cut short by a crash after the checkpoint
     second = run(replace(opts, resume=True), say=quiet)
@@ -507,17 +513,10 @@ def test_random_fragments_are_new_each_time_and_the_same_after_a_resume(tmp_path
     drawn = [p for _, p in places]
     assert all(p.shape == (4, 4, 2) for p in drawn) and len(drawn) >= 4
     assert len({p.tobytes() for p in drawn}) == len(drawn)  # each use of a clip cut anew
-    append = OutputFolder.append_metrics
-
-    def append_and_interrupt(folder, record):
-        append(folder, record)
-        if record["step"] == 2:
-            signal.raise_signal(signal.SIGINT)
-
-    monkeypatch.setattr(OutputFolder, "append_metrics", append_and_interrupt)
+    undo = interrupt_after_step(monkeypatch, 2)
     opts = options(base, folder, tmp_path / "parts", **jitter)
     assert run(opts, say=quiet).interrupted
-    monkeypatch.setattr(OutputFolder, "append_metrics", append)
+    undo()
     run(replace(opts, resume=True), say=quiet)
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "parts")
     assert all(torch.equal(a[n], b[n]) for n in a)
