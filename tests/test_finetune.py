@@ -170,6 +170,18 @@ def test_resume_refuses_changed_options(base, data, tmp_path):
         run(replace(opts, resume=True, lr=2e-3), say=quiet)
 
 
+def test_a_checkpoint_from_before_an_option_existed_resumes_with_the_option_at_its_default(tmp_path):
+    from vqa2cli.finetune.loop import check_resume
+
+    opts = FinetuneOptions(stage=2, data=str(tmp_path), model="m", output=str(tmp_path / "out"))
+    now = {**opts.resume_values(), "parts": ["mm_projector"], "base_model": "m", "data": "d", "world": 1,
+           "total_steps": 5}
+    older = {k: v for k, v in now.items() if k != "random_fragments"}
+    check_resume(older, now, say=quiet)
+    with pytest.raises(SetupError, match="random_fragments: False then, True now"):
+        check_resume(older, {**now, "random_fragments": True}, say=quiet)
+
+
 def test_invalid_records_stop_before_training_or_are_skipped(base, data, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -157,9 +157,10 @@ def check_resume(saved: dict, run: dict, say) -> None:
     keys = [*FinetuneOptions.resume_keys(), "parts", "base_model", "data"]
     # a checkpoint written before an option existed ran with its default
     defaults = {f.name: f.default for f in fields(FinetuneOptions) if f.default is not MISSING}
-    different = [k for k in keys if saved.get(k, defaults.get(k)) != run.get(k)]
+    then = {k: saved.get(k, defaults.get(k)) for k in keys}
+    different = [k for k in keys if then[k] != run.get(k)]
     if different:
-        listing = "; ".join(f"{k}: {saved.get(k)!r} then, {run.get(k)!r} now" for k in different)
+        listing = "; ".join(f"{k}: {then[k]!r} then, {run.get(k)!r} now" for k in different)
         raise SetupError(f"--resume: this run differs from the checkpoint's ({listing}); use the same options "
                          "and data, or a new --output")
     if saved.get("world") != run["world"]:
