@@ -389,6 +389,11 @@ def test_keyframe_fragments_are_part_of_the_config_and_its_sampling():
         make_tiny_config(keyframe_fragments=3)
     with pytest.raises(ValueError, match="whole keyframes"):
         make_tiny_config(keyframe_fragments=4, images=True)
+    shifted = make_tiny_config(keyframe_fragments=4, fragment_shifts=3)
+    assert VQA2Config.from_dict(shifted.to_dict()) == shifted and shifted.sampling().fragment_shifts == 3
+    for bad in ({"keyframe_fragments": 4, "fragment_shifts": 2}, {"fragment_shifts": 3}):
+        with pytest.raises(ValueError, match="fragment_shifts must be odd, and 1 without keyframe_fragments"):
+            make_tiny_config(**bad)
 
 
 def test_config_from_llava_qwen():

@@ -3,6 +3,7 @@
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -189,3 +190,28 @@ def test_per_second_layout_places_motion_by_second(tmp_path, monkeypatch):
     monkeypatch.setattr(model.model, "build_inputs", spy)
     model.score(sample)
     assert seen == [[[10, 10, 4]]]
+
+
+def test_shifted_fragment_views_are_scored_as_the_mean_of_each_view(tmp_path):
+    from dataclasses import replace
+
+    from tests.fixtures.checkpoints import write_tiny_model_dir
+    from tests.fixtures.clips import make_clip
+
+    model = load_model(str(write_tiny_model_dir(tmp_path / "shifted", keyframe_fragments=4, fragment_shifts=3)),
+                       device="cpu")
+    noise = np.random.default_rng(0).integers(0, 256, (80, 96, 3), dtype=np.uint8)
+    clip = make_clip(tmp_path / "clip.mkv", frames=20, fps=10, size=(96, 80), codec="ffv1",
+                     pattern=lambda i, w, h: np.roll(noise, i, axis=1))
+    sample = model.load_video(clip)
+    assert sample.keyframe_views.shape[:2] == (9, 2)
+    views = [model.score(replace(sample, keyframes=view, keyframe_views=None)) for view in sample.keyframe_views]
+    assert len({view.score for view in views}) == 9  # the views see different pixels
+    result = model.score(clip)
+    assert result.score == pytest.approx(np.mean([view.score for view in views]), abs=1e-6)
+    for level, p in result.probs.items():
+        assert p == pytest.approx(np.mean([view.probs[level] for view in views]), abs=1e-6)
+    # the centre view alone is what a one-view decode scores
+    assert views[0] == model.score(replace(sample, keyframe_views=None))
+    batch = model.score_batch([sample, replace(sample, keyframe_views=None)])
+    assert batch[0].score == pytest.approx(result.score, abs=1e-5) and batch[1].score == pytest.approx(views[0].score, abs=1e-5)

@@ -35,6 +35,17 @@ def test_score_rejects_bad_logits():
         score_from_logits([0.0, float("nan"), 0, 0, 0])
 
 
+def test_views_average_the_level_probabilities():
+    # two views: all weight on "high", then on "fair" -> probabilities 1/2 each, score (1 + 0.5) / 2
+    views = torch.tensor([[60.0, 0, 0, 0, 0], [0.0, 0, 60, 0, 0]])
+    score, level, probs = score_from_logits(views)
+    assert score == pytest.approx(0.75) and probs["high"] == pytest.approx(0.5) and probs["fair"] == pytest.approx(0.5)
+    logits = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    assert score_from_logits(logits)[0] == pytest.approx(sum(score_from_logits(row)[0] for row in logits) / 3)
+    with pytest.raises(ValueError, match="per view"):
+        score_from_logits(torch.zeros(2, 4))
+
+
 def test_level_token_ids(tiny_tokenizer):
     ids = level_token_ids(tiny_tokenizer)
     assert len(set(ids)) == 5

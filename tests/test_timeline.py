@@ -46,7 +46,8 @@ def _windows(path, sampling, seconds):
     Sampling(32, 32, 16, 1),  # caps: the whole clip and each window subsample differently
     Sampling(48, 48, 8, 3),
     Sampling(32, 32, 2000, 40, keyframe_fragments=4),  # same size, but keyframes are crops of the 64x48 frames
-], ids=["sizes-differ", "same-size", "caps", "small-caps", "fragments"])
+    Sampling(32, 16, 2000, 40, keyframe_fragments=4, fragment_shifts=3),  # and cut at 9 places each
+], ids=["sizes-differ", "same-size", "caps", "small-caps", "fragments", "shifted-fragments"])
 def test_a_window_is_what_decoding_that_stretch_alone_gives(lossless, sampling, seconds):
     """Bitwise: each window's keyframes, motion frames and their indices equal load_video of the same frames
     written as a clip of their own; the whole clip's sample is untouched by the tap."""
@@ -58,6 +59,8 @@ def test_a_window_is_what_decoding_that_stretch_alone_gives(lossless, sampling, 
     for window, (first, stop) in zip(windows, bounds):
         alone = sampling.load(cut(first, stop))
         assert torch.equal(window.sample.keyframes, alone.keyframes)
+        views = window.sample.keyframe_views
+        assert (views is None) == (alone.keyframe_views is None) and (views is None or torch.equal(views, alone.keyframe_views))
         assert torch.equal(window.sample.motion, alone.motion)
         assert window.sample.keyframe_indices == alone.keyframe_indices
         assert window.sample.motion_indices == alone.motion_indices

@@ -573,6 +573,40 @@ def test_fragment_places_move_each_crop_inside_its_cell_the_same_in_every_keyfra
     assert changed[16:24, 8:16].any() and not np.delete(np.delete(changed, np.s_[8:16], 1), np.s_[16:24], 0).any()
 
 
+def test_fragment_shifts_cut_every_keyframe_at_each_shifted_place_centres_first(tmp_path):
+    image = np.random.default_rng(2).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    path = make_clip(tmp_path / "still.mkv", frames=30, fps=10, size=(96, 64), codec="ffv1",
+                     pattern=lambda i, w, h: image)
+    sample = load_video(path, keyframe_size=32, motion_size=16, keyframe_fragments=4, fragment_shifts=3)
+    # Cells 24 x 16 px with 8 px crops leave 16 px of room across and 8 down. Places 1/6, 1/2, 5/6 move a crop
+    # by floor((place - 1/2) * room): -6, 0, +5 px across (x from 8, 32, 56, 80) and -3, 0, +2 px down
+    # (y from 4, 20, 36, 52).
+    def mosaic(dx, dy):
+        return np.concatenate([np.concatenate([image[y + dy:y + dy + 8, x + dx:x + dx + 8] for x in (8, 32, 56, 80)],
+                                              axis=1) for y in (4, 20, 36, 52)], axis=0)
+
+    views = sample.keyframe_views
+    assert views.shape == (9, 3, 3, 32, 32) and torch.equal(views[0], sample.keyframes)
+    cut = [_pixels(view) for view in views]
+    assert all(np.array_equal(k, mosaic(0, 0)) for k in cut[0])  # the centres: exactly the one-view keyframes
+    assert torch.equal(sample.keyframes, load_video(path, keyframe_size=32, motion_size=16, keyframe_fragments=4).keyframes)
+    expected = [mosaic(dx, dy) for dy in (-3, 0, 2) for dx in (-6, 0, 5) if (dx, dy) != (0, 0)]
+    assert all(np.array_equal(k, want) for view, want in zip(cut[1:], expected) for k in view)
+    one = load_video(path, keyframe_size=32, motion_size=16, keyframe_fragments=4)
+    assert one.keyframe_views is None and torch.equal(sample.motion, one.motion)
+
+
+def test_fragment_shifts_are_checked(tmp_path):
+    path = make_clip(tmp_path / "c.mkv", frames=4, size=(96, 64), codec="ffv1")
+    for kwargs, message in (({"keyframe_fragments": 4, "fragment_shifts": 2}, "odd number from 1, got 2"),
+                            ({"keyframe_fragments": 4, "fragment_shifts": 0}, "odd number from 1, got 0"),
+                            ({"fragment_shifts": 3}, "fragment_shifts needs keyframe_fragments"),
+                            ({"keyframe_fragments": 4, "fragment_shifts": 3,
+                              "fragment_places": np.full((4, 4, 2), 0.5)}, "takes no fragment_shifts")):
+        with pytest.raises(ValueError, match=message):
+            load_video(path, keyframe_size=32, motion_size=16, **kwargs)
+
+
 def test_fragment_places_are_checked(tmp_path):
     path = make_clip(tmp_path / "c.mkv", frames=4, size=(96, 64), codec="ffv1")
     for places, message in ((np.full((2, 2, 2), 0.5), r"shape \(4, 4, 2\), got \(2, 2, 2\)"),
@@ -604,3 +638,10 @@ def test_keyframe_fragments_must_divide_the_keyframe(tmp_path):
     path = make_clip(tmp_path / "c.mkv", frames=4, codec="ffv1")
     with pytest.raises(ValueError, match="keyframe_fragments must be 0 or divide keyframe_size 32, got 3"):
         load_video(path, keyframe_size=32, motion_size=16, keyframe_fragments=3)
+
+
+def test_frames_too_small_to_cut_give_one_view(tmp_path):
+    path = make_clip(tmp_path / "small.mkv", frames=4, size=(40, 24), codec="ffv1")
+    sample = load_video(path, keyframe_size=32, motion_size=16, keyframe_fragments=4, fragment_shifts=3)
+    assert sample.keyframe_views is None  # every view would be the same whole-frame resize
+    assert torch.equal(sample.keyframes, load_video(path, keyframe_size=32, motion_size=16).keyframes)

@@ -206,6 +206,9 @@ class VQA2Config:
     # resolution (FAST-VQA's fragments), for a model whose keyframes are too small to show codec damage and
     # noise once a whole HD frame is shrunk into them (vqa2-tiny). Motion frames are whole frames either way.
     keyframe_fragments: int = 0
+    # k (odd): scoring averages the level probabilities of k x k views, each with every fragment at another place in
+    # its cell (`vqa2cli.video.load_video`), so a score does not hang on which 1/64 of each cell was cut.
+    fragment_shifts: int = 1
     motion_size: int = 384  # side of the square frames fed to SlowFast
     token_layout: str = "official"
     level_words: tuple[str, ...] = LEVEL_WORDS
@@ -234,6 +237,9 @@ class VQA2Config:
         _whole("keyframe_fragments", self.keyframe_fragments, low=0, high=self.keyframe_size)
         if self.keyframe_fragments and self.keyframe_size % self.keyframe_fragments:
             raise ValueError(f"keyframe_fragments {self.keyframe_fragments} must divide keyframe_size {self.keyframe_size}")
+        _whole("fragment_shifts", self.fragment_shifts, high=9)
+        if self.fragment_shifts % 2 == 0 or (self.fragment_shifts > 1 and not self.keyframe_fragments):
+            raise ValueError(f"fragment_shifts must be odd, and 1 without keyframe_fragments, got {self.fragment_shifts}")
         _whole("max_training_length", self.max_training_length)
         if not isinstance(self.level_words, (list, tuple)) or len(self.level_words) < 2 or not all(
                 isinstance(word, str) and word.strip() for word in self.level_words):
@@ -286,7 +292,7 @@ class VQA2Config:
         motion_cap = self.motion.max_frames if max_motion_frames is None else min(max_motion_frames, self.motion.max_frames)
         return Sampling(self.keyframe_size, self.motion_size, motion_cap,
                         Sampling.max_keyframes if max_keyframes is None else max_keyframes, images=self.images,
-                        keyframe_fragments=self.keyframe_fragments)
+                        keyframe_fragments=self.keyframe_fragments, fragment_shifts=self.fragment_shifts)
 
     # ---- our JSON -------------------------------------------------------------------------------------
 

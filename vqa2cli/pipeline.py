@@ -147,6 +147,16 @@ class VQA2:
         motion = sample.motion if self.model.places_motion(ids) else None
         return self.model.encode_video(sample.keyframes, motion, pool=not isinstance(sample, ImageSample))
 
+    def _encode_views(self, ids: torch.Tensor, sample) -> list:
+        """`_encode` once per keyframe view (`VideoSample.keyframe_views`), the motion block shared."""
+        views = getattr(sample, "keyframe_views", None)
+        if views is None:
+            return [self._encode(ids, sample)]
+        from vqa2cli.modeling import EncodedVideo
+
+        motion = self.model.encode_motion(sample.motion) if self.model.places_motion(ids) else None
+        return [EncodedVideo(self.model.encode_keyframes(view), motion) for view in views]
+
     def _ids(self, text: str) -> torch.Tensor:
         from vqa2cli.prompts import tokenize_prompt
 
@@ -177,7 +187,8 @@ class VQA2:
                     max_keyframes: int | None = None) -> list[ScoreResult]:
         """Several videos in one forward pass (left-padded). Results equal one-by-one scoring up to
         float rounding of the padded batch; use `score` where bitwise repeatability across batch
-        compositions matters."""
+        compositions matters. A video decoded with several keyframe views (a model with `fragment_shifts`)
+        goes through once per view, and its level probabilities are their mean."""
         from vqa2cli.scoring import score_from_logits
 
         samples = [self._sample(v, max_motion_frames, max_keyframes) for v in videos]
@@ -185,13 +196,14 @@ class VQA2:
             return []
         ids = [self._ids(self._score_text(prompt, s)) for s in samples]
         with torch.inference_mode():
-            videos = [self._encode(i, s) for i, s in zip(ids, samples)]
-            logits = self.model.next_token_logits(ids, videos,
-                                                  motion_splits=[self._splits(s) for s in samples])
+            views = [self._encode_views(i, s) for i, s in zip(ids, samples)]
+            rows = [(i, view, self._splits(s)) for i, s, encoded in zip(ids, samples, views) for view in encoded]
+            row_ids, videos, splits = (list(column) for column in zip(*rows))
+            logits = self.model.next_token_logits(row_ids, videos, motion_splits=splits)
             level_logits = logits.index_select(-1, self.level_ids).float().cpu()
         results = []
-        for row in level_logits:
-            score, level, probs = score_from_logits(row, self.config.level_words)
+        for per_view in level_logits.split([len(encoded) for encoded in views]):
+            score, level, probs = score_from_logits(per_view, self.config.level_words)
             results.append(ScoreResult(score, level, probs))
         return results
 

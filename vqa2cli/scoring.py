@@ -33,19 +33,20 @@ def level_token_ids(tokenizer, words=LEVEL_WORDS) -> list[int]:
 
 
 def score_from_logits(level_logits, words=LEVEL_WORDS, weights=LEVEL_WEIGHTS) -> tuple[float, str, dict[str, float]]:
-    """level_logits: the five logits (tensor or sequence), in `words` order.
+    """level_logits: the five logits (tensor or sequence), in `words` order; or [V, 5], one row per view of
+    the video, whose level probabilities are averaged (so the score is the mean of the views' scores).
 
     Returns (score in [0, 1], level word without its space, {level: probability}). Computed in float64
     so the result does not depend on the model's dtype beyond the logits themselves.
     """
     import torch
 
-    logits = torch.as_tensor(level_logits, dtype=torch.float64).flatten()
-    if logits.numel() != len(words):
-        raise ValueError(f"expected {len(words)} level logits, got {logits.numel()}")
+    logits = torch.as_tensor(level_logits, dtype=torch.float64)
+    if logits.dim() > 2 or logits.shape[-1:] != (len(words),) or logits.numel() == 0:
+        raise ValueError(f"expected {len(words)} level logits (per view), got shape {tuple(logits.shape)}")
     if not torch.isfinite(logits).all():
         raise ValueError(f"level logits are not finite: {logits.tolist()}")
-    probs = torch.softmax(logits, dim=0)
+    probs = torch.softmax(logits.reshape(-1, len(words)), dim=1).mean(dim=0)
     score = float((probs * torch.tensor(weights, dtype=torch.float64)).sum())
     names = [w.strip() for w in words]
     level = names[int(torch.argmax(probs))]

@@ -50,24 +50,26 @@ class Window:
 class _WindowBuffers:
     """The keyframes and motion frames of one window, chosen by the whole-clip rules (`vqa2cli.video`)."""
 
-    def __init__(self, path: str, number: int, first: int, expected: int, step: int, sampling):
+    def __init__(self, path: str, number: int, first: int, expected: int, step: int, sampling, views):
         from vqa2cli.video import _Buffers
 
         self.number, self.first = number, first
         self.buffers = _Buffers(path, expected, step, sampling.keyframe_size, sampling.motion_size,
-                                sampling.max_motion_frames, sampling.max_keyframes, sampling.keyframe_fragments)
+                                sampling.max_motion_frames, sampling.max_keyframes, sampling.keyframe_fragments,
+                                views)
         self.frames = 0
         self.width = self.height = 0
 
     def window(self, path: str, fps: float) -> Window:
         from vqa2cli.video import VideoSample
 
-        keyframes, keyframe_indices = self.buffers.keyframes.result()
+        keyframes, keyframe_views, keyframe_indices = self.buffers.keyframes.result()
         motion, motion_indices = self.buffers.motion.result()
         sample = VideoSample(
             path=path, keyframes=keyframes, motion=motion, keyframe_indices=keyframe_indices,
             motion_indices=motion_indices, fps=fps, duration=self.frames / fps, num_frames=self.frames,
             width=self.width, height=self.height, keyframe_fragments=self.buffers.keyframe_fragments,
+            keyframe_views=keyframe_views,
         )
         return Window(self.number, self.first / fps, (self.first + self.frames) / fps, sample)
 
@@ -79,12 +81,13 @@ class WindowSampler:
     def __init__(self, path: str, sampling, seconds: float, on_window: Callable[[Window], None]):
         from av.video.reformatter import VideoReformatter
 
-        from vqa2cli.video import _keyframe_is_motion_frame
+        from vqa2cli.video import _keyframe_is_motion_frame, _view_places
 
         if not seconds > 0:
             raise ValueError(f"window length must be positive, got {seconds}")
         self.path, self.sampling, self.seconds, self.on_window = path, sampling, seconds, on_window
         self.shared = _keyframe_is_motion_frame(sampling.keyframe_size, sampling.motion_size, sampling.keyframe_fragments)
+        self.views = _view_places(None, sampling.fragment_shifts, sampling.keyframe_fragments)  # as `load_video`'s
         self.reformatter = VideoReformatter()  # used on the resize thread only
         self.current: Optional[_WindowBuffers] = None
 
@@ -106,7 +109,7 @@ class WindowSampler:
             first = number * self.window_frames
             left = self.expected - first  # frames counted before decoding; more may come (damaged files)
             expected = min(left, self.window_frames) if left > 0 else self.window_frames
-            self.current = _WindowBuffers(self.path, number, first, expected, self.step, self.sampling)
+            self.current = _WindowBuffers(self.path, number, first, expected, self.step, self.sampling, self.views)
             self.current.width, self.current.height = ((frame.height, frame.width) if quarter_turns % 2
                                                        else (frame.width, frame.height))
         window = self.current
@@ -129,7 +132,7 @@ class WindowSampler:
                 submit(np.copyto, keyframe, whole_keyframe)
             else:
                 submit(_keyframe_into, keyframe, motion if exact else None, frame, self.sampling.keyframe_size,
-                       self.sampling.keyframe_fragments, turns)
+                       self.sampling.keyframe_fragments, turns, self.views)
                 motion = None if exact else motion
         if motion is not None:
             submit(_fast_resize_into, motion, self.reformatter, frame, turns)

@@ -139,6 +139,9 @@ class VideoSample:
     height: int
     warnings: list[str] = field(default_factory=list)  # damage that was tolerated
     keyframe_fragments: int = 0  # how the keyframes were taken (`Sampling.keyframe_fragments`)
+    # [V, N, 3, S, S]: the keyframes cut at each of `Sampling.fragment_shifts`² shifted places, the centres
+    # first (`keyframes` is view 0); scoring averages them. None: one view (or frames too small to cut).
+    keyframe_views: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -155,14 +158,16 @@ class Sampling:
     max_keyframes: int = 40
     images: bool = False  # the model takes still images too (`vqa2cli.images.load_image`)
     keyframe_fragments: int = 0  # 0: whole frames resized; N: N x N crops at full resolution (`load_video`)
+    fragment_shifts: int = 1  # fragments cut at k x k places in their cells (`load_video`)
 
     def load(self, path, tap=None, fragment_places=None) -> VideoSample:
         """`path` decoded for the model; a still image too when the model takes them (an `ImageSample`).
-        `tap`: see the module docstring; `fragment_places`: see `load_video`."""
+        `tap`: see the module docstring; `fragment_places` (one view, so no shifts): see `load_video`."""
         try:
             return load_video(path, keyframe_size=self.keyframe_size, motion_size=self.motion_size,
                               max_motion_frames=self.max_motion_frames, max_keyframes=self.max_keyframes, tap=tap,
-                              keyframe_fragments=self.keyframe_fragments, fragment_places=fragment_places)
+                              keyframe_fragments=self.keyframe_fragments, fragment_places=fragment_places,
+                              fragment_shifts=1 if fragment_places is not None else self.fragment_shifts)
         except StillImageError as still:
             if not self.images:
                 raise VideoError(still.path, f"{still.picture}: this model scores videos only "
@@ -187,12 +192,15 @@ def _normalize_into(out: np.ndarray, rgb: np.ndarray) -> None:
 
 def load_video(path, keyframe_size: int = 384, motion_size: int = 384,
                max_motion_frames: int = 2000, max_keyframes: int = 40, tap=None,
-               keyframe_fragments: int = 0, fragment_places: np.ndarray | None = None) -> VideoSample:
+               keyframe_fragments: int = 0, fragment_places: np.ndarray | None = None,
+               fragment_shifts: int = 1) -> VideoSample:
     """Decode `path` once into keyframes and the motion stream (see the module docstring).
 
     `fragment_places` (training only: FAST-VQA's random fragments): where each fragment lies in its cell,
     [N, N, 2] (row, column) in [0, 1], 0 at the cell's top or left edge, 1 at its bottom or right, the same
     for every keyframe; None takes the centres (0.5), as scoring does.
+    `fragment_shifts` k > 1 (odd): the keyframes are also cut with every fragment at each of k x k places
+    ((2a + 1) / 2k for a < k, along each axis), the centres first: `VideoSample.keyframe_views`.
 
     Raises `VideoError` (one line naming the file and the reason) for anything that is not a usable
     video; never a raw PyAV or OS error.
@@ -206,8 +214,7 @@ def load_video(path, keyframe_size: int = 384, motion_size: int = 384,
         raise ValueError(f"max_keyframes must be at least 1, got {max_keyframes}")
     if int(keyframe_fragments) < 0 or (keyframe_fragments and int(keyframe_size) % int(keyframe_fragments)):
         raise ValueError(f"keyframe_fragments must be 0 or divide keyframe_size {keyframe_size}, got {keyframe_fragments}")
-    if fragment_places is not None:
-        fragment_places = _checked_places(fragment_places, int(keyframe_fragments))
+    views = _view_places(fragment_places, int(fragment_shifts), int(keyframe_fragments))
     path = os.fspath(path)
     _check_file(path)
     with _reported(path):
@@ -216,10 +223,27 @@ def load_video(path, keyframe_size: int = 384, motion_size: int = 384,
             probe = _probe(path, container)
             container = _rewound(path, container, probe)
             return _decode(path, container, probe, int(keyframe_size), int(motion_size),
-                           int(max_motion_frames), int(max_keyframes), tap, int(keyframe_fragments),
-                           fragment_places)
+                           int(max_motion_frames), int(max_keyframes), tap, int(keyframe_fragments), views)
         finally:
             container.close()
+
+
+def _view_places(places, shifts: int, grid: int) -> np.ndarray | None:
+    """[V, N, N, 2]: where the fragments of each keyframe view lie (`load_video`); None: one view, the centres."""
+    if shifts < 1 or shifts % 2 == 0:
+        raise ValueError(f"fragment_shifts must be an odd number from 1, got {shifts}")
+    if places is not None:
+        if shifts > 1:
+            raise ValueError("fragment_places gives one view: it takes no fragment_shifts")
+        return _checked_places(places, grid)[None]
+    if shifts == 1:
+        return None
+    if not grid:
+        raise ValueError("fragment_shifts needs keyframe_fragments")
+    along = (2 * np.arange(shifts) + 1) / (2 * shifts)
+    offsets = [(row, column) for row in along for column in along]
+    offsets.sort(key=lambda offset: offset != (0.5, 0.5))  # the centres first: they are `keyframes`
+    return np.broadcast_to(np.array(offsets)[:, None, None, :], (len(offsets), grid, grid, 2)).copy()
 
 
 def _checked_places(places, grid: int) -> np.ndarray:
@@ -475,9 +499,10 @@ class _MotionBuffer:
         return _trimmed(self.frames, t), self.indices[:t]
 
 
-def _trimmed(buffer: torch.Tensor, n: int) -> torch.Tensor:
+def _trimmed(buffer: torch.Tensor, n: int, dim: int = 0) -> torch.Tensor:
     # A view keeps the whole buffer alive; copy when much of it went unused (a damaged file).
-    return buffer[:n].clone() if n < 0.75 * buffer.shape[0] else buffer[:n]
+    kept = buffer.narrow(dim, 0, n)
+    return kept.clone() if n < 0.75 * buffer.shape[dim] else kept
 
 
 def _keyframe_rule(expected: int, step: int, max_keyframes: int):
@@ -493,30 +518,36 @@ def _keyframe_rule(expected: int, step: int, max_keyframes: int):
 class _KeyframeBuffer:
     """Stores the keyframes (float32, normalised); grows if the decoder yields more than were counted."""
 
-    def __init__(self, count: int, size: int):
+    def __init__(self, count: int, size: int, views: int = 1):
         import torch
 
         self.size = size
-        self.frames = torch.empty((count, 3, size, size), dtype=torch.float32)
+        self.frames = torch.empty((views, count, 3, size, size), dtype=torch.float32)  # each view contiguous
         self.indices: list[int] = []
 
     @property
     def full(self) -> bool:
         """Whether the next `slot` call moves stored frames (growing the storage)."""
-        return len(self.indices) == self.frames.shape[0]
+        return len(self.indices) == self.frames.shape[1]
 
     def slot(self, index: int) -> np.ndarray:
-        """Where keyframe `index` goes ([3, S, S] float32, to be filled)."""
+        """Where keyframe `index` goes ([V, 3, S, S] float32, its views, to be filled)."""
         n = len(self.indices)
-        if n == self.frames.shape[0]:
-            grown = self.frames.new_empty((2 * n, *self.frames.shape[1:]))
-            grown[:n] = self.frames
+        if n == self.frames.shape[1]:
+            grown = self.frames.new_empty((self.frames.shape[0], 2 * n, *self.frames.shape[2:]))
+            grown[:, :n] = self.frames
             self.frames = grown
         self.indices.append(index)
-        return self.frames[n].numpy()
+        return self.frames[:, n].numpy()
 
-    def result(self) -> tuple[torch.Tensor, list[int]]:
-        return _trimmed(self.frames, len(self.indices)), self.indices
+    def result(self) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+        """(keyframes [N, 3, S, S], all views [V, N, 3, S, S] or None: one view, or all alike (frames too
+        small to cut, resized whole), indices)."""
+        import torch
+
+        views = _trimmed(self.frames, len(self.indices), dim=1)
+        alike = all(torch.equal(view, views[0]) for view in views[1:])
+        return views[0], (None if alike else views), self.indices
 
 
 def _keyframe_is_motion_frame(keyframe_size: int, motion_size: int, keyframe_fragments: int) -> bool:
@@ -530,10 +561,10 @@ class _Buffers:
 
     def __init__(self, path: str, expected: int, step: int, keyframe_size: int, motion_size: int,
                  max_motion_frames: int, max_keyframes: int, keyframe_fragments: int,
-                 fragment_places: np.ndarray | None = None):
+                 views: np.ndarray | None = None):
         count = min(math.ceil(expected / step), max_keyframes)
         try:
-            self.keyframes = _KeyframeBuffer(count, keyframe_size)
+            self.keyframes = _KeyframeBuffer(count, keyframe_size, 1 if views is None else len(views))
             self.motion = _MotionBuffer(expected, max_motion_frames - max_motion_frames % 4, motion_size)
         except RuntimeError:  # torch's allocator: the output itself does not fit in memory
             gb = (min(expected, max_motion_frames) * 3 * motion_size**2 + count * 12 * keyframe_size**2) / 1e9
@@ -542,7 +573,7 @@ class _Buffers:
         self.is_keyframe = _keyframe_rule(expected, step, max_keyframes)
         self.max_keyframes = max_keyframes
         self.keyframe_fragments = keyframe_fragments
-        self.fragment_places = fragment_places
+        self.views = views  # `_view_places`
         self.shared = _keyframe_is_motion_frame(keyframe_size, motion_size, keyframe_fragments)
 
     def slots(self, index: int, finish) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -649,7 +680,7 @@ class _Decoder:
         if keyframe is not None:
             shared = slot if self.buffers.shared else None
             self._submit(frame, _keyframe_into, keyframe, shared, frame, self.buffers.keyframes.size,
-                         self.buffers.keyframe_fragments, turns, self.buffers.fragment_places)
+                         self.buffers.keyframe_fragments, turns, self.buffers.views)
             if shared is not None:
                 slot = None
         if slot is not None:
@@ -676,10 +707,10 @@ class _Decoder:
 
 def _decode(path: str, container, probe: _Probe, keyframe_size: int, motion_size: int,
             max_motion_frames: int, max_keyframes: int, tap, keyframe_fragments: int,
-            fragment_places: np.ndarray | None) -> VideoSample:
+            views: np.ndarray | None) -> VideoSample:
     expected = max(probe.packets, 1)
     buffers = _Buffers(path, expected, _keyframe_step(probe.fps), keyframe_size, motion_size, max_motion_frames,
-                       max_keyframes, keyframe_fragments, fragment_places)
+                       max_keyframes, keyframe_fragments, views)
     if tap is not None:
         tap.start(expected, probe.fps)
     counts = _Decoder(path, buffers, tap).run(container)
@@ -693,7 +724,7 @@ def _decode(path: str, container, probe: _Probe, keyframe_size: int, motion_size
         declared_seconds=probe.declared_seconds, duration=duration, times=times,
         read_error=counts.read_error or probe.read_error, rejected=counts.rejected, corrupt=counts.corrupt,
     )
-    keyframe_frames, keyframe_indices = buffers.keyframes.result()
+    keyframe_frames, keyframe_views, keyframe_indices = buffers.keyframes.result()
     motion_frames, motion_indices = buffers.motion.result()
     return VideoSample(
         path=path,
@@ -708,6 +739,7 @@ def _decode(path: str, container, probe: _Probe, keyframe_size: int, motion_size
         height=counts.height,
         warnings=warnings,
         keyframe_fragments=keyframe_fragments,
+        keyframe_views=keyframe_views,
     )
 
 
@@ -784,16 +816,19 @@ def _widest_gap(times: list[float]) -> tuple[int, float, float] | None:
 
 
 def _keyframe_into(out: np.ndarray, motion_slot: np.ndarray | None, frame, size: int, fragments: int,
-                   quarter_turns: int, places: np.ndarray | None = None) -> None:
-    """Keyframe `frame`, normalised into `out` ([3, S, S] float32) and, uint8, into `motion_slot`."""
+                   quarter_turns: int, views: np.ndarray | None = None) -> None:
+    """Keyframe `frame`, normalised into `out` ([V, 3, S, S] float32, a view per `views` place set) and,
+    uint8, into `motion_slot`."""
     rgb = frame.to_ndarray(format="rgb24")
     if quarter_turns:  # rotated first, so PIL's passes match the release's
         rgb = np.rot90(rgb, quarter_turns)
     if fragments and min(rgb.shape[:2]) >= size:
-        rgb = _fragments(rgb, size, fragments, places)
-    else:
-        rgb = _exact_resize(rgb, size)
-    _normalize_into(out, rgb)
+        cuts = [_fragments(rgb, size, fragments, places) for places in ([None] if views is None else views)]
+    else:  # a frame too small to cut: every view is the whole frame
+        cuts = [_exact_resize(rgb, size)] * len(out)
+    for view, cut in zip(out, cuts):
+        _normalize_into(view, cut)
+    rgb = cuts[0]
     if motion_slot is not None:
         np.copyto(motion_slot, rgb.transpose(2, 0, 1))
 
