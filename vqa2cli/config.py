@@ -207,7 +207,7 @@ class VQA2Config:
     # noise once a whole HD frame is shrunk into them (vqa2-tiny). Motion frames are whole frames either way.
     keyframe_fragments: int = 0
     # k (odd): scoring averages the level probabilities of k x k views, each with every fragment at another place in
-    # its cell (`vqa2cli.video.load_video`), so a score does not hang on which 1/64 of each cell was cut.
+    # its cell (`vqa2cli.video.load_video`), so a score does not hang on which small part of each cell was cut.
     fragment_shifts: int = 1
     motion_size: int = 384  # side of the square frames fed to SlowFast
     token_layout: str = "official"

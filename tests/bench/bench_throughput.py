@@ -23,6 +23,7 @@ for quiet moments on a shared machine). The clips are made here with PyAV (movin
     python tests/bench/bench_throughput.py --released-random --quant 4bit --clips 0 --hd 96 --workers 15 --reps 1
     python tests/bench/bench_throughput.py --transport                      # pickle vs shared memory
     python tests/bench/bench_throughput.py --model-only --batch-size 1 2 4  # batched model calls alone
+    python tests/bench/bench_throughput.py --workers 0 --fragment-shifts 1  # vqa2-tiny without its 3 x 3 cuts
 
 `--released-random` builds the released-size architecture with random weights on CUDA
 (bench_model_gpu.random_model; needs a GPU, bitsandbytes for 4-bit): the issue-22 target is >= 4 ten-second
@@ -43,6 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,7 +74,10 @@ def load(args):
     from vqa2cli.pipeline import load_model
 
     if not args.released_random:
-        return load_model(args.model, device=args.device, quant=args.quant)
+        model = load_model(args.model, device=args.device, quant=args.quant)
+        if args.fragment_shifts:  # e.g. 1: vqa2-tiny scoring the centres alone, against its 3 x 3 cuts
+            model.config = replace(model.config, fragment_shifts=args.fragment_shifts)
+        return model
     import torch
 
     from tests.bench.bench_model_gpu import random_model
@@ -329,6 +334,7 @@ def main():
     parser.add_argument("--transport", action="store_true", help="measure pickle vs shared memory instead")
     parser.add_argument("--model-only", action="store_true",
                         help="measure the model alone on decoded clips, per --batch-size, instead")
+    parser.add_argument("--fragment-shifts", type=int, help="score with this many cuts a side instead of the model's own")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     rows = transport(args) if args.transport else batching(args) if args.model_only else throughput(args)
