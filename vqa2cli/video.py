@@ -563,11 +563,12 @@ class _Buffers:
                  max_motion_frames: int, max_keyframes: int, keyframe_fragments: int,
                  views: np.ndarray | None = None):
         count = min(math.ceil(expected / step), max_keyframes)
+        cuts = 1 if views is None else len(views)
         try:
-            self.keyframes = _KeyframeBuffer(count, keyframe_size, 1 if views is None else len(views))
+            self.keyframes = _KeyframeBuffer(count, keyframe_size, cuts)
             self.motion = _MotionBuffer(expected, max_motion_frames - max_motion_frames % 4, motion_size)
         except RuntimeError:  # torch's allocator: the output itself does not fit in memory
-            gb = (min(expected, max_motion_frames) * 3 * motion_size**2 + count * 12 * keyframe_size**2) / 1e9
+            gb = (min(expected, max_motion_frames) * 3 * motion_size**2 + count * cuts * 12 * keyframe_size**2) / 1e9
             raise VideoError(path, f"too long to hold in memory: its {expected} frames need {gb:.1f} GB "
                                    f"of keyframes and motion frames") from None
         self.is_keyframe = _keyframe_rule(expected, step, max_keyframes)
