@@ -13,7 +13,7 @@ dtypes fixed at load time, so the same input on the same device gives bitwise th
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -148,14 +148,13 @@ class VQA2:
         return self.model.encode_video(sample.keyframes, motion, pool=not isinstance(sample, ImageSample))
 
     def _encode_views(self, ids: torch.Tensor, sample) -> list:
-        """`_encode` once per keyframe view (`VideoSample.keyframe_views`), the motion block shared."""
+        """`_encode` once per keyframe view (`VideoSample.keyframe_views`; view 0 is `keyframes`), the motion
+        block shared."""
+        first = self._encode(ids, sample)
         views = getattr(sample, "keyframe_views", None)
         if views is None:
-            return [self._encode(ids, sample)]
-        from vqa2cli.modeling import EncodedVideo
-
-        motion = self.model.encode_motion(sample.motion) if self.model.places_motion(ids) else None
-        return [EncodedVideo(self.model.encode_keyframes(view), motion) for view in views]
+            return [first]
+        return [first] + [replace(first, keyframe_block=self.model.encode_keyframes(view)) for view in views[1:]]
 
     def _ids(self, text: str) -> torch.Tensor:
         from vqa2cli.prompts import tokenize_prompt

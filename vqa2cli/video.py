@@ -825,10 +825,11 @@ def _keyframe_into(out: np.ndarray, motion_slot: np.ndarray | None, frame, size:
         rgb = np.rot90(rgb, quarter_turns)
     if fragments and min(rgb.shape[:2]) >= size:
         cuts = [_fragments(rgb, size, fragments, places) for places in ([None] if views is None else views)]
-    else:  # a frame too small to cut: every view is the whole frame
-        cuts = [_exact_resize(rgb, size)] * len(out)
+    else:
+        cuts = [_exact_resize(rgb, size)]
     for view, cut in zip(out, cuts):
         _normalize_into(view, cut)
+    out[len(cuts):] = out[0]  # a frame too small to cut: every view is the whole frame
     rgb = cuts[0]
     if motion_slot is not None:
         np.copyto(motion_slot, rgb.transpose(2, 0, 1))
