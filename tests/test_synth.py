@@ -3,6 +3,7 @@
 import csv
 import itertools
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import av
@@ -296,6 +297,33 @@ def test_distortions_survive_encoding(dataset):
             assert min(steps) < 0.5  # a held frame
         if row["distortions"] == "none":
             assert min(steps) > 0.5  # clean content moves every frame
+
+
+def test_grain_is_camera_noise_in_the_clean_content_and_changes_nothing_else(tmp_path):
+    plain = synth.plan_dataset(small_settings(count=40))
+    grainy = synth.plan_dataset(small_settings(count=40, content=synth.ContentSettings(grain=(2.0, 4.0))))
+    assert [(p.source, p.distortions, p.width, p.mos) for p in plain] == \
+        [(p.source, p.distortions, p.width, p.mos) for p in grainy]  # labels as without grain
+    assert all(p.grain == 0 for p in plain) and all(2 <= p.grain <= 4 for p in grainy)
+    assert len({p.grain for p in grainy}) > 30  # drawn per clip
+    settings = small_settings(content=synth.ContentSettings(grain=(3.0, 3.0)))
+    plan = synth.plan_dataset(settings)[0]
+    with_grain = np.array(list(synth.clean_frames(plan, settings)))
+    without = np.array(list(synth.clean_frames(replace(plan, grain=0.0), settings)))
+    residual = with_grain - without
+    # Sensor noise of sigma 3: luma sigma 3 * sqrt(0.2 + 0.8 L) <= 3, chroma adds to each channel.
+    assert 1.0 < residual.std() < 6.0 and abs(residual.mean()) < 0.2
+    assert not np.array_equal(residual[0], residual[1])  # new noise every frame
+    synth.generate_dataset(tmp_path / "d", settings)
+    manifest = list(csv.DictReader(open(tmp_path / "d" / "manifest.csv")))
+    assert {row["grain"] for row in manifest} == {"3.00"}
+    assert {row["video"]: row["mos"] for row in manifest} == \
+        {p.video: f"{p.mos:.2f}" for p in synth.plan_dataset(small_settings())}
+
+
+def test_grain_range_is_checked():
+    with pytest.raises(SetupError, match="--grain"):
+        synth.ContentSettings(grain=(4.0, 2.0)).validate()
 
 
 # ---------------------------------------------------------------- labels

@@ -882,13 +882,16 @@ def _parse_range(kind):
               help="Procedural texture slope: 1 is natural-image-like, higher is smoother.")
 @click.option("--objects", default="2,6", show_default=True, callback=_parse_range(int), metavar="LO,HI",
               help="Moving shapes in 'shapes' clips.")
+@click.option("--grain", default="0,0", show_default=True, callback=_parse_range(float), metavar="LO,HI",
+              help="Camera noise in clean photo and procedural content, sigma in grey levels drawn per clip; part "
+              "of the content, not a distortion (MOS unchanged). Keep HI under 6, noise's lightest severity.")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
               help="Clips made at once, one process each; the data is the same for any number [default: the "
               "CPUs this process may use].")
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty OUT folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary; errors are still reported.")
 def synth(out, clips_dir, images_dir, count, seed, size, fps, seconds, crf, content, distortions, speed, detail, objects,
-          jobs, overwrite, quiet):
+          grain, jobs, overwrite, quiet):
     """Make training data for all three fine-tune stages from clean clips and labelled distortions.
 
     Each clip gets no distortion, one, or one spatial plus one motion distortion, each at a severity
@@ -920,7 +923,8 @@ def synth(out, clips_dir, images_dir, count, seed, size, fps, seconds, crf, cont
     extra = {"distortions": tuple(d.strip() for d in distortions.split(",") if d.strip())} if distortions else {}
     settings = SynthSettings(count=count, seed=seed, width=size[0][0], height=size[0][1], more_sizes=size[1:], fps=fps,
                              seconds=seconds, crf=crf,
-                             content=ContentSettings(kinds=kinds, speed=speed, detail=detail, objects=objects), **extra)
+                             content=ContentSettings(kinds=kinds, speed=speed, detail=detail, objects=objects,
+                                                     grain=grain), **extra)
     reporter = Reporter.for_stderr(quiet, unit="clips")
 
     def on_clip(plan, error):

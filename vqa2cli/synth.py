@@ -121,12 +121,16 @@ class ContentSettings:
     speed: tuple = (1.0, 3.0)
     detail: tuple = (0.9, 1.5)  # spectral slope of textures: 1 is natural-image-like, higher is smoother
     objects: tuple = (2, 6)  # moving shapes in 'shapes' clips
+    # Sensor noise a clean camera recording already has, baked into photo and procedural content and labelled
+    # clean: without it every noisy pixel reads as damage, so compression and blur (which remove noise) look
+    # like repairs on real footage. Sigma in grey levels, drawn per clip; keep HI below noise severity 1 (6).
+    grain: tuple = (0.0, 0.0)
 
     def validate(self):
         unknown = [k for k in self.kinds if k not in CONTENT_KINDS]
         if not self.kinds or unknown:
             raise SetupError(f"unknown content kind(s) {unknown or '(none given)'}; choose from {', '.join(CONTENT_KINDS)}")
-        for name in ("speed", "detail", "objects"):
+        for name in ("speed", "detail", "objects", "grain"):
             lo, hi = getattr(self, name)
             if not (0 <= lo <= hi) or (name == "speed" and lo == 0):
                 # speed 0 would make still clips, on which stutter cannot be seen
@@ -156,6 +160,7 @@ class ClipPlan:
     distortions: list = field(default_factory=list)
     width: int = 128
     height: int = 128
+    grain: float = 0.0  # sigma of the sensor noise in the clean content (not a distortion: MOS unaffected)
 
     @property
     def mos(self) -> float:
@@ -173,7 +178,7 @@ def plan_dataset(settings, sources=None, images=()) -> list:
     `sources`: [(name, duration_s, fps)] of readable user clips; None for procedural or photo content.
     `images`: photo paths (relative to the images folder) that "photo" content pans over."""
     rng = np.random.default_rng([settings.seed, 0xD157])
-    count, kinds = settings.count, settings.content.kinds
+    count, kinds, grain_range = settings.count, settings.content.kinds, settings.content.grain
     n_clean = round(CLEAN_SHARE * count)
     n_double = min(round(DOUBLE_SHARE * count), count - n_clean)
     categories = ["clean"] * n_clean + ["double"] * n_double + ["single"] * (count - n_clean - n_double)
@@ -221,8 +226,10 @@ def plan_dataset(settings, sources=None, images=()) -> list:
                 if not photos:  # every photo once per round, in a shuffled order
                     photos = list(rng.permutation(len(images)))
                 source = f"photo:{images[photos.pop()]}"
+        # Own stream per clip, so turning grain on leaves every other draw of the plan as it was.
+        grain = round(float(_clip_rng(settings.seed, index, 4).uniform(*grain_range)), 2) if not sources else 0.0
         plans.append(ClipPlan(index, f"videos/clip_{index:05d}.mp4", source, start, fps, n_frames, distortions,
-                              int(width), int(height)))
+                              int(width), int(height), grain))
     return plans
 
 
@@ -724,13 +731,19 @@ class DistortionRenderer:
     def _noise(self, frame):
         if self.mode == "gaussian":
             return self.rng.normal(0.0, self.sigma, frame.shape).astype(np.float32)
-        h, w = frame.shape[:2]
-        luma = frame @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        # shot noise grows with the light; read noise keeps the shadows from being clean
-        y = self.rng.normal(0.0, 1.0, (h, w)).astype(np.float32) * self.sigma * np.sqrt(0.2 + 0.8 * luma / 255.0)
-        chroma = self.rng.normal(0.0, 0.7 * self.sigma, (2, (h + 1) // 2, (w + 1) // 2)).astype(np.float32)
-        cb, cr = (np.repeat(np.repeat(c, 2, axis=0), 2, axis=1)[:h, :w] for c in chroma)
-        return np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], axis=-1)
+        return sensor_noise(frame, self.sigma, self.rng)
+
+
+def sensor_noise(frame, sigma, rng):
+    """Camera-like noise for float32 [H, W, 3] `frame`: luma noise that grows with the light, chroma noise at
+    half resolution."""
+    h, w = frame.shape[:2]
+    luma = frame @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    # shot noise grows with the light; read noise keeps the shadows from being clean
+    y = rng.normal(0.0, 1.0, (h, w)).astype(np.float32) * sigma * np.sqrt(0.2 + 0.8 * luma / 255.0)
+    chroma = rng.normal(0.0, 0.7 * sigma, (2, (h + 1) // 2, (w + 1) // 2)).astype(np.float32)
+    cb, cr = (np.repeat(np.repeat(c, 2, axis=0), 2, axis=1)[:h, :w] for c in chroma)
+    return np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], axis=-1)
 
 
 def _smear(frame, offsets):
@@ -922,6 +935,7 @@ def label_files(plans, seed, names=DEFAULT_DISTORTIONS) -> dict:
                 ";".join(f"{d.name}:{d.severity:.2f}:{d.extent}" for d in plan.distortions) or "none",
                 f"{mos:.2f}",
                 level_for(mos),
+                f"{plan.grain:.2f}",
             )
         )
     dump = lambda records: json.dumps(records, indent=1, ensure_ascii=False) + "\n"  # noqa: E731
@@ -933,7 +947,7 @@ def label_files(plans, seed, names=DEFAULT_DISTORTIONS) -> dict:
         "stage1.json": dump(json1),
         "stage2.json": dump(json2),
         "stage3.json": dump(json3),
-        "manifest.csv": _csv_text(("video", "source", "start", "distortions", "mos", "level"), manifest),
+        "manifest.csv": _csv_text(("video", "source", "start", "distortions", "mos", "level", "grain"), manifest),
     }
 
 
@@ -1096,6 +1110,9 @@ def clean_frames(plan: ClipPlan, settings: SynthSettings, clips_dir=None, images
             clip = PhotoClip(Path(images_dir) / name, rng, plan.width, plan.height, plan.n_frames, settings.content)
         else:
             clip = ProceduralClip(name, rng, plan.width, plan.height, plan.n_frames, settings.content)
+        if plan.grain > 0:
+            grain_rng = _clip_rng(settings.seed, plan.index, 5)
+            return (frame + sensor_noise(frame, plan.grain, grain_rng) for frame in map(clip.frame, range(plan.n_frames)))
         return (clip.frame(i) for i in range(plan.n_frames))
     return user_clip_frames(Path(clips_dir) / plan.source, plan.width, plan.height, plan.fps, plan.start,
                             plan.n_frames)
