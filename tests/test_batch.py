@@ -286,8 +286,8 @@ class _FakeModel:
             raise RuntimeError("out of memory")
         return ScoreResult(sample.duration / 10, " good", {" good": 1.0})
 
-    def sampling(self, max_motion_frames=None, max_keyframes=None):
-        return self.config.sampling(max_motion_frames, max_keyframes)
+    def sampling(self, max_motion_frames=None, max_keyframes=None, views=True):
+        return self.config.sampling(max_motion_frames, max_keyframes, views)
 
     def score(self, sample, prompt=None):
         return self._result(sample)

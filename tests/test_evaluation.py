@@ -33,8 +33,8 @@ class KnownModel:
         self.answers = answers or {}
         self.wrong = set(wrong)
 
-    def sampling(self, max_motion_frames=None, max_keyframes=None):
-        return self.config.sampling(max_motion_frames, max_keyframes)
+    def sampling(self, max_motion_frames=None, max_keyframes=None, views=True):
+        return self.config.sampling(max_motion_frames, max_keyframes, views)
 
     def score(self, sample, prompt=None):
         mos = self.mos_by_file[sample.path]

@@ -215,3 +215,7 @@ def test_shifted_fragment_views_are_scored_as_the_mean_of_each_view(tmp_path):
     assert views[0] == model.score(replace(sample, keyframe_views=None))
     batch = model.score_batch([sample, replace(sample, keyframe_views=None)])
     assert batch[0].score == pytest.approx(result.score, abs=1e-5) and batch[1].score == pytest.approx(views[0].score, abs=1e-5)
+    # questions are answered from the centres: decoded without the other views, the same answer
+    centres = model.load_video(clip, views=False)
+    assert centres.keyframe_views is None and torch.equal(centres.keyframes, sample.keyframes)
+    assert model.ask(clip, "How is it?", max_new_tokens=4) == model.ask(sample, "How is it?", max_new_tokens=4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import threading
 from fractions import Fraction
 
@@ -14,7 +15,7 @@ from PIL import Image
 import vqa2cli
 from tests.fixtures.clips import BAD_FILES, decoded_frames, deny_reads, frame_pattern, garble, make_clip, truncate
 from vqa2cli.errors import InputError
-from vqa2cli.video import (VideoError, VideoSample, _MotionBuffer, _rewound, check_video, damage_warnings,
+from vqa2cli.video import (Sampling, VideoError, VideoSample, _MotionBuffer, _rewound, check_video, damage_warnings,
                            load_video, normalize, stream_duration)
 
 ONE_STEP = 1 / 127.5  # one uint8 level after normalisation
@@ -596,6 +597,22 @@ def test_fragment_shifts_cut_every_keyframe_at_each_shifted_place_centres_first(
     assert one.keyframe_views is None and torch.equal(sample.motion, one.motion)
 
 
+def test_a_sample_with_views_pickles_them_once(tmp_path):
+    # Decode workers and Ray ship samples pickled; `keyframes` is view 0 of `keyframe_views`.
+    image = np.random.default_rng(3).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    path = make_clip(tmp_path / "still.mkv", frames=20, fps=10, size=(96, 64), codec="ffv1",
+                     pattern=lambda i, w, h: image)
+    sample = load_video(path, keyframe_size=32, motion_size=16, keyframe_fragments=4, fragment_shifts=3)
+    shipped = pickle.dumps(sample)
+    tensors = sample.keyframe_views.numel() * 4 + sample.motion.numel()
+    assert tensors < len(shipped) < tensors + 4096
+    back = pickle.loads(shipped)
+    assert torch.equal(back.keyframe_views, sample.keyframe_views) and torch.equal(back.keyframes, sample.keyframes)
+    assert back.keyframes.data_ptr() == back.keyframe_views.data_ptr()  # a view again, not a copy
+    one = load_video(path, keyframe_size=32, motion_size=16, keyframe_fragments=4)
+    assert torch.equal(pickle.loads(pickle.dumps(one)).keyframes, one.keyframes)
+
+
 def test_fragment_shifts_are_checked(tmp_path):
     path = make_clip(tmp_path / "c.mkv", frames=4, size=(96, 64), codec="ffv1")
     for kwargs, message in (({"keyframe_fragments": 4, "fragment_shifts": 2}, "odd number from 1, got 2"),
@@ -605,6 +622,9 @@ def test_fragment_shifts_are_checked(tmp_path):
                               "fragment_places": np.full((4, 4, 2), 0.5)}, "takes no fragment_shifts")):
         with pytest.raises(ValueError, match=message):
             load_video(path, keyframe_size=32, motion_size=16, **kwargs)
+    shifted = Sampling(keyframe_size=32, motion_size=16, keyframe_fragments=4, fragment_shifts=3)
+    with pytest.raises(ValueError, match="takes no fragment_shifts"):  # not silently one view
+        shifted.load(path, fragment_places=np.full((4, 4, 2), 0.5))
 
 
 def test_fragment_places_are_checked(tmp_path):

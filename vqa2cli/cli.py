@@ -744,7 +744,7 @@ def ask(video, question, questions_file, model_name, device, quant, max_new_toke
 
     reporter = Reporter.for_stderr(quiet)
     model = _load_model(reporter, model_name, device, quant, task="ask")
-    sample = model.load_video(video, max_motion_frames, max_keyframes)
+    sample = model.load_video(video, max_motion_frames, max_keyframes, views=False)
 
     def echo(text):
         sys.stdout.write(text)

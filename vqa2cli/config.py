@@ -284,15 +284,17 @@ class VQA2Config:
     def tokens_per_keyframe(self) -> int:
         return self.pooled_grid**2
 
-    def sampling(self, max_motion_frames: int | None = None, max_keyframes: int | None = None):
+    def sampling(self, max_motion_frames: int | None = None, max_keyframes: int | None = None, views: bool = True):
         """How to decode a video for this model (`vqa2cli.video.Sampling`): its frame sizes, and the user's
-        frame caps (default 2000 motion frames, 40 keyframes) held within its motion position table."""
+        frame caps (default 2000 motion frames, 40 keyframes) held within its motion position table.
+        `views=False`: the centre cut only (`fragment_shifts` 1), for answering questions and training,
+        which take the centres; only scoring averages the shifted views."""
         from vqa2cli.video import Sampling
 
         motion_cap = self.motion.max_frames if max_motion_frames is None else min(max_motion_frames, self.motion.max_frames)
         return Sampling(self.keyframe_size, self.motion_size, motion_cap,
                         Sampling.max_keyframes if max_keyframes is None else max_keyframes, images=self.images,
-                        keyframe_fragments=self.keyframe_fragments, fragment_shifts=self.fragment_shifts)
+                        keyframe_fragments=self.keyframe_fragments, fragment_shifts=self.fragment_shifts if views else 1)
 
     # ---- our JSON -------------------------------------------------------------------------------------
 

@@ -130,7 +130,7 @@ def evaluate_questions(model, labels: LabelSet, max_motion_frames=2000, max_new_
         by_video.setdefault(row.video, []).append(row)
 
     records = []
-    with Prefetcher((str(video) for video in by_video), model.sampling(max_motion_frames).load,
+    with Prefetcher((str(video) for video in by_video), model.sampling(max_motion_frames, views=False).load,
                     workers=workers) as prefetcher:
         for (video, rows), (_, sample, error, decode_seconds) in zip(by_video.items(), prefetcher):
             warnings = warnings_of(sample)

@@ -62,7 +62,7 @@ class Explainer:
 
     def __call__(self, record, sample) -> None:
         if not self.reuse:
-            sample = self.assistant.load_video(record.path, *self.caps)
+            sample = self.assistant.load_video(record.path, *self.caps, views=False)
         record.explanation = self.assistant.ask(sample, question(sample), max_new_tokens=self.max_new_tokens)
 
 

@@ -93,18 +93,20 @@ class VQA2:
 
     # ---- inputs --------------------------------------------------------------------------------------
 
-    def sampling(self, max_motion_frames: int | None = None, max_keyframes: int | None = None):
+    def sampling(self, max_motion_frames: int | None = None, max_keyframes: int | None = None, views: bool = True):
         """How to decode videos for this model (`vqa2cli.video.Sampling`): its frame sizes; the caps are
-        the user's, held within the model's motion position table."""
-        return self.config.sampling(max_motion_frames, max_keyframes)
+        the user's, held within the model's motion position table. `views=False`: the centre cut only
+        (enough for `ask`; `VQA2Config.sampling`)."""
+        return self.config.sampling(max_motion_frames, max_keyframes, views)
 
-    def load_video(self, path, max_motion_frames: int | None = None, max_keyframes: int | None = None):
+    def load_video(self, path, max_motion_frames: int | None = None, max_keyframes: int | None = None,
+                   views: bool = True):
         """Decode `path` for this model (a `VideoSample` that `score`/`ask` take as it is)."""
-        return self.sampling(max_motion_frames, max_keyframes).load(path)
+        return self.sampling(max_motion_frames, max_keyframes, views).load(path)
 
-    def _sample(self, video, max_motion_frames: int | None, max_keyframes: int | None):
+    def _sample(self, video, max_motion_frames: int | None, max_keyframes: int | None, views: bool = True):
         if isinstance(video, (str, os.PathLike)):
-            return self.load_video(video, max_motion_frames, max_keyframes)
+            return self.load_video(video, max_motion_frames, max_keyframes, views)
         if not (hasattr(video, "keyframes") and hasattr(video, "motion")):
             raise TypeError(f"video must be a path or a VideoSample, not {type(video).__name__}")
         from vqa2cli.images import ImageSample
@@ -214,7 +216,7 @@ class VQA2:
         from vqa2cli.images import ImageSample
         from vqa2cli.prompts import image_question_prompt, question_prompt
 
-        sample = self._sample(video, max_motion_frames=None, max_keyframes=None)
+        sample = self._sample(video, max_motion_frames=None, max_keyframes=None, views=False)
         if isinstance(sample, ImageSample):
             text = image_question_prompt(question)
         else:

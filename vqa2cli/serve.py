@@ -458,11 +458,11 @@ class Service:
         if await request.is_disconnected():
             raise _ClientGone()
 
-    def _decode(self, video: Video, options: VideoOptions):
+    def _decode(self, video: Video, options: VideoOptions, views: bool):
         """In a worker thread: (sample, seconds), or HTTPError 422 with the message `vqa2 score` gives."""
         settings = self.settings
         sampling = self.model.sampling(options.max_motion_frames or settings.max_motion_frames,
-                                       options.max_keyframes or settings.max_keyframes)
+                                       options.max_keyframes or settings.max_keyframes, views)
         start = time.perf_counter()
         try:
             check_frame_size(video.path)
@@ -476,14 +476,15 @@ class Service:
             raise HTTPError(422, video.rename(error_message(video.path, error))) from None
         return sample, time.perf_counter() - start
 
-    async def _run(self, request: Request, video: Video, options: VideoOptions, work: Callable):
-        """Decode `video` off the event loop, then `work(sample, decode_seconds)` alone on the model."""
+    async def _run(self, request: Request, video: Video, options: VideoOptions, work: Callable, views: bool = True):
+        """Decode `video` off the event loop (`views`: see `VQA2Config.sampling`), then
+        `work(sample, decode_seconds)` alone on the model."""
         async with self._samples:
             await self._wanted(request, starting=True)
             start = time.perf_counter()
             self.decoding += 1
             try:
-                sample, decode_seconds = await anyio.to_thread.run_sync(self._decode, video, options)
+                sample, decode_seconds = await anyio.to_thread.run_sync(self._decode, video, options, views)
             finally:
                 self.decoding -= 1
             async with self._model_lock:
@@ -513,7 +514,7 @@ class Service:
                     raise
                 raise HTTPError(422, video.rename(error_message(video.path, error))) from None
 
-        answer = await self._run(request, video, options, work)
+        answer = await self._run(request, video, options, work, views=False)
         # the record `vqa2 ask --json` prints
         return {"path": video.name, "question": options.question, "answer": answer, "model": self.model.name}
 

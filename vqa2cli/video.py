@@ -143,6 +143,19 @@ class VideoSample:
     # first (`keyframes` is view 0); scoring averages them. None: one view (or frames too small to cut).
     keyframe_views: torch.Tensor | None = None
 
+    def __getstate__(self):
+        # `keyframes` is a view of `keyframe_views`, and pickling a view writes its whole storage: ship the
+        # views once (decode workers, Ray) and take view 0 again on arrival.
+        state = dict(self.__dict__)
+        if self.keyframe_views is not None:
+            state["keyframes"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.keyframe_views is not None:
+            self.keyframes = self.keyframe_views[0]
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -162,12 +175,12 @@ class Sampling:
 
     def load(self, path, tap=None, fragment_places=None) -> VideoSample:
         """`path` decoded for the model; a still image too when the model takes them (an `ImageSample`).
-        `tap`: see the module docstring; `fragment_places` (one view, so no shifts): see `load_video`."""
+        `tap`: see the module docstring; `fragment_places` (one view: needs `fragment_shifts` 1): see `load_video`."""
         try:
             return load_video(path, keyframe_size=self.keyframe_size, motion_size=self.motion_size,
                               max_motion_frames=self.max_motion_frames, max_keyframes=self.max_keyframes, tap=tap,
                               keyframe_fragments=self.keyframe_fragments, fragment_places=fragment_places,
-                              fragment_shifts=1 if fragment_places is not None else self.fragment_shifts)
+                              fragment_shifts=self.fragment_shifts)
         except StillImageError as still:
             if not self.images:
                 raise VideoError(still.path, f"{still.picture}: this model scores videos only "

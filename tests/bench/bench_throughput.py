@@ -104,8 +104,8 @@ class ModelClock:
         self.name, self.config = model.name, model.config
         self.cuda = str(getattr(model, "device", "cpu")).startswith("cuda")
 
-    def sampling(self, *args):
-        return self.model.sampling(*args)
+    def sampling(self, *args, **kwargs):
+        return self.model.sampling(*args, **kwargs)
 
     def _timed(self, call, *args, **kwargs):
         start = time.perf_counter()

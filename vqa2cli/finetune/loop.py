@@ -280,9 +280,8 @@ class Run:
     def train(self) -> tuple[Path | None, bool]:
         """Optimizer steps until the last one or a stop signal: (the last checkpoint written, interrupted)."""
         options, accelerator = self.options, self.accelerator
-        # the model's own sizes, and the motion cap held within its position table; one keyframe view (the
-        # shifted views are scoring's average, `VQA2Config.fragment_shifts`)
-        sampling = replace(self.raw_model.config.sampling(options.max_motion_frames), fragment_shifts=1)
+        # the model's own sizes, and the motion cap held within its position table
+        sampling = self.raw_model.config.sampling(options.max_motion_frames, views=False)
         if options.random_fragments and not sampling.keyframe_fragments:
             raise SetupError(f"--random-fragments: {self.base_name} takes whole keyframes, not fragments")
         # random fragments make every encoding of a clip new, so none is worth keeping
