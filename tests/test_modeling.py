@@ -396,15 +396,6 @@ def test_keyframe_fragments_are_part_of_the_config_and_its_sampling():
             make_tiny_config(**bad)
 
 
-def test_motion_runs_are_part_of_the_config_and_its_sampling():
-    runs = make_tiny_config(motion_runs=2)
-    assert VQA2Config.from_dict(runs.to_dict()) == runs
-    assert runs.sampling().motion_runs == 2 and runs.sampling(views=False).motion_runs == 2
-    assert make_tiny_config().sampling().motion_runs == 0  # the release's even stride
-    with pytest.raises(ValueError, match="motion_runs"):
-        make_tiny_config(motion_runs=-1)
-
-
 def test_config_from_llava_qwen():
     config = VQA2Config.from_llava_qwen(RELEASED_CONFIG, prompt="streaming")
     assert config.vision.num_hidden_layers == 26 and config.vision.grid == 27

@@ -45,10 +45,9 @@ def _windows(path, sampling, seconds):
     Sampling(32, 32, 2000, 40),  # same size: a keyframe is also its motion frame, the exact resize
     Sampling(32, 32, 16, 1),  # caps: the whole clip and each window subsample differently
     Sampling(48, 48, 8, 3),
-    Sampling(32, 32, 16, 40, motion_runs=2),  # past the cap, two runs of consecutive frames
     Sampling(32, 32, 2000, 40, keyframe_fragments=4),  # same size, but keyframes are crops of the 64x48 frames
     Sampling(32, 16, 2000, 40, keyframe_fragments=4, fragment_shifts=3),  # and cut at 9 places each
-], ids=["sizes-differ", "same-size", "caps", "small-caps", "runs", "fragments", "shifted-fragments"])
+], ids=["sizes-differ", "same-size", "caps", "small-caps", "fragments", "shifted-fragments"])
 def test_a_window_is_what_decoding_that_stretch_alone_gives(lossless, sampling, seconds):
     """Bitwise: each window's keyframes, motion frames and their indices equal load_video of the same frames
     written as a clip of their own; the whole clip's sample is untouched by the tap."""

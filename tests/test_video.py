@@ -118,40 +118,6 @@ def test_motion_cap_subsamples_uniformly(tmp_path, frames, cap):
     assert sample.keyframe_indices == rule(frames, 25)  # the cap never touches keyframes
 
 
-@pytest.mark.parametrize("frames,cap,runs,expected", [
-    (60, 12, 3, [0, 1, 2, 3, 28, 29, 30, 31, 56, 57, 58, 59]),  # first at the start, last at the end
-    (60, 12, 1, [24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35]),  # one run: the middle
-    (14, 12, 3, [0, 1, 2, 3, 5, 6, 7, 8, 10, 11, 12, 13]),  # barely over the cap
-    (12, 12, 3, list(range(12))),  # all frames fit: runs do not apply
-])
-def test_motion_runs_take_consecutive_frames_past_the_cap(tmp_path, frames, cap, runs, expected):
-    path = make_clip(tmp_path / "long.mkv", frames=frames, fps=25, size=(16, 16), codec="ffv1",
-                     pattern=index_pattern)
-    sample = load_video(path, keyframe_size=16, motion_size=16, max_motion_frames=cap, motion_runs=runs)
-    assert sample.motion_indices == expected
-    assert frame_numbers(sample.motion) == expected
-    assert sample.keyframe_indices == rule(frames, 25)
-
-
-def test_motion_runs_show_stutter_an_even_stride_hides(tmp_path):
-    """Each frame held twice (a 12 fps stutter in 24 fps video): every 2nd frame, the stride 96 frames give
-    under a cap of 48, skips every repeat; runs of consecutive frames show them."""
-    path = make_clip(tmp_path / "stutter.mkv", frames=96, fps=24, size=(16, 16), codec="ffv1",
-                     pattern=lambda i, w, h: index_pattern(i - i % 2, w, h))
-
-    def repeats(runs):
-        shown = frame_numbers(load_video(path, 16, 16, max_motion_frames=48, motion_runs=runs).motion)
-        return sum(a == b for a, b in zip(shown, shown[1:]))
-
-    assert repeats(0) == 0
-    assert repeats(3) >= 20
-
-
-def test_motion_runs_are_checked(tmp_path):
-    with pytest.raises(ValueError, match="motion_runs"):
-        load_video(tmp_path / "any.mp4", 16, 16, motion_runs=-1)
-
-
 @pytest.mark.parametrize("seconds,cap", [(10, 4), (10, 10), (9.5, 3), (3, 40)])
 def test_keyframe_cap_spreads_seconds_uniformly(tmp_path, seconds, cap):
     frames = round(seconds * 10)
