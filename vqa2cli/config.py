@@ -210,10 +210,6 @@ class VQA2Config:
     # its cell (`vqa2cli.video.load_video`), so a score does not hang on which small part of each cell was cut.
     fragment_shifts: int = 1
     motion_size: int = 384  # side of the square frames fed to SlowFast
-    # 0: a video longer than the motion cap gives evenly spaced frames (the release takes every frame: its cap is
-    # 2000). R: R runs of consecutive frames spread over it, so frame-to-frame change stays what the viewer saw
-    # (an even stride of 2 hides stutter that repeats each frame twice); for vqa2-tiny's cap of 48 frames.
-    motion_runs: int = 0
     token_layout: str = "official"
     level_words: tuple[str, ...] = LEVEL_WORDS
     prompt: str = "ugc"  # default scoring prompt kind
@@ -244,7 +240,6 @@ class VQA2Config:
         _whole("fragment_shifts", self.fragment_shifts, high=9)
         if self.fragment_shifts % 2 == 0 or (self.fragment_shifts > 1 and not self.keyframe_fragments):
             raise ValueError(f"fragment_shifts must be odd, and 1 without keyframe_fragments, got {self.fragment_shifts}")
-        _whole("motion_runs", self.motion_runs, low=0, high=self.motion.max_frames)
         _whole("max_training_length", self.max_training_length)
         if not isinstance(self.level_words, (list, tuple)) or len(self.level_words) < 2 or not all(
                 isinstance(word, str) and word.strip() for word in self.level_words):
@@ -299,8 +294,7 @@ class VQA2Config:
         motion_cap = self.motion.max_frames if max_motion_frames is None else min(max_motion_frames, self.motion.max_frames)
         return Sampling(self.keyframe_size, self.motion_size, motion_cap,
                         Sampling.max_keyframes if max_keyframes is None else max_keyframes, images=self.images,
-                        keyframe_fragments=self.keyframe_fragments, fragment_shifts=self.fragment_shifts if views else 1,
-                        motion_runs=self.motion_runs)
+                        keyframe_fragments=self.keyframe_fragments, fragment_shifts=self.fragment_shifts if views else 1)
 
     # ---- our JSON -------------------------------------------------------------------------------------
 

@@ -56,7 +56,7 @@ class _WindowBuffers:
         self.number, self.first = number, first
         self.buffers = _Buffers(path, expected, step, sampling.keyframe_size, sampling.motion_size,
                                 sampling.max_motion_frames, sampling.max_keyframes, sampling.keyframe_fragments,
-                                views, sampling.motion_runs)
+                                views)
         self.frames = 0
         self.width = self.height = 0
 

@@ -19,9 +19,7 @@
 * **Motion stream**: all decoded frames, truncated to a multiple of 4, kept as uint8 RGB (the model
   normalises them with `normalize`). Clips with more than ``max_motion_frames`` frames are subsampled
   uniformly in time: the k-th motion frame is source frame ``k * N // T`` with T the cap rounded
-  down to a multiple of 4; a model with ``motion_runs`` R (vqa2-tiny, whose cap is 48) takes instead
-  R runs of T // R consecutive frames spread over the clip, since an even stride of k hides stutter
-  that holds each frame k times (or a divisor of k). Clips with 1-3 frames repeat their last frame up to 4 (SlowFast's motion
+  down to a multiple of 4. Clips with 1-3 frames repeat their last frame up to 4 (SlowFast's motion
   stream needs a multiple of 4). Motion frames are resized by libswscale's bicubic filter straight
   from the decoder's YUV to planar RGB (many frames, so speed matters); keyframes that are also
   motion frames are shared when both sizes agree. Both resizes run on one background thread, in
@@ -174,7 +172,6 @@ class Sampling:
     images: bool = False  # the model takes still images too (`vqa2cli.images.load_image`)
     keyframe_fragments: int = 0  # 0: whole frames resized; N: N x N crops at full resolution (`load_video`)
     fragment_shifts: int = 1  # fragments cut at k x k places in their cells (`load_video`)
-    motion_runs: int = 0  # past the motion cap: 0 evenly spaced frames, R runs of consecutive ones (`load_video`)
 
     def load(self, path, tap=None, fragment_places=None) -> VideoSample:
         """`path` decoded for the model; a still image too when the model takes them (an `ImageSample`).
@@ -183,7 +180,7 @@ class Sampling:
             return load_video(path, keyframe_size=self.keyframe_size, motion_size=self.motion_size,
                               max_motion_frames=self.max_motion_frames, max_keyframes=self.max_keyframes, tap=tap,
                               keyframe_fragments=self.keyframe_fragments, fragment_places=fragment_places,
-                              fragment_shifts=self.fragment_shifts, motion_runs=self.motion_runs)
+                              fragment_shifts=self.fragment_shifts)
         except StillImageError as still:
             if not self.images:
                 raise VideoError(still.path, f"{still.picture}: this model scores videos only "
@@ -209,7 +206,7 @@ def _normalize_into(out: np.ndarray, rgb: np.ndarray) -> None:
 def load_video(path, keyframe_size: int = 384, motion_size: int = 384,
                max_motion_frames: int = 2000, max_keyframes: int = 40, tap=None,
                keyframe_fragments: int = 0, fragment_places: np.ndarray | None = None,
-               fragment_shifts: int = 1, motion_runs: int = 0) -> VideoSample:
+               fragment_shifts: int = 1) -> VideoSample:
     """Decode `path` once into keyframes and the motion stream (see the module docstring).
 
     `fragment_places` (training only: FAST-VQA's random fragments): where each fragment lies in its cell,
@@ -217,8 +214,6 @@ def load_video(path, keyframe_size: int = 384, motion_size: int = 384,
     for every keyframe; None takes the centres (0.5), as scoring does.
     `fragment_shifts` k > 1 (odd): the keyframes are also cut with every fragment at each of k x k places
     ((2a + 1) / 2k for a < k, along each axis), the centres first: `VideoSample.keyframe_views`.
-    `motion_runs` R > 0: a clip with more frames than the motion cap gives R runs of consecutive frames, the
-    first at its start, the last at its end, the others evenly between, instead of evenly spaced frames.
 
     Raises `VideoError` (one line naming the file and the reason) for anything that is not a usable
     video; never a raw PyAV or OS error.
@@ -230,8 +225,6 @@ def load_video(path, keyframe_size: int = 384, motion_size: int = 384,
         raise ValueError(f"max_motion_frames must be at least 4, got {max_motion_frames}")
     if int(max_keyframes) < 1:
         raise ValueError(f"max_keyframes must be at least 1, got {max_keyframes}")
-    if int(motion_runs) < 0:
-        raise ValueError(f"motion_runs must be 0 or more, got {motion_runs}")
     if int(keyframe_fragments) < 0 or (keyframe_fragments and int(keyframe_size) % int(keyframe_fragments)):
         raise ValueError(f"keyframe_fragments must be 0 or divide keyframe_size {keyframe_size}, got {keyframe_fragments}")
     views = _view_places(fragment_places, int(fragment_shifts), int(keyframe_fragments))
@@ -243,8 +236,7 @@ def load_video(path, keyframe_size: int = 384, motion_size: int = 384,
             probe = _probe(path, container)
             container = _rewound(path, container, probe)
             return _decode(path, container, probe, int(keyframe_size), int(motion_size),
-                           int(max_motion_frames), int(max_keyframes), tap, int(keyframe_fragments), views,
-                           int(motion_runs))
+                           int(max_motion_frames), int(max_keyframes), tap, int(keyframe_fragments), views)
         finally:
             container.close()
 
@@ -463,27 +455,22 @@ def _rewound(path: str, container, probe: _Probe):
 
 
 class _MotionBuffer:
-    """Stores the motion frames; picks source frame ``k * num // den`` as the k-th one, or with `runs`
-    (when not all frames fit) the frames of `_runs`.
+    """Stores the motion frames; picks source frame ``k * num // den`` as the k-th one.
 
     ``num / den`` starts at N / T (or 1 when all frames fit). If more frames arrive than were
     counted and the buffer is full, every other stored frame is dropped and ``num`` doubles: the
-    kept frames are then exactly the picks of the doubled step, so sampling stays uniform. Runs are
-    placed by the counted frames; frames past them are not wanted.
+    kept frames are then exactly the picks of the doubled step, so sampling stays uniform.
     """
 
-    def __init__(self, expected: int, limit: int, size: int, runs: int = 0):
+    def __init__(self, expected: int, limit: int, size: int):
         import torch
 
         self.limit = limit
         self.num, self.den = (expected, limit) if expected > limit else (1, 1)
-        self.picks = _runs(expected, limit, runs) if runs and expected > limit else None
         self.frames = torch.empty((max(min(expected, limit), 4), 3, size, size), dtype=torch.uint8)
         self.indices: list[int] = []
 
     def wants(self, index: int) -> bool:
-        if self.picks is not None:
-            return index in self.picks
         return index == len(self.indices) * self.num // self.den
 
     @property
@@ -523,18 +510,6 @@ class _MotionBuffer:
             return self.frames[:4], self.indices + [self.indices[-1]] * (4 - n)
         t = n - n % 4
         return _trimmed(self.frames, t), self.indices[:t]
-
-
-def _runs(frames: int, limit: int, runs: int) -> frozenset[int]:
-    """`runs` runs of ``limit // runs`` consecutive frames out of `frames` (> `limit`): the first starts at
-    frame 0, the last ends at the last frame, the others start evenly between."""
-    runs = min(runs, limit)
-    length = limit // runs
-    if runs == 1:
-        starts = [(frames - length) // 2]
-    else:
-        starts = [r * (frames - length) // (runs - 1) for r in range(runs)]
-    return frozenset(start + j for start in starts for j in range(length))
 
 
 def _trimmed(buffer: torch.Tensor, n: int, dim: int = 0) -> torch.Tensor:
@@ -599,12 +574,12 @@ class _Buffers:
 
     def __init__(self, path: str, expected: int, step: int, keyframe_size: int, motion_size: int,
                  max_motion_frames: int, max_keyframes: int, keyframe_fragments: int,
-                 views: np.ndarray | None = None, motion_runs: int = 0):
+                 views: np.ndarray | None = None):
         count = min(math.ceil(expected / step), max_keyframes)
         cuts = 1 if views is None else len(views)
         try:
             self.keyframes = _KeyframeBuffer(count, keyframe_size, cuts)
-            self.motion = _MotionBuffer(expected, max_motion_frames - max_motion_frames % 4, motion_size, motion_runs)
+            self.motion = _MotionBuffer(expected, max_motion_frames - max_motion_frames % 4, motion_size)
         except RuntimeError:  # torch's allocator: the output itself does not fit in memory
             gb = (min(expected, max_motion_frames) * 3 * motion_size**2 + count * cuts * 12 * keyframe_size**2) / 1e9
             raise VideoError(path, f"too long to hold in memory: its {expected} frames need {gb:.1f} GB "
@@ -746,10 +721,10 @@ class _Decoder:
 
 def _decode(path: str, container, probe: _Probe, keyframe_size: int, motion_size: int,
             max_motion_frames: int, max_keyframes: int, tap, keyframe_fragments: int,
-            views: np.ndarray | None, motion_runs: int) -> VideoSample:
+            views: np.ndarray | None) -> VideoSample:
     expected = max(probe.packets, 1)
     buffers = _Buffers(path, expected, _keyframe_step(probe.fps), keyframe_size, motion_size, max_motion_frames,
-                       max_keyframes, keyframe_fragments, views, motion_runs)
+                       max_keyframes, keyframe_fragments, views)
     if tap is not None:
         tap.start(expected, probe.fps)
     counts = _Decoder(path, buffers, tap).run(container)
