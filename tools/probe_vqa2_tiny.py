@@ -23,7 +23,6 @@ from vqa2cli.errors import InputError, SetupError, Vqa2Error
 from vqa2cli.evaluation import read_labels
 from vqa2cli.metrics import srcc
 from vqa2cli.pipeline import load_model
-from vqa2cli.video import load_video
 
 ALPHAS = np.logspace(-2, 4, 13)
 FOLDS = 5
@@ -36,8 +35,7 @@ def encodings(model, labels_csv) -> tuple[np.ndarray, np.ndarray]:
     rows = read_labels(labels_csv).rows
 
     def decode(path):
-        return load_video(path, keyframe_size=config.keyframe_size, motion_size=config.motion_size,
-                          max_motion_frames=config.motion.max_frames)
+        return config.sampling(views=False).load(path)
 
     features, kept = [], []
     with Prefetcher([str(row.video) for row in rows], decode) as prefetcher:
