@@ -31,11 +31,11 @@ FOLDS = 5
 def encodings(model, labels_csv) -> tuple[np.ndarray, np.ndarray]:
     """[videos, 6 H] pooled encodings and [videos] MOS of a `path,mos` file; a video that does not decode is
     left out with a warning."""
-    net, config = model.model, model.config
+    net = model.model
     rows = read_labels(labels_csv).rows
 
     def decode(path):
-        return config.sampling(views=False).load(path)
+        return model.load_video(path, views=False)
 
     features, kept = [], []
     with Prefetcher([str(row.video) for row in rows], decode) as prefetcher:
