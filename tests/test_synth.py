@@ -522,6 +522,35 @@ def test_photo_clips_pan_over_the_photo_at_its_own_detail(photos):
     assert clip.photo.width >= 96 / 0.8 - 1 and clip.photo.height >= 64 / 0.8 - 1
 
 
+def test_photo_scale_sets_how_many_photo_pixels_make_one_frame_pixel(photos):
+    settings = synth.ContentSettings(objects=(0, 0))
+    for name in ("a.png", "sub/b.jpg"):  # 300 x 200 px
+        sizes = {scale: synth.PhotoClip(photos / name, np.random.default_rng(0), 96, 64, 4, settings, scale).photo.size
+                 for scale in (1.0, 2.0, 3.0)}
+        assert sizes[1.0] == (300, 200)  # the photo's own pixels (the JPEG decoded whole)
+        assert sizes[2.0] == (150, 100)
+        # 3x would leave the frame no room to move: it covers at most 80% of the photo, 96 / 0.8 = 120 px
+        assert sizes[3.0] == (120, 80)
+
+
+def test_photo_scale_is_drawn_per_photo_clip_and_changes_no_label(photos):
+    plain = synth.plan_dataset(small_settings(count=60, content=synth.ContentSettings(kinds=("photo", "shapes"))),
+                               images=["a.png", "sub/b.jpg"])
+    scaled = synth.plan_dataset(small_settings(count=60, content=synth.ContentSettings(
+        kinds=("photo", "shapes"), photo_scale=(1.0, 6.0))), images=["a.png", "sub/b.jpg"])
+    assert [(p.source, p.distortions, p.width, p.mos) for p in plain] == \
+        [(p.source, p.distortions, p.width, p.mos) for p in scaled]
+    assert all(p.photo_scale == 0 for p in plain)
+    photo_scales = [p.photo_scale for p in scaled if p.source.startswith("photo:")]
+    assert all(p.photo_scale == 0 for p in scaled if not p.source.startswith("photo:"))
+    assert len(photo_scales) > 15 and all(1 <= v <= 6 for v in photo_scales)
+    # log-uniform: about as many clips below sqrt(6) = 2.45 as above it
+    assert 0.25 < np.mean(np.array(photo_scales) < 6**0.5) < 0.75
+    for bad in ((0.5, 2.0), (3.0, 2.0)):
+        with pytest.raises(SetupError, match="--photo-scale"):
+            synth.ContentSettings(photo_scale=bad).validate()
+
+
 def test_cli_makes_photo_clips_of_several_sizes(photos, tmp_path, vqa2):
     code, _, err = vqa2("synth", tmp_path / "out", "--images", photos, "--count", "6", "--seed", "4", "--size",
                         "96x64,64x64", "--fps", "8", "--seconds", "1", "--jobs", "1", "-q")
@@ -533,6 +562,14 @@ def test_cli_makes_photo_clips_of_several_sizes(photos, tmp_path, vqa2):
     sizes = {decode(tmp_path / "out" / row["video"]).shape[1:3] for row in manifest}
     assert sizes == {(64, 96), (64, 64)}
     assert json.loads((tmp_path / "out" / "synth.json").read_text())["images_dir"] == str(photos)
+    assert {row["photo_scale"] for row in manifest} == {"0.00"}
+    code, _, err = vqa2("synth", tmp_path / "scaled", "--images", photos, "--count", "4", "--seed", "4", "--size",
+                        "96x64", "--fps", "8", "--seconds", "1", "--jobs", "1", "--photo-scale", "1,2", "-q")
+    assert code == 0, err
+    rows = list(csv.DictReader(open(tmp_path / "scaled" / "manifest.csv")))
+    assert all(1 <= float(row["photo_scale"]) <= 2 for row in rows if row["source"].startswith("photo:"))
+    code, _, err = vqa2("synth", tmp_path / "bad", "--images", photos, "--photo-scale", "0.5,2", "--count", "2")
+    assert code == 2 and "--photo-scale must be 1 <= LO <= HI" in err
 
 
 def test_photo_content_needs_images_and_images_exclude_clips(photos, tmp_path, vqa2):

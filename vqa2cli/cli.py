@@ -885,13 +885,16 @@ def _parse_range(kind):
 @click.option("--grain", default="0,0", show_default=True, callback=_parse_range(float), metavar="LO,HI",
               help="Camera noise in clean photo and procedural content, sigma in grey levels drawn per clip; part "
               "of the content, not a distortion (MOS unchanged). Keep HI under 6, noise's lightest severity.")
+@click.option("--photo-scale", default="0,0", show_default=True, callback=_parse_range(float), metavar="LO,HI",
+              help="Photo pixels per frame pixel for 'photo' content, drawn per clip (log-uniform); 1 is the "
+              "photo's own pixels, as a camera records them. 0,0: the frame covers 45-80% of the photo.")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
               help="Clips made at once, one process each; the data is the same for any number [default: the "
               "CPUs this process may use].")
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty OUT folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary; errors are still reported.")
 def synth(out, clips_dir, images_dir, count, seed, size, fps, seconds, crf, content, distortions, speed, detail, objects,
-          grain, jobs, overwrite, quiet):
+          grain, photo_scale, jobs, overwrite, quiet):
     """Make training data for all three fine-tune stages from clean clips and labelled distortions.
 
     Each clip gets no distortion, one, or one spatial plus one motion distortion, each at a severity
@@ -924,7 +927,7 @@ def synth(out, clips_dir, images_dir, count, seed, size, fps, seconds, crf, cont
     settings = SynthSettings(count=count, seed=seed, width=size[0][0], height=size[0][1], more_sizes=size[1:], fps=fps,
                              seconds=seconds, crf=crf,
                              content=ContentSettings(kinds=kinds, speed=speed, detail=detail, objects=objects,
-                                                     grain=grain), **extra)
+                                                     grain=grain, photo_scale=photo_scale), **extra)
     reporter = Reporter.for_stderr(quiet, unit="clips")
 
     def on_clip(plan, error):

@@ -125,6 +125,10 @@ class ContentSettings:
     # clean: without it every noisy pixel reads as damage, so compression and blur (which remove noise) look
     # like repairs on real footage. Sigma in grey levels, drawn per clip; keep HI below noise severity 1 (6).
     grain: tuple = (0.0, 0.0)
+    # Photo pixels per frame pixel, drawn log-uniformly per photo clip; 1 is the photo's own pixels. A photo shrunk
+    # several times is crisper than any camera's own frames, so on footage at its own resolution every soft pixel
+    # reads as blur. (0, 0): the frame covers 45-80% of the photo, whatever its size.
+    photo_scale: tuple = (0.0, 0.0)
 
     def validate(self):
         unknown = [k for k in self.kinds if k not in CONTENT_KINDS]
@@ -136,6 +140,9 @@ class ContentSettings:
                 # speed 0 would make still clips, on which stutter cannot be seen
                 floor = "0 < LO" if name == "speed" else "0 <= LO"
                 raise SetupError(f"--{name} must be {floor} <= HI, got {lo},{hi}")
+        lo, hi = self.photo_scale
+        if (lo, hi) != (0, 0) and not 1 <= lo <= hi:
+            raise SetupError(f"--photo-scale must be 1 <= LO <= HI (or 0,0), got {lo},{hi}")
 
 
 @dataclass
@@ -161,6 +168,7 @@ class ClipPlan:
     width: int = 128
     height: int = 128
     grain: float = 0.0  # sigma of the sensor noise in the clean content (not a distortion: MOS unaffected)
+    photo_scale: float = 0.0  # photo pixels per frame pixel (photo content; 0: the frame covers 45-80% of it)
 
     @property
     def mos(self) -> float:
@@ -228,8 +236,12 @@ def plan_dataset(settings, sources=None, images=()) -> list:
                 source = f"photo:{images[photos.pop()]}"
         # Own stream per clip, so turning grain on leaves every other draw of the plan as it was.
         grain = round(float(_clip_rng(settings.seed, index, 4).uniform(*grain_range)), 2) if not sources else 0.0
+        photo_scale = 0.0
+        if source.startswith("photo:") and settings.content.photo_scale != (0, 0):
+            log_range = np.log(settings.content.photo_scale)
+            photo_scale = round(float(np.exp(_clip_rng(settings.seed, index, 6).uniform(*log_range))), 2)
         plans.append(ClipPlan(index, f"videos/clip_{index:05d}.mp4", source, start, fps, n_frames, distortions,
-                              int(width), int(height), grain))
+                              int(width), int(height), grain, photo_scale))
     return plans
 
 
@@ -401,23 +413,33 @@ class PhotoClip:
     resampled from the photo with Lanczos at a sub-pixel box (so the camera neither blurs nor jumps), and up to
     `settings.objects` elliptical cut-outs of the photo gliding across it, like things moving in the scene.
 
-    The photo is first scaled so the frame covers 45-80% of it: clips keep the photo's own detail (it is never
-    upscaled past its resolution when it is at least that large)."""
+    The photo is first scaled so the frame covers 45-80% of it, or with `photo_scale` so that one frame pixel
+    spans that many photo pixels (the frame still covers at most 80% of it, so the camera has room to move):
+    clips keep the photo's own detail (it is never upscaled past its resolution when it is large enough)."""
 
-    def __init__(self, path, rng, width, height, n_frames, settings):
+    def __init__(self, path, rng, width, height, n_frames, settings, photo_scale=0.0):
         from PIL import Image
 
         self.width, self.height, self.n_frames = width, height, n_frames
         try:
             with Image.open(path) as image:
-                image.draft("RGB", (4 * width, 4 * height))  # JPEG: decode at a fraction of a large photo's size
+                original = image.size
+                # photo size -> the size it is resized to; the frame covers at most 80% of it either way
+                least = max(width / original[0], height / original[1]) / 0.8
+                shrink = max(1 / photo_scale, least) if photo_scale else 0
+                # JPEG: decode at a fraction of a large photo's size, never below what it is resized to
+                image.draft("RGB", (math.ceil(original[0] * shrink), math.ceil(original[1] * shrink)) if shrink
+                            else (4 * width, 4 * height))
                 photo = image.convert("RGB")
         except (OSError, ValueError) as error:
             raise InputError(f"{path}: cannot read image ({str(error).splitlines()[0]})") from None
-        coverage = rng.uniform(0.45, 0.8)
-        scale = max(width / photo.width, height / photo.height) / coverage
-        self.photo = photo.resize((max(width, round(photo.width * scale)), max(height, round(photo.height * scale))),
-                                  Image.LANCZOS)
+        coverage = rng.uniform(0.45, 0.8)  # drawn either way, so the clip's other draws do not move
+        if shrink:
+            size = (round(original[0] * shrink), round(original[1] * shrink))
+        else:
+            scale = max(width / photo.width, height / photo.height) / coverage
+            size = (round(photo.width * scale), round(photo.height * scale))
+        self.photo = photo.resize((max(width, size[0]), max(height, size[1])), Image.LANCZOS)
         pw, ph = self.photo.size
         zoom_end = rng.uniform(0.85, 1.15)
         span_w, span_h = width * max(1.0, zoom_end), height * max(1.0, zoom_end)
@@ -936,6 +958,7 @@ def label_files(plans, seed, names=DEFAULT_DISTORTIONS) -> dict:
                 f"{mos:.2f}",
                 level_for(mos),
                 f"{plan.grain:.2f}",
+                f"{plan.photo_scale:.2f}",
             )
         )
     dump = lambda records: json.dumps(records, indent=1, ensure_ascii=False) + "\n"  # noqa: E731
@@ -947,7 +970,8 @@ def label_files(plans, seed, names=DEFAULT_DISTORTIONS) -> dict:
         "stage1.json": dump(json1),
         "stage2.json": dump(json2),
         "stage3.json": dump(json3),
-        "manifest.csv": _csv_text(("video", "source", "start", "distortions", "mos", "level", "grain"), manifest),
+        "manifest.csv": _csv_text(("video", "source", "start", "distortions", "mos", "level", "grain", "photo_scale"),
+                                    manifest),
     }
 
 
@@ -1107,7 +1131,8 @@ def clean_frames(plan: ClipPlan, settings: SynthSettings, clips_dir=None, images
     if kind in ("procedural", "photo"):
         rng = _clip_rng(settings.seed, plan.index, 1)
         if kind == "photo":
-            clip = PhotoClip(Path(images_dir) / name, rng, plan.width, plan.height, plan.n_frames, settings.content)
+            clip = PhotoClip(Path(images_dir) / name, rng, plan.width, plan.height, plan.n_frames, settings.content,
+                             plan.photo_scale)
         else:
             clip = ProceduralClip(name, rng, plan.width, plan.height, plan.n_frames, settings.content)
         if plan.grain > 0:
