@@ -126,8 +126,8 @@ class ContentSettings:
     # like repairs on real footage. Sigma in grey levels, drawn per clip; keep HI below noise severity 1 (6).
     grain: tuple = (0.0, 0.0)
     # Photo pixels per frame pixel, drawn log-uniformly per photo clip; 1 is the photo's own pixels. A photo shrunk
-    # several times is crisper than any camera's own frames, so on footage at its own resolution every soft pixel
-    # reads as blur. (0, 0): the frame covers 45-80% of the photo, whatever its size.
+    # several times is crisper than any camera's own frames (docs/vqa2-tiny.md: camera resolution).
+    # (0, 0): the frame covers 45-80% of the photo, whatever its size.
     photo_scale: tuple = (0.0, 0.0)
 
     def validate(self):
