@@ -408,6 +408,11 @@ class ProceduralClip:
 # ---------------------------------------------------------------- photographs
 
 
+# Share of the photo one frame covers (width or height, whichever is tighter) without --photo-scale; the upper
+# bound is also the cap with it, so the camera always has room to pan.
+PHOTO_COVERAGE = (0.45, 0.8)
+
+
 class PhotoClip:
     """Frames of a camera moving over a photograph: a straight pan with a gentle zoom in or out, each frame
     resampled from the photo with Lanczos at a sub-pixel box (so the camera neither blurs nor jumps), and up to
@@ -424,8 +429,8 @@ class PhotoClip:
         try:
             with Image.open(path) as image:
                 original = image.size
-                # photo size -> the size it is resized to; the frame covers at most 80% of it either way
-                least = max(width / original[0], height / original[1]) / 0.8
+                # photo size -> the size it is resized to; the frame never covers more of it than the cap
+                least = max(width / original[0], height / original[1]) / PHOTO_COVERAGE[1]
                 shrink = max(1 / photo_scale, least) if photo_scale else 0
                 # JPEG: decode at a fraction of a large photo's size, never below what it is resized to
                 image.draft("RGB", (math.ceil(original[0] * shrink), math.ceil(original[1] * shrink)) if shrink
@@ -433,7 +438,7 @@ class PhotoClip:
                 photo = image.convert("RGB")
         except (OSError, ValueError) as error:
             raise InputError(f"{path}: cannot read image ({str(error).splitlines()[0]})") from None
-        coverage = rng.uniform(0.45, 0.8)  # drawn either way, so the clip's other draws do not move
+        coverage = rng.uniform(*PHOTO_COVERAGE)  # drawn either way, so the clip's other draws do not move
         if shrink:
             size = (round(original[0] * shrink), round(original[1] * shrink))
         else:
